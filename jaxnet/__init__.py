@@ -1,0 +1,1 @@
+"""jaxnet: pure, jit-compiled training for people who learned deep learning in PyTorch."""
