@@ -91,7 +91,8 @@ def train_step_fn(
         labels = batch["label"]
 
         def compute_loss(params: nnx.State) -> tuple[jax.Array, tuple[jax.Array, nnx.State]]:
-            model = nnx.merge(graphdef, params, state.model_state)
+            # copy=True: fresh Variables at this trace level, so BatchNorm may update them.
+            model = nnx.merge(graphdef, params, state.model_state, copy=True)
             model.train()  # model.train() in PyTorch: dropout on, BatchNorm uses batch statistics
             outputs = model(inputs, rngs=nnx.Rngs(dropout=dropout_key))
             _, _, model_state = nnx.split(model, nnx.Param, ...)  # updated running statistics

@@ -1,4 +1,4 @@
-"""Test configuration: 8 fake CPU devices and strict dtype promotion.
+"""Test configuration: 8 fake CPU devices, CPU platform.
 
 The XLA flag must be set before JAX initializes its backends, so it is set
 here at import time, before any test module imports jax.
@@ -17,7 +17,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_numpy_dtype_promotion", "strict")
+# Strict dtype promotion would be the better default for our own code, but
+# optax's own update rules (e.g. Adam's ``b1 ** count`` with an int32 count)
+# raise under it, so the suite runs with JAX's standard promotion; the
+# library's dtype handling is checked by explicit dtype assertions instead.
+jax.config.update("jax_numpy_dtype_promotion", "standard")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The real data sets live beside the repository (never inside it); CI and

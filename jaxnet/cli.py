@@ -1,0 +1,183 @@
+"""Command line: ``python -m jaxnet train ...`` (also installed as ``jaxnet``).
+
+Every user mistake (unknown names, bad values, missing or corrupt files) ends
+in one line on stderr, ``jaxnet: error: ...``, and exit status 2, never a
+traceback through JAX internals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jaxnet.errors import ConfigError, JaxnetError
+
+PROG = "jaxnet"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from jaxnet.models import MODELS
+    from jaxnet.optim import OPTIMIZERS, SCHEDULES
+
+    p = sub.add_parser(
+        "train",
+        help="train a tutorial model and report its test accuracy",
+        description=(
+            "Train a tutorial model with a jit-compiled step and evaluate it after every epoch. "
+            "Hyper-parameters default to the model's tutorial recipe; every flag overrides it."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="mlp", choices=sorted(MODELS), help="tutorial model to train")
+    p.add_argument("--dataset", default=None,
+                   help="mnist, cifar10, linear or tfds:NAME (default: the model's data set)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding mnist/ and cifar10/ in the official formats "
+                        "(default: $JAXNET_DATA_DIR, then the user cache, then download)")
+    p.add_argument("--no-download", action="store_true", help="never try to download data")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="passes over the training data")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="examples per step")
+    p.add_argument("--eval-batch-size", type=_positive_int, default=1000, help="examples per evaluation call")
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (PyTorch's rules)")
+    p.add_argument("--lr", type=_nonnegative_float, default=None, help="learning rate")
+    p.add_argument("--momentum", type=_nonnegative_float, default=None, help="SGD/RMSprop momentum")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=0.0, help="weight decay (L2; decoupled for adamw)")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES, help="learning-rate schedule")
+    p.add_argument("--gamma", type=_nonnegative_float, default=None, help="decay factor per epoch (step/exponential schedules)")
+    p.add_argument("--step-size", type=_positive_int, default=None, help="epochs between decays (step schedule)")
+    p.add_argument("--clip-norm", type=_nonnegative_float, default=None, help="clip gradients to this global norm")
+    p.add_argument("--clip-value", type=_nonnegative_float, default=None, help="clip each gradient to [-v, v]")
+    p.add_argument("--augment", action="store_true", help="random crop + horizontal flip (on device)")
+    p.add_argument("--scan", action="store_true",
+                   help="run each epoch as one compiled lax.scan over device-resident data")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and dropout")
+    p.add_argument("--workdir", default=None,
+                   help="folder for metrics.jsonl, TensorBoard events and curves.png (default: none)")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object on the last line of stdout")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxnet`` argument parser with all subcommands."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="jaxnet: the PyTorch tutorials' training pipeline as pure, jit-compiled JAX.",
+        epilog="Run 'jaxnet COMMAND --help' for a command's options.",
+    )
+    from jaxnet import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_train_parser(sub)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs ``jaxnet train``; returns the summary."""
+    from jaxnet import data, models, optim, train
+    from jaxnet.recipes import RECIPES
+
+    recipe = RECIPES[args.model]
+    spec = models.MODELS[args.model]
+    dataset_name = args.dataset or recipe.dataset
+    epochs = args.epochs or recipe.epochs
+    batch_size = args.batch_size or recipe.batch_size
+    dataset = data.load_dataset(dataset_name, data_dir=args.data_dir, download=not args.no_download)
+    steps_per_epoch = data.num_batches(dataset.num_train, batch_size, drop_last=True)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch size {batch_size} is larger than the {dataset.num_train} training examples "
+            f"of {dataset.name}; use --batch-size {dataset.num_train} or less"
+        )
+    lr = recipe.lr if args.lr is None else args.lr
+    schedule_name = args.schedule or recipe.schedule
+    schedule = optim.create_schedule(
+        schedule_name, lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
+        step_size=args.step_size or recipe.step_size,
+        gamma=recipe.gamma if args.gamma is None else args.gamma,
+    )
+    optimizer = args.optimizer or recipe.optimizer
+    momentum = recipe.momentum if args.momentum is None else args.momentum
+    opt_kwargs: dict[str, Any] = {"weight_decay": args.weight_decay,
+                                  "clip_norm": args.clip_norm, "clip_value": args.clip_value}
+    if optimizer in ("sgd", "rmsprop"):
+        opt_kwargs["momentum"] = momentum
+    if args.nesterov:
+        opt_kwargs["nesterov"] = True
+    tx = optim.create_optimizer(optimizer, schedule, **opt_kwargs)
+    model = models.create_model(args.model, seed=args.seed)
+    result = train.fit(
+        model, dataset, tx,
+        epochs=epochs, batch_size=batch_size, output=spec.output, seed=args.seed,
+        augment=args.augment, scan=args.scan, eval_batch_size=args.eval_batch_size,
+        workdir=args.workdir, progress=not args.no_progress,
+    )
+    summary = dict(result.summary)
+    summary["model"] = args.model
+    summary.update(optimizer=optimizer, lr=lr, schedule=schedule_name, seed=args.seed)
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, default=str))
+        return
+    print(f"model {summary['model']} on {summary['dataset']} ({summary['dataset_source']})")
+    print(f"{summary['epochs']} epochs, {summary['steps']} steps in {summary['train_seconds']:.1f} s "
+          f"({summary['compilations']} compilations, {summary['steady_state_compilations']} after epoch 1)")
+    if summary.get("test_accuracy") is not None:
+        print(f"test accuracy: {100 * summary['test_accuracy']:.2f}%")
+    else:
+        print(f"test loss (MSE): {summary['test_loss']:.6f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``jaxnet`` and ``python -m jaxnet``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s", stream=sys.stderr)
+    logging.getLogger("jaxnet").setLevel(logging.INFO)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        summary = args.func(args)
+    except (JaxnetError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    _print_summary(summary, getattr(args, "json", False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The tutorials' training recipes, one per model: what ``jaxnet train`` uses by default.
+
+Each recipe reproduces the optimizer and hyper-parameters of the tutorial
+that defines the model; the CLI's flags override any field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Hyper-parameters of one tutorial's training run."""
+
+    dataset: str  # data set name for jaxnet.data.load_dataset
+    optimizer: str  # name for jaxnet.optim.create_optimizer
+    lr: float  # base learning rate
+    batch_size: int  # examples per optimizer step
+    epochs: int  # passes over the training split
+    momentum: float = 0.0  # SGD / RMSprop momentum
+    schedule: str = "constant"  # learning-rate schedule name (jaxnet.optim.create_schedule)
+    gamma: float = 0.1  # decay factor of the "step"/"exponential" schedules, per epoch
+    step_size: int = 1  # epochs between decays of the "step" schedule
+    source: str = ""  # where the recipe comes from
+
+
+RECIPES: dict[str, Recipe] = {
+    # Tutorial "MNIST with an MLP": Adam(lr=0.001), batch 64.
+    "mlp": Recipe("mnist", "adam", 1e-3, 64, 5, source="MLP tutorial: Adam lr 1e-3, batch 64"),
+    # Tutorial "784-512-10 net": SGD(lr=0.01, momentum=0.9), batch 64.
+    "mlp512": Recipe("mnist", "sgd", 1e-2, 64, 5, momentum=0.9,
+                     source="784-512-10 tutorial: SGD lr 0.01 momentum 0.9, batch 64"),
+    # Tutorial "Flatten-784-128-10": Adam(lr=0.001), batch 64, 10 epochs.
+    "mlp128": Recipe("mnist", "adam", 1e-3, 64, 10, source="nn tutorial: Adam lr 1e-3, batch 64, 10 epochs"),
+    # The tutorial gives the ConvNet no optimizer; PyTorch's own MNIST example
+    # (Adadelta lr 1.0, StepLR(step_size=1, gamma=0.7), batch 64) is the usual one.
+    "convnet": Recipe("mnist", "adadelta", 1.0, 64, 5, schedule="step", gamma=0.7, step_size=1,
+                      source="pytorch/examples mnist: Adadelta lr 1.0, StepLR gamma 0.7, batch 64"),
+    # Tutorial "CIFAR-10": SGD(lr=0.001, momentum=0.9), batch 100, 10 epochs.
+    "cifar_cnn": Recipe("cifar10", "sgd", 1e-3, 100, 10, momentum=0.9,
+                        source="CIFAR-10 tutorial: SGD lr 1e-3 momentum 0.9, batch 100, 10 epochs"),
+    # Tutorial "autograd": Linear(1, 1), MSELoss, SGD(lr=0.01), 100 full-batch epochs on y = 2x.
+    "linear": Recipe("linear", "sgd", 1e-2, 4, 100, source="autograd tutorial: SGD lr 0.01, 100 epochs"),
+}

@@ -1,0 +1,143 @@
+"""Where a run's numbers go: a JSONL log, TensorBoard event files and PNG curves.
+
+Counterpart of the tutorials' ``SummaryWriter.add_scalar`` /
+``add_histogram``, plus a plain JSON-lines file that any tool can read and a
+chart for people who would rather look than read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CURVES_FILE = "curves.png"
+
+
+def _plain(value: Any) -> Any:
+    """Converts numpy / jax scalars to JSON-friendly Python values."""
+    if hasattr(value, "item") and getattr(value, "size", 2) == 1:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible rather than invalid
+    return value
+
+
+class MetricsLogger:
+    """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard event files.
+
+    Each record is one JSON object per line: ``{"step": ..., "split": ...,
+    <metric>: <value>}``. TensorBoard gets the same scalars under
+    ``<split>/<metric>`` and, on request, parameter histograms.
+
+    Args:
+        workdir: folder of the run; created if missing. ``None`` logs nowhere
+            (the logger then only keeps records in memory).
+        tensorboard: whether to write TensorBoard event files.
+        purge_step: for a resumed run, the step from which TensorBoard should
+            discard previously written points (avoids duplicates).
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike | None,
+        *,
+        tensorboard: bool = True,
+        purge_step: int | None = None,
+    ) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.workdir = pathlib.Path(workdir) if workdir is not None else None
+        self._file = None
+        self._writer = None
+        if self.workdir is None:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # heavy import, only when used
+
+            self._writer = SummaryWriter(
+                str(self.workdir / TENSORBOARD_DIR), purge_step=purge_step, flush_secs=30
+            )
+
+    def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Records scalar ``metrics`` of ``split`` ("train", "test", ...) at ``step``."""
+        record = {"step": int(step), "split": split}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        self.records.append(record)
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._writer is not None:
+            for name, value in record.items():
+                if name not in ("step", "split") and isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"{split}/{name}", value, int(step))
+        return record
+
+    def histograms(self, step: int, arrays: Mapping[str, Any]) -> None:
+        """Writes one TensorBoard histogram per array (``add_histogram``)."""
+        if self._writer is None:
+            return
+        for name, value in arrays.items():
+            self._writer.add_histogram(name, np.asarray(value), int(step))
+
+    def close(self) -> None:
+        """Flushes and closes the files; safe to call twice."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> pathlib.Path | None:
+    """Draws loss and accuracy per epoch (train and test) into a PNG file.
+
+    Args:
+        history: per-epoch records as returned in ``FitResult.history``.
+        path: where to write the PNG.
+
+    Returns:
+        The path written, or ``None`` when matplotlib is not installed or the
+        history is empty.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not history:
+        return None
+    epochs = [h["epoch"] for h in history]
+    panels = [("loss", ("train_loss", "test_loss")), ("accuracy", ("train_accuracy", "test_accuracy"))]
+    panels = [(t, keys) for t, keys in panels if any(k in history[0] for k in keys)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            if key in history[0]:
+                ax.plot(epochs, [h[key] for h in history], marker="o", label=key.split("_")[0])
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,309 @@
+"""The training loop: a short ``fit`` composed of the pure pieces.
+
+``fit`` is the counterpart of the tutorials' ``for epoch in range(n): for
+x, y in loader: ...`` loop plus their evaluation block. It stays readable on
+one screen; everything it does is a library function you can call yourself
+(``create_train_state``, ``make_train_step``, ``iterate_batches``,
+``evaluate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxnet import data as jdata
+from jaxnet import metrics as jmetrics
+from jaxnet.compilation import CompileCounter
+from jaxnet.data.dataset import ArrayDataset
+from jaxnet.errors import ConfigError, DataError
+from jaxnet.state import TrainState, count_params, create_train_state
+from jaxnet.step import (
+    Transform,
+    loss_for_output,
+    make_eval_step,
+    make_scan_epoch,
+    make_train_step,
+)
+from jaxnet.tracking import CURVES_FILE, MetricsLogger, plot_curves
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        graphdef: the model's static graph definition.
+        state: the final :class:`~jaxnet.state.TrainState`.
+        history: one dict per epoch (train and test metrics, seconds).
+        summary: the run's final numbers (test accuracy, steps, seconds, ...).
+    """
+
+    graphdef: nnx.GraphDef
+    state: TrainState
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def make_image_transform(
+    mean: tuple[float, ...], std: tuple[float, ...], *, augment: bool = False
+) -> Transform:
+    """On-device preprocessing: ``ToTensor`` + ``Normalize`` (+ crop/flip when training).
+
+    Args:
+        mean, std: per-channel statistics in units of pixel/255.
+        augment: apply random crop (padding 4) and horizontal flip to
+            training batches, the torchvision CIFAR recipe.
+
+    Returns:
+        ``transform(key, images, train) -> float32 images``.
+    """
+
+    def transform(key: jax.Array, images: jax.Array, train: bool) -> jax.Array:
+        if augment and train:
+            images = jdata.augment(key, images)
+        return jdata.normalize(images, mean, std)
+
+    return transform
+
+
+def check_dataset(data: ArrayDataset, model: nnx.Module, *, output: str) -> None:
+    """Validates a data set against a model before anything is compiled.
+
+    Raises:
+        DataError: labels outside ``[0, num_classes)``, or empty splits.
+        ConfigError: images whose shape the model cannot take.
+    """
+    for split, labels in (("train", data.train_labels), ("test", data.test_labels)):
+        if len(labels) == 0:
+            raise DataError(f"{data.name}: the {split} split is empty ({data.source})")
+        if output != "regression":
+            lo, hi = int(np.min(labels)), int(np.max(labels))
+            if lo < 0 or hi >= data.num_classes:
+                raise DataError(
+                    f"{data.name}: {split} labels range over [{lo}, {hi}] but the data set has "
+                    f"{data.num_classes} classes; labels must be integers in [0, {data.num_classes - 1}]"
+                )
+    sample = jax.ShapeDtypeStruct((2, *data.image_shape), jnp.float32)
+    try:
+        model.eval()
+        out = jax.eval_shape(lambda m, x: m(x), model, sample)
+    except Exception as exc:  # any shape error from inside the model's layers
+        raise ConfigError(
+            f"the model cannot take {data.name} inputs of shape {data.image_shape}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Use a model made for this data set "
+            "(e.g. --model cifar_cnn for cifar10, --model mlp or convnet for mnist)"
+        ) from None
+    if output != "regression" and out.shape[-1] != data.num_classes:
+        raise ConfigError(
+            f"the model outputs {out.shape[-1]} classes but {data.name} has {data.num_classes}"
+        )
+
+
+def _padded_batches(images: Any, labels: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-shape eval batches: the last one is padded and masked (no recompile)."""
+    n = len(labels)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        mask = np.ones(batch_size, bool)
+        if len(idx) < batch_size:
+            mask[len(idx):] = False
+            idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
+        yield {"image": np.asarray(images[idx]), "label": np.asarray(labels[idx]), "mask": mask}
+
+
+def evaluate(
+    eval_step: Callable,
+    state: TrainState,
+    images: Any,
+    labels: np.ndarray,
+    *,
+    batch_size: int = 1000,
+    num_classes: int = 10,
+) -> dict[str, float]:
+    """Evaluates on a whole split: ``model.eval()`` + ``torch.no_grad()`` + metrics.
+
+    Args:
+        eval_step: from :func:`jaxnet.step.make_eval_step`.
+        state: the state to evaluate.
+        images, labels: the split.
+        batch_size: examples per compiled call.
+        num_classes: classes of the task; 0 for regression.
+
+    Returns:
+        ``{"loss": ...}`` plus, for classifiers, accuracy, top-5 accuracy,
+        macro precision/recall/F1 and one-vs-rest ROC AUC (when every class
+        occurs in ``labels``).
+    """
+    batch_size = min(batch_size, len(labels))
+    loss_sum, count, outputs = 0.0, 0, []
+    for batch in jdata.prefetch_to_device(_padded_batches(images, labels, batch_size)):
+        result = eval_step(state, batch)
+        loss_sum += result["loss_sum"]  # stays on device until the end
+        count += result["count"]
+        outputs.append(result["outputs"])
+    scores = np.concatenate([np.asarray(o) for o in outputs])[: len(labels)]
+    metrics = {"loss": float(loss_sum) / int(count)}
+    if num_classes:
+        metrics.update(jmetrics.classification_report(scores, np.asarray(labels), num_classes))
+    return metrics
+
+
+def fit(
+    model: nnx.Module,
+    data: ArrayDataset,
+    tx: optax.GradientTransformation,
+    *,
+    epochs: int,
+    batch_size: int,
+    output: str = "logits",
+    seed: int = 0,
+    augment: bool = False,
+    scan: bool = False,
+    eval_batch_size: int = 1000,
+    workdir: str | os.PathLike | None = None,
+    progress: bool = True,
+    log_every: int = 50,
+) -> FitResult:
+    """Trains ``model`` on ``data`` with ``tx`` and evaluates after every epoch.
+
+    Args:
+        model: an NNX model (e.g. ``jaxnet.models.create_model("mlp")``).
+        data: the data set (``jaxnet.data.load_dataset("mnist")``).
+        tx: the optimizer (``jaxnet.optim.create_optimizer("adam", 1e-3)``).
+        epochs: passes over the training split.
+        batch_size: examples per step; the last partial batch of an epoch is
+            dropped (each epoch's shuffle drops different examples).
+        output: the model's output kind, which picks the loss (see
+            :func:`jaxnet.step.loss_for_output`).
+        seed: seeds shuffling, dropout and augmentation.
+        augment: random crop + flip on training batches (on device).
+        scan: run each epoch as one compiled ``lax.scan`` over device-resident
+            data instead of one call per step.
+        eval_batch_size: examples per evaluation call.
+        workdir: where ``metrics.jsonl``, TensorBoard files and ``curves.png``
+            go; ``None`` writes nothing.
+        progress: show a progress bar on stderr.
+        log_every: steps between training-loss log records.
+
+    Returns:
+        A :class:`FitResult`.
+
+    Raises:
+        ConfigError: bad sizes or a model that does not fit the data.
+        DataError: labels out of range or empty splits.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError(f"epochs ({epochs}) and batch size ({batch_size}) must be at least 1")
+    if batch_size > data.num_train:
+        raise ConfigError(
+            f"batch size {batch_size} is larger than the {data.num_train} training examples of "
+            f"{data.name}; use --batch-size {data.num_train} or less"
+        )
+    check_dataset(data, model, output=output)
+    regression = output == "regression"
+    loss_fn = loss_for_output(output)
+    transform = None if regression else make_image_transform(data.mean, data.std, augment=augment)
+    graphdef, state = create_train_state(model, tx, seed=seed)
+    kw = dict(transform=transform, classification=not regression)
+    train_step = make_train_step(graphdef, tx, loss_fn, **kw)
+    scan_epoch = make_scan_epoch(graphdef, tx, loss_fn, **kw) if scan else None
+    eval_step = make_eval_step(graphdef, loss_fn, transform=transform)
+    steps_per_epoch = jdata.num_batches(data.num_train, batch_size, drop_last=True)
+    if scan:  # uint8 images stay on the device for the whole run
+        train_images, train_labels = jax.device_put((data.train_images, data.train_labels))
+
+    history: list[dict[str, Any]] = []
+    logger = MetricsLogger(workdir)
+    counter = CompileCounter().__enter__()
+    compiles_after_first_epoch = None
+    start = time.perf_counter()
+    try:
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+            if scan:
+                perm = jdata.epoch_permutation(data.num_train, seed=seed, epoch=epoch, shuffle=True)
+                idx = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+                state, per_step = scan_epoch(state, train_images, train_labels, idx.astype(np.int32))
+                bar.update(steps_per_epoch)
+                train = {k: float(jnp.mean(v)) for k, v in per_step.items()}
+            else:
+                sums: dict[str, jax.Array] = {}
+                batches = jdata.iterate_batches(
+                    data.train_images, data.train_labels, batch_size,
+                    shuffle=True, seed=seed, epoch=epoch, drop_last=True,
+                )
+                for i, batch in enumerate(jdata.prefetch_to_device(batches)):
+                    state, m = train_step(state, batch)
+                    sums = m if not sums else jax.tree.map(jnp.add, sums, m)
+                    if (i + 1) % log_every == 0:  # the only host syncs inside an epoch
+                        loss = float(m["loss"])
+                        logger.log(int(state.step), "train", {"loss": loss})
+                        bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.update(1)
+                train = {k: float(v) / steps_per_epoch for k, v in sums.items()}
+            bar.close()
+            train_seconds = time.perf_counter() - t0
+            test = evaluate(eval_step, state, data.test_images, data.test_labels,
+                            batch_size=eval_batch_size, num_classes=data.num_classes)
+            record = {"epoch": epoch + 1, "step": int(state.step), "epoch_seconds": train_seconds}
+            record.update({f"train_{k}": v for k, v in train.items()})
+            record.update({f"test_{k}": v for k, v in test.items()})
+            history.append(record)
+            logger.log(int(state.step), "epoch", record)
+            logger.histograms(int(state.step), _param_arrays(state.params))
+            if progress:
+                tqdm.write(_epoch_line(record))
+            if epoch == 0:
+                compiles_after_first_epoch = counter.snapshot()[1]
+    finally:
+        counter.__exit__(None, None, None)
+        logger.close()
+    total_seconds = time.perf_counter() - start
+    if workdir is not None:
+        plot_curves(history, os.path.join(workdir, CURVES_FILE))
+    last = history[-1]
+    summary = {
+        "model": type(model).__name__,
+        "dataset": data.name,
+        "dataset_source": data.source,
+        "epochs": epochs,
+        "steps": int(state.step),
+        "batch_size": batch_size,
+        "params": count_params(state.params),
+        "train_seconds": round(total_seconds, 3),
+        "num_devices": 1,
+        "mode": "scan" if scan else "step",
+        "compilations": counter.compiles,
+        "steady_state_compilations": counter.compiles - compiles_after_first_epoch,
+        **{k: v for k, v in last.items() if k.startswith("test_")},
+    }
+    if regression:
+        summary["test_accuracy"] = None
+    return FitResult(graphdef=graphdef, state=state, history=history, summary=summary)
+
+
+def _param_arrays(params: nnx.State) -> dict[str, np.ndarray]:
+    flat = nnx.to_flat_state(params)
+    return {"/".join(str(p) for p in path): np.asarray(v.get_value() if hasattr(v, "get_value") else v)
+            for path, v in flat}
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
+    parts = [f"epoch {record['epoch']}"]
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        if key in record:
+            parts.append(f"{key} {record[key]:.4f}")
+    parts.append(f"{record['epoch_seconds']:.1f}s")
+    return "  ".join(parts)
