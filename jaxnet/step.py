@@ -232,30 +232,26 @@ def make_eval_step(
     *,
     transform: Transform | None = None,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """Builds the jit-compiled ``eval_step(state, batch) -> outputs``.
+    """Builds the jit-compiled ``eval_step(state, batch) -> {"outputs", "loss"}``.
 
-    The batch may carry a ``"mask"`` (B,) bool marking real examples, so that a
-    final partial batch is padded to the same shape (no recompilation) and the
-    padding is excluded from every metric.
+    Evaluation batches keep one shape (a final partial batch is padded, and a
+    ``"mask"`` marks the real examples, see :func:`jaxnet.train.evaluate`), so
+    evaluation compiles once.
 
     Args:
         graphdef: the model's graph definition.
-        loss_fn: the training loss (reported as the mean over real examples).
+        loss_fn: the training loss; it is reported per example.
         transform: on-device preprocessing, applied with ``train=False``.
 
     Returns:
-        ``eval_step(state, batch) -> {"outputs": (B, K), "loss_sum": (), "count": ()}``.
+        ``eval_step(state, batch)`` returning the model's ``outputs`` ``(B, K)``
+        and the per-example ``loss`` ``(B,)``.
     """
     predict = make_predict_fn(graphdef, transform=transform)
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, Any]:
         outputs = predict(state, batch["image"])
-        labels = batch["label"]
-        mask = batch.get("mask")
-        if mask is None:
-            mask = jnp.ones(labels.shape[:1], jnp.bool_)
-        per_example = jax.vmap(lambda o, y: loss_fn(o[None], y[None]))(outputs, labels)
-        loss_sum = jnp.sum(jnp.where(mask, per_example, 0.0))
-        return {"outputs": outputs, "loss_sum": loss_sum, "count": jnp.sum(mask.astype(jnp.int32))}
+        per_example = jax.vmap(lambda o, y: loss_fn(o[None], y[None]))(outputs, batch["label"])
+        return {"outputs": outputs, "loss": per_example}
 
     return jax.jit(eval_step)

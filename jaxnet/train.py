@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,7 +27,7 @@ from jaxnet import data as jdata
 from jaxnet import metrics as jmetrics
 from jaxnet.compilation import CompileCounter
 from jaxnet.data.dataset import ArrayDataset
-from jaxnet.errors import ConfigError, DataError
+from jaxnet.errors import ConfigError, DataError, JaxnetError
 from jaxnet.state import TrainState, count_params, create_train_state
 from jaxnet.step import (
     Transform,
@@ -122,6 +123,11 @@ def _padded_batches(images: Any, labels: np.ndarray, batch_size: int) -> Iterato
         yield {"image": np.asarray(images[idx]), "label": np.asarray(labels[idx]), "mask": mask}
 
 
+@jax.jit
+def _update_metrics(m: jmetrics.ClassificationMetrics, outputs, labels, loss, mask):
+    return jmetrics.metrics_update(m, outputs, labels, loss=loss, mask=mask)
+
+
 def evaluate(
     eval_step: Callable,
     state: TrainState,
@@ -137,25 +143,35 @@ def evaluate(
         eval_step: from :func:`jaxnet.step.make_eval_step`.
         state: the state to evaluate.
         images, labels: the split.
-        batch_size: examples per compiled call.
-        num_classes: classes of the task; 0 for regression.
+        batch_size: examples per compiled call (the last batch is padded and
+            masked, so evaluation compiles once).
+        num_classes: classes of the task; 0 for regression (loss only).
 
     Returns:
-        ``{"loss": ...}`` plus, for classifiers, accuracy, top-5 accuracy,
-        macro precision/recall/F1 and one-vs-rest ROC AUC (when every class
-        occurs in ``labels``).
+        ``loss`` and, for classifiers, ``accuracy``, ``top5_accuracy``,
+        precision/recall/F1 (macro, micro, weighted) and one-vs-rest
+        ``roc_auc`` (omitted when a class is missing from ``labels``).
     """
     batch_size = min(batch_size, len(labels))
-    loss_sum, count, outputs = 0.0, 0, []
+    m = jmetrics.metrics_init(max(num_classes, 1), k=min(5, max(num_classes, 1)))
+    loss_sum, scores = jnp.zeros((), jnp.float32), jmetrics.ScoreCollector()
     for batch in jdata.prefetch_to_device(_padded_batches(images, labels, batch_size)):
         result = eval_step(state, batch)
-        loss_sum += result["loss_sum"]  # stays on device until the end
-        count += result["count"]
-        outputs.append(result["outputs"])
-    scores = np.concatenate([np.asarray(o) for o in outputs])[: len(labels)]
-    metrics = {"loss": float(loss_sum) / int(count)}
-    if num_classes:
-        metrics.update(jmetrics.classification_report(scores, np.asarray(labels), num_classes))
+        if num_classes:
+            m = _update_metrics(m, result["outputs"], batch["label"], result["loss"], batch["mask"])
+            scores.add(result["outputs"], batch["label"], batch["mask"])
+        else:
+            loss_sum = loss_sum + jnp.sum(jnp.where(batch["mask"], result["loss"], 0.0))
+    if not num_classes:
+        return {"loss": float(loss_sum) / len(labels)}
+    metrics = jmetrics.metrics_compute(m)
+    outputs, true = scores.arrays()
+    probs = np.exp(outputs - outputs.max(axis=1, keepdims=True))  # softmax; also right for log-probs
+    probs /= probs.sum(axis=1, keepdims=True)
+    try:
+        metrics["roc_auc"] = jmetrics.roc_auc_ovr(probs, true)
+    except JaxnetError:  # a class absent from this split: AUC undefined, as in scikit-learn
+        pass
     return metrics
 
 
@@ -231,7 +247,7 @@ def fit(
     try:
         for epoch in range(epochs):
             t0 = time.perf_counter()
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False)
             if scan:
                 perm = jdata.epoch_permutation(data.num_train, seed=seed, epoch=epoch, shuffle=True)
                 idx = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
@@ -264,7 +280,7 @@ def fit(
             logger.log(int(state.step), "epoch", record)
             logger.histograms(int(state.step), _param_arrays(state.params))
             if progress:
-                tqdm.write(_epoch_line(record))
+                tqdm.write(_epoch_line(record), file=sys.stderr)
             if epoch == 0:
                 compiles_after_first_epoch = counter.snapshot()[1]
     finally:
