@@ -8,6 +8,7 @@ traceback through JAX internals.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +41,13 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     from jaxnet.models import MODELS
     from jaxnet.optim import OPTIMIZERS, SCHEDULES
@@ -67,12 +75,17 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=_nonnegative_float, default=None, help="learning rate")
     p.add_argument("--momentum", type=_nonnegative_float, default=None, help="SGD/RMSprop momentum")
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
-    p.add_argument("--weight-decay", type=_nonnegative_float, default=0.0, help="weight decay (L2; decoupled for adamw)")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=None,
+                   help="weight decay (L2 added to the gradient; decoupled for adamw); default: PyTorch's "
+                        "(0, or 0.01 for adamw)")
     p.add_argument("--schedule", default=None, choices=SCHEDULES, help="learning-rate schedule")
     p.add_argument("--gamma", type=_nonnegative_float, default=None, help="decay factor per epoch (step/exponential schedules)")
     p.add_argument("--step-size", type=_positive_int, default=None, help="epochs between decays (step schedule)")
-    p.add_argument("--clip-norm", type=_nonnegative_float, default=None, help="clip gradients to this global norm")
-    p.add_argument("--clip-value", type=_nonnegative_float, default=None, help="clip each gradient to [-v, v]")
+    p.add_argument("--clip-norm", type=_positive_float, default=None, help="clip gradients to this global norm")
+    p.add_argument("--clip-value", type=_positive_float, default=None, help="clip each gradient to [-v, v]")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="Normalize(mean, std) after scaling to [0, 1]; --no-normalize: ToTensor only "
+                        "(default: the model's tutorial)")
     p.add_argument("--augment", action="store_true", help="random crop + horizontal flip (on device)")
     p.add_argument("--scan", action="store_true",
                    help="run each epoch as one compiled lax.scan over device-resident data")
@@ -112,6 +125,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.epochs or recipe.epochs
     batch_size = args.batch_size or recipe.batch_size
     dataset = data.load_dataset(dataset_name, data_dir=args.data_dir, download=not args.no_download)
+    normalize = recipe.normalize if args.normalize is None else args.normalize
+    if not normalize and dataset.num_classes:  # ToTensor only: x / 255
+        channels = len(dataset.mean)
+        dataset = dataclasses.replace(dataset, mean=(0.0,) * channels, std=(1.0,) * channels)
     steps_per_epoch = data.num_batches(dataset.num_train, batch_size, drop_last=True)
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -129,6 +146,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     momentum = recipe.momentum if args.momentum is None else args.momentum
     opt_kwargs: dict[str, Any] = {"weight_decay": args.weight_decay,
                                   "clip_norm": args.clip_norm, "clip_value": args.clip_value}
+    opt_kwargs = {k: v for k, v in opt_kwargs.items() if v is not None}  # None: PyTorch's default
     if optimizer in ("sgd", "rmsprop"):
         opt_kwargs["momentum"] = momentum
     if args.nesterov:
@@ -143,7 +161,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     )
     summary = dict(result.summary)
     summary["model"] = args.model
-    summary.update(optimizer=optimizer, lr=lr, schedule=schedule_name, seed=args.seed)
+    summary.update(optimizer=optimizer, lr=lr, schedule=schedule_name, seed=args.seed, normalize=normalize)
     return summary
 
 

@@ -209,7 +209,8 @@ def fit(
         eval_batch_size: examples per evaluation call.
         workdir: where ``metrics.jsonl``, TensorBoard files and ``curves.png``
             go; ``None`` writes nothing.
-        progress: show a progress bar on stderr.
+        progress: show a progress bar on stderr (epoch summaries are printed
+            to stderr either way).
         log_every: steps between training-loss log records.
 
     Returns:
@@ -273,7 +274,8 @@ def fit(
             train_seconds = time.perf_counter() - t0
             test = evaluate(eval_step, state, data.test_images, data.test_labels,
                             batch_size=eval_batch_size, num_classes=data.num_classes)
-            record = {"epoch": epoch + 1, "step": int(state.step), "epoch_seconds": train_seconds}
+            record = {"epoch": epoch + 1, "step": int(state.step), "epoch_seconds": train_seconds,
+                      "peak_rss_mb": _peak_rss_mb()}
             record.update({f"train_{k}": v for k, v in train.items()})
             record.update({f"test_{k}": v for k, v in test.items()})
             history.append(record)
@@ -281,6 +283,8 @@ def fit(
             logger.histograms(int(state.step), _param_arrays(state.params))
             if progress:
                 tqdm.write(_epoch_line(record), file=sys.stderr)
+            else:
+                print(_epoch_line(record), file=sys.stderr, flush=True)
             if epoch == 0:
                 compiles_after_first_epoch = counter.snapshot()[1]
     finally:
@@ -308,6 +312,16 @@ def fit(
     if regression:
         summary["test_accuracy"] = None
     return FitResult(graphdef=graphdef, state=state, history=history, summary=summary)
+
+
+def _peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def _param_arrays(params: nnx.State) -> dict[str, np.ndarray]:
