@@ -362,7 +362,7 @@ def precision_recall_f1(
             true_sum.sum(keepdims=True)
     precision = _divide(tp, pred_sum, zero_division)
     recall = _divide(tp, true_sum, zero_division)
-    f1 = _divide(2 * precision * recall, precision + recall, zero_division)
+    f1 = _divide(2 * tp, true_sum + pred_sum, zero_division)
     if average is None:
         return precision, recall, f1
     weights = true_sum if average == "weighted" else None

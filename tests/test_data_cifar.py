@@ -172,3 +172,59 @@ def test_real_cifar10(shared_data):
 def test_make_cifar_batch_helper_is_deterministic():
     a, b = make_cifar_batch(2, 5), make_cifar_batch(2, 5)
     np.testing.assert_array_equal(a[b"data"], b[b"data"])
+
+
+# --- resource limits: a small file must not cost large memory or time -------
+
+
+def _fast(fn):
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start < 1.0
+
+
+def test_bytearray8_with_a_huge_declared_length_is_refused_fast():
+    import struct
+
+    data = b"\x80\x05\x96" + struct.pack("<Q", 2**40) + b"."  # BYTEARRAY8 of 1 TiB
+    with pytest.raises(DataError, match="BYTEARRAY8 of 1099511627776 bytes"):
+        load_restricted(data, "b")
+    data = b"\x80\x05\x96" + struct.pack("<Q", 2**30) + b"."  # 1 GiB: would be zero-filled
+    assert _fast(lambda: pytest.raises(DataError, load_restricted, data, "b"))
+
+
+def test_huge_memo_index_does_not_allocate():
+    import struct
+
+    data = b"\x80\x02Nr" + struct.pack("<I", 2**31) + b"."  # LONG_BINPUT 2**31
+    assert _fast(lambda: load_restricted(data, "m")) and load_restricted(data, "m") is None
+
+
+def test_repeated_latin1_encode_cannot_amplify_memory():
+    import struct
+
+    text = b"X" + struct.pack("<I", 1 << 20) + b"a" * (1 << 20)  # BINUNICODE, 1 MiB
+    call = b"h\x00h\x01X\x06\x00\x00\x00latin1\x86R"  # BINGET 0, BINGET 1, 'latin1', TUPLE2, REDUCE
+    data = b"\x80\x02c_codecs\nencode\nq\x00" + text + b"q\x01](" + call * 200 + b"e."
+    with pytest.raises(DataError, match="decodes to more bytes than it contains"):
+        load_restricted(data, "amp")
+
+
+def test_opcode_budget(monkeypatch):
+    from jaxnet.data import safe_pickle
+
+    monkeypatch.setattr(safe_pickle, "MAX_OPS", 100)
+    with pytest.raises(DataError, match="more than 100 pickle opcodes"):
+        load_restricted(b"\x80\x02" + b"N0" * 60 + b"N.", "ops")
+    assert load_restricted(b"\x80\x02" + b"N0" * 40 + b"N.", "ops") is None
+
+
+def test_arrays_sharing_one_pickled_buffer_are_not_copied():
+    arr = np.zeros(1 << 20, np.uint8)  # pickled once, then referenced 2000 times (memo)
+    data = pickle.dumps({b"k%d" % i: arr for i in range(2000)}, protocol=5)
+    assert len(data) < 2 << 20
+    out = {}
+    assert _fast(lambda: out.update(load_restricted(data, "v")))
+    assert np.shares_memory(out[b"k0"], out[b"k1999"])  # views, not 2 GB of copies

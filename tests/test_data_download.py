@@ -56,7 +56,7 @@ def server():
     """Serves ``server.files`` (path -> bytes); yields an object with ``url(path)``."""
     handler = type("Handler", (_Handler,), {"files": {}})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
 
     class Server:

@@ -66,7 +66,7 @@ def test_wrong_magic_says_what_the_file_is(tmp_path):
 def test_wrong_dtype_byte_is_refused(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(idx_bytes(np.zeros((2, 28, 28), np.uint8), magic=0x0D03))  # 0x0D = float
-    with pytest.raises(DataError, match="wrong magic"):
+    with pytest.raises(DataError, match=r"IDX data type 0x0d, but MNIST files hold unsigned bytes \(0x08\)"):
         read_idx(path, magic=IMAGES_MAGIC)
 
 

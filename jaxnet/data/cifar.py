@@ -11,6 +11,7 @@ without extracting anything, and the pickles go through
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import tarfile
@@ -63,7 +64,7 @@ def parse_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{name}: a CIFAR-10 batch is a dict, found {type(batch).__name__}")
     images, labels = _field(batch, b"data"), _field(batch, b"labels")
     if images is None or labels is None:
-        keys = sorted(repr(k) for k in batch)[:8]
+        keys = [repr(k)[:40] for k in itertools.islice(batch, 8)]
         raise DataError(f"{name}: a CIFAR-10 batch needs b'data' and b'labels', found keys {keys}")
     if not (
         isinstance(images, np.ndarray)
@@ -211,7 +212,7 @@ def read_cifar10(path: str | os.PathLike[str]) -> ArrayDataset:
       DataError: files missing, unsafe, truncated or malformed (the file is named).
 
     >>> ds = read_cifar10("data/cifar10")  # doctest: +SKIP
-    >>> ds.train_images.shape
+    >>> ds.train_images.shape  # doctest: +SKIP
     (50000, 32, 32, 3)
     """
     location = locate_cifar10(path)

@@ -66,6 +66,11 @@ def _read_header(stream: BinaryIO, path: pathlib.Path, magic: int) -> tuple[int,
     if len(head) < 4:
         raise DataError(f"{path}: empty or truncated IDX header ({len(head)} bytes)")
     found = int.from_bytes(head, "big")
+    if head[:2] == b"\0\0" and head[3] == magic & 0xFF and head[2] != IDX_UBYTE:
+        raise DataError(
+            f"{path}: IDX data type 0x{head[2]:02x}, but MNIST files hold unsigned "
+            f"bytes (0x{IDX_UBYTE:02x}); this is not an MNIST {kind} file"
+        )
     if found != magic:
         other = {IMAGES_MAGIC: "an IDX image file", LABELS_MAGIC: "an IDX label file"}
         what = other.get(found, "not an MNIST IDX file")

@@ -128,7 +128,7 @@ def load_official(
         except DataError as e:
             reason = str(e)
     fix = (
-        f"connect to the internet and rerun with download=True (the files are cached in "
+        f"connect to the internet and rerun without --no-download (download=True in Python; the files are cached in "
         f"{folder}), or put {_expected_files(name)} in DIR/{name}/ and pass --data-dir DIR"
     )
     if name != "mnist":
@@ -180,7 +180,7 @@ def load_dataset(
       DataError: missing or corrupt files (named), or CIFAR-10 unavailable.
 
     >>> ds = load_dataset("mnist")  # doctest: +SKIP
-    >>> ds.train_images.shape, ds.mean
+    >>> ds.train_images.shape, ds.mean  # doctest: +SKIP
     ((60000, 28, 28, 1), (0.1307,))
     """
     if isinstance(name, str) and name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX):

@@ -58,7 +58,7 @@ def data_errors(name: str | os.PathLike[str], action: str = "reading") -> Iterat
     except READ_ERRORS as e:
         raise DataError(
             f"{name}: {action} failed, the file is corrupt or truncated "
-            f"({type(e).__name__}: {e}); download it again or replace it"
+            f"({type(e).__name__}: {str(e)[:200]}); download it again or replace it"
         ) from e
 
 

@@ -9,10 +9,16 @@ other global with a :class:`DataError` naming it.
 Even the allowed globals never reach numpy with the file's values: they
 return small placeholder objects that record the pickled arguments, and
 :func:`load_restricted` then builds the array with ``np.frombuffer`` after
-checking dtype, shape and byte count. The pure-Python ``pickle._Unpickler`` is
-used rather than the C one because the C unpickler preallocates its memo
-table from a 4-byte index in the file (a 10-byte pickle can ask for gigabytes);
-the Python one keeps the memo in a dict.
+checking dtype, shape and byte count.
+
+Resource limits, so that a small file cannot take large memory or time:
+the pure-Python ``pickle._Unpickler`` is used rather than the C one, whose
+memo table is preallocated from a 4-byte index in the file (a 10-byte pickle
+can ask for gigabytes; the Python one keeps the memo in a dict); its
+``BYTEARRAY8`` handler, which zero-fills whatever length the file declares,
+is replaced by a bounded one; the latin-1 encoder has a byte budget; arrays
+are views of the pickled bytes, never copies; and the number of opcodes is
+capped at :data:`MAX_OPS`.
 """
 
 from __future__ import annotations
@@ -21,14 +27,18 @@ import io
 import pickle
 import re
 import reprlib
+import struct
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from jaxnet.errors import DataError
 
+MAX_OPS = 1_000_000  # opcodes per pickle; an official batch uses about 35,000
 _DTYPE_SPEC = re.compile(r"[iuf][1248]|b1")  # numeric dtypes only, never object
 _BYTE_ORDERS = ("<", ">", "|", "=")
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
 def _text(value: Any) -> str | None:
@@ -61,13 +71,23 @@ class _NdarrayClass(_Sealed):
 
 
 class _Latin1Encode(_Sealed):
-    """``_codecs.encode`` as protocol-2 pickles from Python 3 use it for bytes."""
+    """``_codecs.encode`` as protocol-2 pickles from Python 3 use it for bytes.
 
-    __slots__ = ()
+    One per unpickler, with a budget: a pickle could otherwise call it many
+    times on one memoized string and build far more bytes than it holds.
+    """
+
+    __slots__ = ("budget",)
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
 
     def __call__(self, text: Any, encoding: Any = "utf-8") -> bytes:
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
             raise ValueError("_codecs.encode is only allowed as encode(str, 'latin1')")
+        self.budget -= len(text)
+        if self.budget < 0:
+            raise ValueError("the pickle decodes to more bytes than it contains")
         return text.encode("latin1")
 
 
@@ -140,7 +160,8 @@ def _from_bytes(raw: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     dt = dtype.build()
     if int(np.prod(shape, dtype=object)) * dt.itemsize != len(raw):
         raise ValueError(f"array of shape {shape} and dtype {dt} does not match {len(raw)} bytes")
-    return np.frombuffer(bytes(raw), dtype=dt).reshape(shape, order=order)
+    # A view, not a copy: many stubs may share one buffer.
+    return np.frombuffer(raw, dtype=dt).reshape(shape, order=order)
 
 
 class _FrombufferStub:
@@ -148,13 +169,13 @@ class _FrombufferStub:
 
     __slots__ = ("args",)
 
-    def __setstate__(self, state: Any) -> None:
-        raise ValueError("unexpected state for _frombuffer")
-
     def __init__(self, *args: Any) -> None:
         if len(args) != 4:
             raise ValueError("malformed _frombuffer call")
         self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        raise ValueError("unexpected state for _frombuffer")
 
     def build(self) -> np.ndarray:
         return _from_bytes(*self.args)
@@ -168,7 +189,6 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): _DtypeStub,
     ("numpy.core.numeric", "_frombuffer"): _FrombufferStub,  # protocol 5
     ("numpy._core.numeric", "_frombuffer"): _FrombufferStub,
-    ("_codecs", "encode"): _Latin1Encode(),
 }
 
 
@@ -179,26 +199,56 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     page's ``unpickle`` helper, minus its ability to run arbitrary code.
     """
 
-    # Extension codes (copyreg) and persistent ids bypass find_class: refuse them.
-    dispatch = {
-        k: v
-        for k, v in pickle._Unpickler.dispatch.items()  # type: ignore[attr-defined]
-        if k not in {pickle.EXT1[0], pickle.EXT2[0], pickle.EXT4[0], pickle.PERSID[0], pickle.BINPERSID[0]}
-    }
-
-    def __init__(self, file: io.BufferedIOBase, *, filename: str) -> None:
+    def __init__(self, file: io.BufferedIOBase, *, filename: str, max_bytes: int) -> None:
         super().__init__(file, encoding="bytes")
         self.filename = filename
+        self.max_bytes = max_bytes  # no object may be larger than the input
+        self.ops_left = MAX_OPS
+        self.encode = _Latin1Encode(max_bytes)
+
+    def load_bytearray8(self) -> None:
+        # The stdlib version zero-fills bytearray(n) for any n the file declares.
+        (size,) = struct.unpack("<Q", self.read(8))
+        if size > self.max_bytes:
+            raise pickle.UnpicklingError(f"BYTEARRAY8 of {size} bytes in a {self.max_bytes}-byte pickle")
+        self.append(bytearray(self.read(size)))
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return self.encode
         try:
             return _ALLOWED[(module, name)]
         except (KeyError, TypeError):
+            qualified = f"{module}.{name}"
+            if not (_PLAIN_NAME.fullmatch(qualified) and len(qualified) <= 200):
+                qualified = repr(qualified[:200])  # mangled name: quote, shorten
             raise DataError(
-                f"{self.filename}: refused to unpickle the global {module}.{name}: a "
+                f"{self.filename}: refused to unpickle the global {qualified}: a "
                 "CIFAR-10 batch only holds numpy arrays, lists and bytes, so this file "
                 "is corrupt or malicious; delete it and download the data set again"
             ) from None
+
+
+def _counted(load: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Wraps an opcode handler so that each call spends one unit of ``ops_left``."""
+
+    def counted(self: Any) -> None:
+        self.ops_left -= 1
+        if self.ops_left < 0:
+            raise pickle.UnpicklingError(f"more than {MAX_OPS:,} pickle opcodes")
+        load(self)
+
+    return counted
+
+
+# Extension codes (copyreg) and persistent ids bypass find_class: refused
+# (absent from the table, so they fail as unknown opcodes).
+_REFUSED_OPCODES = {op[0] for op in (pickle.EXT1, pickle.EXT2, pickle.EXT4, pickle.PERSID, pickle.BINPERSID)}
+RestrictedUnpickler.dispatch = {
+    code: _counted(RestrictedUnpickler.load_bytearray8 if code == pickle.BYTEARRAY8[0] else load)
+    for code, load in pickle._Unpickler.dispatch.items()  # type: ignore[attr-defined]
+    if code not in _REFUSED_OPCODES
+}
 
 
 def _materialize(value: Any) -> Any:
@@ -228,7 +278,7 @@ def load_restricted(data: bytes, filename: str) -> Any:
     """
     stream = io.BytesIO(data)
     try:
-        obj = RestrictedUnpickler(stream, filename=filename).load()
+        obj = RestrictedUnpickler(stream, filename=filename, max_bytes=len(data)).load()
         if isinstance(obj, dict):
             obj = {k: _materialize(v) for k, v in obj.items()}
         else:
@@ -242,7 +292,8 @@ def load_restricted(data: bytes, filename: str) -> Any:
         # exception here -- UnpicklingError, KeyError, TypeError, IndexError,
         # struct.error, MemoryError, ... -- means the bytes are malformed.
         raise DataError(
-            f"{filename}: not a valid CIFAR-10 pickle ({type(e).__name__}: {e}); "
+            f"{filename}: not a valid CIFAR-10 pickle ({type(e).__name__}: "
+            f"{repr(str(e)[:200])[1:-1]}); "
             "the file is corrupt, download it again"
         ) from e
     if stream.tell() != len(data):

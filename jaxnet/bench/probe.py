@@ -1,0 +1,176 @@
+"""First-step latency and peak memory of one variant, measured in a fresh process.
+
+The parent (:func:`first_step_latency`) starts ``python -m jaxnet.bench.probe
+SPEC`` twice with the same, initially empty, compilation cache folder: the
+first run compiles from scratch ("cold"), the second finds the executables in
+JAX's persistent compilation cache or Inductor's cache ("warm"). This module's
+:func:`main` is an entry point, so it is where the JAX cache options are set.
+
+Definitions (the same for every variant):
+
+- ``first_step_seconds``: wall time of the first training step once the
+  model, optimizer and batches exist: tracing, compiling (or loading from the
+  cache) and running it. For ``jax-scan``, whose first call runs a whole
+  ``steps``-long epoch, it is that call's time minus ``(steps - 1) / steps``
+  of a second call's.
+- ``peak_rss_mb``: the process's peak resident memory (``ru_maxrss``) minus
+  its resident memory after imports and batch creation, after the first step
+  and one more ``steps``-long run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxnet.bench.workload import JAX_VARIANTS, TORCH_VARIANTS, Workload
+from jaxnet.errors import JaxnetError
+
+__all__ = ["first_step_latency", "main", "run_probe"]
+
+COMPILED_VARIANTS = ("torch-compile", "jax-jit", "jax-scan")  # have a compilation cache to be warm
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm", encoding="ascii") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _count_files(folder: str) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Runs the measurement described by ``spec`` in this process (see :func:`main`)."""
+    from jaxnet.bench.variants import make_runner  # after the cache options are set
+    from jaxnet.compilation import CompileCounter
+
+    workload, variant = Workload(**spec["workload"]), spec["variant"]
+    state_dict = dict(np.load(spec["weights"])) if variant in TORCH_VARIANTS else None
+    runner = make_runner(variant, workload, state_dict=state_dict, threads=spec.get("threads"))
+    base_rss = _current_rss_mb()
+    with CompileCounter() as counter:
+        start = time.perf_counter()
+        runner.run(workload.steps if variant == "jax-scan" else 1)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        runner.run(workload.steps)
+        second = time.perf_counter() - start
+    if variant == "jax-scan":
+        first -= second * (workload.steps - 1) / workload.steps
+    result = {
+        "first_step_seconds": first,
+        "peak_rss_mb": max(0.0, _peak_rss_mb() - base_rss),
+        "jax_compiles": counter.compiles,
+        "cache_files": _count_files(spec["cache_dir"]),
+    }
+    if variant in JAX_VARIANTS:
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:  # accelerators report device memory; CPU does not
+            result["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``python -m jaxnet.bench.probe SPEC_JSON``; prints one JSON line.
+
+    ``SPEC_JSON`` holds ``workload`` (a :class:`Workload` as a dict),
+    ``variant``, ``cache_dir``, ``threads`` and, for PyTorch variants,
+    ``weights`` (an ``.npz`` of the initial state_dict). Inductor's cache
+    folder is taken from ``TORCHINDUCTOR_CACHE_DIR``, which the parent sets.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if len(args) != 1:
+        print("usage: python -m jaxnet.bench.probe SPEC_JSON", file=sys.stderr)
+        return 2
+    spec = json.loads(args[0])
+    if spec["variant"] in JAX_VARIANTS:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", spec["cache_dir"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    print(json.dumps(measure(spec)))
+    return 0
+
+
+def run_probe(workload: Workload, variant: str, *, cache_dir: str, weights: str | None,
+              threads: int | None, timeout: float = 600.0) -> dict[str, Any]:
+    """Runs one probe subprocess and returns its JSON result.
+
+    Raises:
+        JaxnetError: if the subprocess fails or times out (its stderr's end is included).
+    """
+    spec = {"workload": workload.to_dict(), "variant": variant, "cache_dir": cache_dir,
+            "weights": weights, "threads": threads}
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "jaxnet.bench.probe", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise JaxnetError(f"the first-step probe of {variant} on {workload.model} took over {timeout:.0f} s") from None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise JaxnetError(f"the first-step probe of {variant} on {workload.model} failed "
+                          f"(exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1])
+
+
+def first_step_latency(workload: Workload, variant: str, state_dict: Mapping[str, np.ndarray], *,
+                       threads: int | None, timeout: float = 600.0) -> dict[str, Any]:
+    """First-step latency with a cold and a warm compilation cache, and peak memory.
+
+    Args:
+        workload: what to train.
+        variant: the variant to measure.
+        state_dict: the initial weights (PyTorch layout), for PyTorch variants.
+        threads: ``torch.set_num_threads`` in the subprocess.
+        timeout: seconds allowed per subprocess.
+
+    Returns:
+        ``first_step_seconds`` (cold cache), ``first_step_seconds_warm``
+        (None for eager variants, which have no cache), ``peak_rss_mb`` and
+        ``peak_rss_mb_cold`` (the warm and the cold run's), ``cache_files``.
+    """
+    with tempfile.TemporaryDirectory(prefix="jaxnet-bench-") as tmp:
+        weights = None
+        if variant in TORCH_VARIANTS:
+            weights = str(pathlib.Path(tmp) / "weights.npz")
+            np.savez(weights, **state_dict)
+        cache_dir = str(pathlib.Path(tmp) / "cache")
+        os.makedirs(cache_dir)
+        kw = dict(cache_dir=cache_dir, weights=weights, threads=threads, timeout=timeout)
+        cold = run_probe(workload, variant, **kw)
+        warm = run_probe(workload, variant, **kw) if variant in COMPILED_VARIANTS else None
+    out = {
+        "first_step_seconds": cold["first_step_seconds"],
+        "first_step_seconds_warm": warm["first_step_seconds"] if warm else None,
+        "peak_rss_mb": (warm or cold)["peak_rss_mb"],
+        "peak_rss_mb_cold": cold["peak_rss_mb"],
+        "cache_files": cold["cache_files"],
+    }
+    if "device_peak_mb" in cold:
+        out["device_peak_mb"] = cold["device_peak_mb"]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The benchmark proper: for each workload, every variant, interleaved, with the same start.
+
+Per workload, in order:
+
+1. **Loss agreement**: every variant is built with dropout off from the same
+   weights and runs the same first batches; their losses must agree.
+2. **Warm-up**: every variant (dropout back on, when the model has any) runs
+   one ``steps``-long repeat, which compiles what it compiles.
+3. **Timing**: ``repeats`` rounds; each round times one ``steps``-long repeat
+   of every variant in turn (A B C D A B C D ...), so drift of the machine
+   hits every variant alike. JAX compilations are counted in each timed
+   repeat (steady state must be zero).
+4. **First step and memory**, in fresh subprocesses (:mod:`jaxnet.bench.probe`).
+
+FLOPs per step come from :func:`jaxnet.bench.variants.count_flops`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jaxnet.bench import machine
+from jaxnet.bench.probe import first_step_latency
+from jaxnet.bench.variants import count_flops, has_dropout, initial_state_dict, make_runner
+from jaxnet.bench.workload import JAX_VARIANTS, VARIANTS, Workload
+from jaxnet.compilation import CompileCounter
+from jaxnet.errors import ConfigError
+
+__all__ = ["check_agreement", "run_suite", "run_workload"]
+
+Log = Callable[[str], None]
+AGREEMENT_RTOL = 1e-3  # relative difference of float32 losses tolerated after a few steps
+AGREEMENT_ATOL = 1e-5
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_agreement(losses: dict[str, list[float]], reference: str) -> dict[str, dict[str, Any]]:
+    """Compares every variant's first-step losses with the reference variant's.
+
+    Returns:
+        Per variant: ``loss_max_abs_diff`` and ``losses_agree`` (every step
+        within ``AGREEMENT_ATOL + AGREEMENT_RTOL * |reference loss|``).
+    """
+    ref = losses[reference]
+    out = {}
+    for variant, values in losses.items():
+        diffs = [abs(a - b) for a, b in zip(values, ref)]
+        agree = len(values) == len(ref) and all(
+            d <= AGREEMENT_ATOL + AGREEMENT_RTOL * abs(b) for d, b in zip(diffs, ref))
+        out[variant] = {"loss_max_abs_diff": max(diffs) if diffs else None, "losses_agree": agree}
+    return out
+
+
+def _agreement(workload: Workload, variants: Sequence[str], state_dict: dict, threads: int,
+               steps: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    runners = {v: make_runner(v, workload, dropout=False, state_dict=state_dict, threads=threads)
+               for v in variants}
+    losses = {v: r.run(steps, record=True) for v, r in runners.items()}
+    return runners, losses
+
+
+def run_workload(workload: Workload, variants: Sequence[str], *, repeats: int = 5, threads: int | None = None,
+                 probes: bool = True, agreement_steps: int = 3, peak_gflops: float | None = None,
+                 log: Log = _stderr) -> list[dict[str, Any]]:
+    """Measures every variant on one workload; returns one row per variant.
+
+    Args:
+        workload: model, batch size, steps per repeat, optimizer.
+        variants: which of ``VARIANTS`` to run, in this order within a round.
+        repeats: timed rounds (the median, min and max are reported).
+        threads: cores for PyTorch (``torch.set_num_threads``); default: the
+            cores XLA uses.
+        probes: measure first-step latency and memory in subprocesses.
+        agreement_steps: steps compared for loss agreement.
+        peak_gflops: the machine's peak, for ``peak_fraction``.
+        log: progress messages.
+
+    Returns:
+        Rows as described in :mod:`jaxnet.bench.report`'s schema.
+
+    Raises:
+        ConfigError: unknown variants, or fewer than one repeat.
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ConfigError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if repeats < 1:
+        raise ConfigError(f"repeats must be at least 1, got {repeats}")
+    threads = threads or machine.usable_cores()
+    label = f"{workload.model}/{workload.batch_size}"
+    state_dict = initial_state_dict(workload)
+    reference = "torch-eager" if "torch-eager" in variants else variants[0]
+    counts: dict[str, list[int]] = {v: [] for v in variants}
+    with CompileCounter() as counter:
+        log(f"[{label}] loss agreement over {min(agreement_steps, workload.steps)} steps, dropout off")
+        runners, losses = _agreement(workload, variants, state_dict, threads,
+                                     min(agreement_steps, workload.steps))
+        if has_dropout(workload.model):
+            runners = {v: make_runner(v, workload, state_dict=state_dict, threads=threads) for v in variants}
+        log(f"[{label}] warm-up: one repeat of {workload.steps} steps per variant")
+        for runner in runners.values():
+            runner.run(workload.steps)
+        warmup_compiles = counter.compiles
+        seconds: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(repeats):
+            for v in variants:
+                before = counter.snapshot()[1]
+                start = time.perf_counter()
+                runners[v].run(workload.steps)
+                seconds[v].append(time.perf_counter() - start)
+                counts[v].append(counter.snapshot()[1] - before)
+            log(f"[{label}] round {r + 1}/{repeats}: " + ", ".join(
+                f"{v} {workload.steps / seconds[v][-1]:.1f}/s" for v in variants))
+    del runners
+    flops = count_flops(workload)
+    agreement = check_agreement(losses, reference)
+    rows = []
+    for v in variants:
+        rates = [workload.steps / s for s in seconds[v]]
+        median = statistics.median(rates)
+        gflops = flops * median / 1e9 if flops else None
+        row = {
+            "model": workload.model, "batch_size": workload.batch_size, "variant": v,
+            "steps": workload.steps, "repeats": repeats, "optimizer": workload.optimizer,
+            "steps_per_sec": median, "steps_per_sec_min": min(rates), "steps_per_sec_max": max(rates),
+            "epoch_seconds": workload.steps_per_epoch / median,
+            "flops_per_step": flops, "gflops_per_sec": gflops,
+            "peak_fraction": gflops / peak_gflops if gflops and peak_gflops else None,
+            "steady_state_compiles": sum(counts[v]) if v in JAX_VARIANTS else None,
+            "warmup_compiles_all_jax": warmup_compiles,
+            "first_losses": losses[v], "loss_reference": reference, **agreement[v],
+            "first_step_seconds": None, "first_step_seconds_warm": None,
+            "peak_rss_mb": None, "peak_rss_mb_cold": None,
+            "flush_denormal": v == "torch-eager-ftz",
+        }
+        rows.append(row)
+    if probes:
+        for row in rows:
+            log(f"[{label}] first step of {row['variant']}: cold and warm cache, in subprocesses")
+            row.update(first_step_latency(workload, row["variant"], state_dict, threads=threads))
+    return rows
+
+
+def run_suite(workloads: Sequence[Workload], variants: Sequence[str], *, repeats: int = 5,
+              threads: int | None = None, probes: bool = True, fma_units: int = 2,
+              log: Log = _stderr) -> dict[str, Any]:
+    """Runs :func:`run_workload` for every workload; returns the whole result.
+
+    Returns:
+        ``{"rows", "machine", "versions", "config"}`` (see :mod:`jaxnet.bench.report`).
+    """
+    import jax
+
+    threads = threads or machine.usable_cores()
+    device = jax.devices()[0]
+    info = machine.machine_info(cores=threads, fma_units=fma_units,
+                                device={"platform": device.platform, "kind": device.device_kind})
+    started = datetime.datetime.now(datetime.timezone.utc)
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    for workload in workloads:
+        rows.extend(run_workload(workload, variants, repeats=repeats, threads=threads, probes=probes,
+                                 peak_gflops=info["peak_gflops"], log=log))
+    info["load_average_end"] = machine.load_average()
+    return {
+        "rows": rows,
+        "machine": info,
+        "versions": machine.versions(),
+        "config": {
+            "started_utc": started.isoformat(timespec="seconds"),
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "repeats": repeats, "threads": threads, "variants": list(variants), "probes": probes,
+            "workloads": [w.to_dict() for w in workloads],
+            "command": " ".join(sys.argv),
+        },
+    }

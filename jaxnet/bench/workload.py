@@ -1,0 +1,149 @@
+"""What one benchmark row trains: a model, a batch size, an optimizer, and the batches.
+
+Every variant (PyTorch eager, ``torch.compile``, jaxnet jit, jaxnet scan) of a
+:class:`Workload` starts from the same weights and sees the same batches in
+the same order: a pool of ``pool_size`` synthetic batches, generated here from
+a numpy seed (so a subprocess regenerates exactly the same numbers without
+receiving them), cycled through. Synthetic data keeps the measurement about
+compute; real-data training is :mod:`jaxnet.bench.accuracy`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from jaxnet.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_PLAN",
+    "FULL_PLAN",
+    "JAX_VARIANTS",
+    "QUICK_PLAN",
+    "TORCH_VARIANTS",
+    "VARIANTS",
+    "Workload",
+    "make_batch_pool",
+    "make_workload",
+    "model_info",
+]
+
+VARIANTS = ("torch-eager", "torch-eager-ftz", "torch-compile", "jax-jit", "jax-scan")
+TORCH_VARIANTS = ("torch-eager", "torch-eager-ftz", "torch-compile")
+JAX_VARIANTS = ("jax-jit", "jax-scan")
+
+# Facts about the registered models that the PyTorch side needs too
+# (jaxnet.models.MODELS holds the same input shapes and outputs).
+_MODEL_INFO: dict[str, tuple[tuple[int, ...], str, int]] = {
+    # name: (input shape of one example, output kind, training examples of its data set)
+    "mlp": ((28, 28, 1), "logits", 60000),
+    "mlp512": ((28, 28, 1), "logits", 60000),
+    "mlp128": ((28, 28, 1), "logits", 60000),
+    "convnet": ((28, 28, 1), "log_probs", 60000),
+    "cifar_cnn": ((32, 32, 3), "logits", 50000),
+    "linear": ((1,), "regression", 4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One row group of the benchmark: the same training run for every variant."""
+
+    model: str  # jaxnet model name (jaxnet.models.MODELS)
+    batch_size: int  # examples per step
+    steps: int  # steps per timed repeat; also the length of the jax-scan epoch
+    optimizer: str  # jaxnet.optim / torch.optim name
+    lr: float  # learning rate (constant)
+    momentum: float = 0.0  # SGD / RMSprop momentum
+    pool_size: int = 8  # distinct batches, cycled
+    seed: int = 0  # seed of the weights and of the batches
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, NHWC for images."""
+        return model_info(self.model)[0]
+
+    @property
+    def output(self) -> str:
+        """``logits``, ``log_probs`` or ``regression`` (picks the loss)."""
+        return model_info(self.model)[1]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps in one epoch of the model's real data set at this batch size."""
+        return max(1, model_info(self.model)[2] // self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy (subprocesses are given workloads this way)."""
+        return dataclasses.asdict(self)
+
+
+def model_info(name: str) -> tuple[tuple[int, ...], str, int]:
+    """``(input_shape, output, train_examples)`` of a registered model, without importing jax.
+
+    Raises:
+        ConfigError: for an unknown model name.
+    """
+    if name not in _MODEL_INFO:
+        raise ConfigError(f"unknown model {name!r} for the benchmark; valid names: {', '.join(_MODEL_INFO)}")
+    return _MODEL_INFO[name]
+
+
+def make_workload(model: str, batch_size: int, steps: int, *, seed: int = 0) -> Workload:
+    """A workload with the model's tutorial optimizer (``jaxnet.recipes``) at a constant rate.
+
+    Raises:
+        ConfigError: unknown model, or sizes below 1.
+    """
+    from jaxnet.recipes import RECIPES
+
+    model_info(model)
+    if batch_size < 1 or steps < 1:
+        raise ConfigError(f"batch size ({batch_size}) and steps ({steps}) must be at least 1")
+    recipe = RECIPES[model]
+    return Workload(model, batch_size, steps, recipe.optimizer, recipe.lr, recipe.momentum, seed=seed)
+
+
+def make_batch_pool(workload: Workload) -> tuple[np.ndarray, np.ndarray]:
+    """The workload's synthetic batches, identical in every process.
+
+    Images are standard-normal float32 (already "normalized"), labels uniform
+    class ids; for regression, ``x ~ U(0, 4)`` and ``y = 2x`` as in the
+    autograd tutorial.
+
+    Returns:
+        ``(images, labels)``: ``(pool_size, B, *input_shape)`` float32 NHWC and
+        ``(pool_size, B)`` int32 class ids (float32 targets for regression).
+    """
+    rng = np.random.default_rng([workload.seed, workload.batch_size])
+    k, b = workload.pool_size, workload.batch_size
+    if workload.output == "regression":
+        x = rng.uniform(0.0, 4.0, size=(k, b, *workload.input_shape)).astype(np.float32)
+        return x, (2.0 * x[..., 0]).astype(np.float32)
+    images = rng.standard_normal((k, b, *workload.input_shape), dtype=np.float32)
+    labels = rng.integers(0, 10, size=(k, b), dtype=np.int32)
+    return images, labels
+
+
+# (model, batch size, steps per timed repeat): steps are sized so that the
+# slowest variant's repeat takes about a second on a 2-core CPU.
+QUICK_PLAN: tuple[tuple[str, int, int], ...] = (("mlp128", 32, 4),)
+DEFAULT_PLAN: tuple[tuple[str, int, int], ...] = (
+    ("linear", 4, 1000),
+    ("mlp", 64, 100),
+    ("mlp512", 64, 100),
+    ("convnet", 64, 2),
+    ("cifar_cnn", 100, 8),
+)
+FULL_PLAN: tuple[tuple[str, int, int], ...] = (
+    ("linear", 4, 1000),
+    ("mlp", 64, 100),
+    ("mlp", 256, 30),
+    ("mlp", 512, 16),
+    ("mlp512", 64, 100),
+    ("mlp128", 64, 200),
+    ("convnet", 64, 2),
+    ("cifar_cnn", 100, 8),
+)

@@ -1,0 +1,260 @@
+"""Mixed precision: a dtype policy and dynamic loss scaling.
+
+PyTorch's recipe is ``with torch.autocast(dtype=...)`` around the forward
+pass plus ``torch.cuda.amp.GradScaler`` for float16. jaxnet's counterpart:
+
+- :class:`Policy`: parameters and optimizer state stay float32; the step casts
+  the model's *inputs* to the compute dtype, and jaxnet's layers compute in
+  their input's dtype (they cast their float32 weights), so matmuls and
+  convolutions run in bfloat16/float16; the model's outputs are cast back to
+  float32 before the loss (softmax/log-softmax inside the loss is float32).
+  Gradients arrive in float32, since the cast of a float32 parameter
+  transposes to a float32 gradient. Apply it with :func:`apply_policy`.
+- :func:`dynamic_loss_scaling`: an optax wrapper holding the loss scale in the
+  optimizer state, and :func:`loss_scaled_train_step_fn`, the train step
+  that multiplies the loss by it. float16's range ends at 65504 and its small
+  gradients underflow; scaling the loss by ``S`` scales every gradient by
+  ``S``, the wrapper divides by ``S`` again, skips steps whose gradients
+  overflowed to inf/NaN and adapts ``S`` as ``GradScaler`` does. bfloat16
+  has float32's range and needs no scaling.
+
+Models that end in ``log_softmax`` (the ConvNet) compute it in the compute
+dtype, inside the model; the loss that follows is float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxnet.errors import ConfigError
+from jaxnet.state import TrainState
+from jaxnet.step import Batch, LossFn, Transform, train_step_fn
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Which dtype each part of a training step uses."""
+
+    param_dtype: Any = jnp.float32  # storage of parameters and optimizer state
+    compute_dtype: Any = jnp.float32  # activations, matmuls and convolutions
+    output_dtype: Any = jnp.float32  # model outputs entering the loss (and the loss itself)
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        """Whether gradients can underflow/overflow: float16 compute."""
+        return jnp.dtype(self.compute_dtype) == jnp.dtype(jnp.float16)
+
+
+def get_policy(name: str) -> Policy:
+    """The policy for ``--precision NAME``.
+
+    Args:
+        name: ``"fp32"`` (everything float32), ``"bf16"`` (bfloat16 compute,
+            ``torch.autocast(dtype=torch.bfloat16)``) or ``"fp16"`` (float16
+            compute, ``autocast(dtype=torch.float16)``; use with
+            :func:`dynamic_loss_scaling`).
+
+    Returns:
+        The :class:`Policy`.
+
+    Raises:
+        ConfigError: for any other name.
+
+    >>> get_policy("bf16").compute_dtype
+    <class 'jax.numpy.bfloat16'>
+    """
+    dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+    if name not in dtypes:
+        raise ConfigError(f"unknown precision {name!r}; expected one of {PRECISIONS}")
+    return Policy(compute_dtype=dtypes[name])
+
+
+def apply_policy(
+    policy: Policy, transform: Transform | None, loss_fn: LossFn
+) -> tuple[Transform, LossFn]:
+    """Wraps a step's preprocessing and loss so that the step follows ``policy``.
+
+    Args:
+        policy: from :func:`get_policy`.
+        transform: the step's on-device preprocessing (or ``None``).
+        loss_fn: ``loss_fn(outputs, labels) -> ()``.
+
+    Returns:
+        ``(transform, loss_fn)`` to pass to any step factory: the transform's
+        result is cast to ``policy.compute_dtype``; the outputs are cast to
+        ``policy.output_dtype`` before ``loss_fn``. Use the same transform for
+        evaluation.
+
+    >>> t, _ = apply_policy(get_policy("bf16"), None, lambda o, y: o.mean())
+    >>> t(None, jnp.ones((2, 3)), True).dtype
+    dtype(bfloat16)
+    """
+
+    def policy_transform(key: jax.Array, images: jax.Array, train: bool) -> jax.Array:
+        x = images if transform is None else transform(key, images, train)
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # raw uint8 pixels: plain float first
+            x = x.astype(jnp.float32)
+        return x.astype(policy.compute_dtype)
+
+    def policy_loss(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+        return loss_fn(outputs.astype(policy.output_dtype), labels).astype(policy.output_dtype)
+
+    return policy_transform, policy_loss
+
+
+class DynamicScaleState(NamedTuple):
+    """State of :func:`dynamic_loss_scaling` (``GradScaler.state_dict()``).
+
+    Attributes:
+        loss_scale: () float32, the factor the loss is multiplied by (``S``).
+        good_steps: () int32, finite steps since ``S`` last changed
+            (``GradScaler``'s growth tracker).
+        inner_state: the wrapped optimizer's state.
+    """
+
+    loss_scale: jax.Array
+    good_steps: jax.Array
+    inner_state: optax.OptState
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def dynamic_loss_scaling(
+    tx: optax.GradientTransformation,
+    *,
+    init_scale: float = 2.0**16,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    growth_interval: int = 2000,
+) -> optax.GradientTransformation:
+    """Wraps an optimizer to take gradients of a scaled loss. Counterpart of ``GradScaler``.
+
+    Its ``update`` receives the gradients of ``loss * S`` (see
+    :func:`loss_scaled_train_step_fn`), divides them by ``S`` (``scaler.unscale_``),
+    and then: if every gradient is finite, applies ``tx`` and, after
+    ``growth_interval`` such steps in a row, multiplies ``S`` by
+    ``growth_factor``; otherwise it returns zero updates, keeps ``tx``'s state
+    (the step is skipped, ``scaler.step``) and multiplies ``S`` by
+    ``backoff_factor`` (``scaler.update``). Put it outermost, around clipping
+    and accumulation, so those see unscaled gradients.
+
+    Args:
+        tx: the optimizer.
+        init_scale: the first ``S``.
+        growth_factor: factor applied to ``S`` after ``growth_interval`` finite steps.
+        backoff_factor: factor applied to ``S`` after a non-finite step.
+        growth_interval: finite steps in a row before ``S`` grows.
+
+    Returns:
+        A ``GradientTransformation`` whose state is a :class:`DynamicScaleState`.
+
+    Raises:
+        ConfigError: for a non-positive scale, a growth factor <= 1, a backoff
+            factor outside (0, 1) or an interval < 1.
+    """
+    if not init_scale > 0 or not growth_factor > 1 or not 0 < backoff_factor < 1 or growth_interval < 1:
+        raise ConfigError(
+            f"loss scaling needs init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1 and "
+            f"growth_interval >= 1; got {init_scale}, {growth_factor}, {backoff_factor}, {growth_interval}"
+        )
+
+    def init_fn(params: optax.Params) -> DynamicScaleState:
+        return DynamicScaleState(jnp.asarray(init_scale, jnp.float32), jnp.zeros((), jnp.int32), tx.init(params))
+
+    def update_fn(grads, state: DynamicScaleState, params=None):
+        inv = 1.0 / state.loss_scale  # () float32
+        grads = jax.tree.map(lambda g: g * inv.astype(g.dtype), grads)
+        finite = _all_finite(grads)
+        updates, inner = tx.update(grads, state.inner_state, params)
+        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        inner = jax.tree.map(lambda new, old: jnp.where(finite, new, old), inner, state.inner_state)
+        good = jnp.where(finite, state.good_steps + 1, 0)
+        grow = good >= growth_interval
+        scale = jnp.where(
+            finite,
+            jnp.where(grow, state.loss_scale * growth_factor, state.loss_scale),
+            state.loss_scale * backoff_factor,
+        ).astype(jnp.float32)
+        good = jnp.where(grow, 0, good).astype(jnp.int32)
+        return updates, DynamicScaleState(scale, good, inner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def loss_scale_of(opt_state: Any) -> jax.Array:
+    """The current loss scale ``S`` of a state built with :func:`dynamic_loss_scaling` outermost.
+
+    Raises:
+        ConfigError: if ``opt_state`` is not a :class:`DynamicScaleState`.
+    """
+    if not isinstance(opt_state, DynamicScaleState):
+        raise ConfigError(
+            f"the optimizer state is a {type(opt_state).__name__}, not a DynamicScaleState; build the "
+            "optimizer as dynamic_loss_scaling(tx) (outermost) to train with loss scaling"
+        )
+    return opt_state.loss_scale
+
+
+def loss_scaled_train_step_fn(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    *,
+    transform: Transform | None = None,
+    classification: bool = True,
+):
+    """:func:`jaxnet.step.train_step_fn` with the loss multiplied by the state's loss scale.
+
+    Counterpart of ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``.
+    ``tx`` must be :func:`dynamic_loss_scaling` (outermost); the scale lives in
+    ``state.opt_state.loss_scale``. The step counter advances on skipped
+    steps too (as the learning-rate scheduler does in PyTorch); the wrapped
+    optimizer's own count does not.
+
+    Args:
+        graphdef, tx, loss_fn, transform, classification: as for
+            :func:`jaxnet.step.train_step_fn`.
+
+    Returns:
+        ``train_step(state, batch) -> (state, metrics)``, pure; ``metrics``
+        holds the unscaled ``loss`` and the ``loss_scale`` used.
+    """
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        scale = loss_scale_of(state.opt_state)
+        scaled = train_step_fn(graphdef, tx, lambda out, y: loss_fn(out, y) * scale.astype(jnp.float32),
+                               transform=transform, classification=classification)
+        new_state, metrics = scaled(state, batch)
+        metrics = dict(metrics, loss=metrics["loss"] / scale, loss_scale=scale)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_loss_scaled_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    *,
+    transform: Transform | None = None,
+    classification: bool = True,
+    donate: bool = True,
+):
+    """The jit-compiled :func:`loss_scaled_train_step_fn` (single device).
+
+    For several devices pass the step to
+    :func:`jaxnet.sharding.make_sharded_train_step` as ``step_fn``.
+    """
+    step = loss_scaled_train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification)
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
