@@ -129,6 +129,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     if not normalize and dataset.num_classes:  # ToTensor only: x / 255
         channels = len(dataset.mean)
         dataset = dataclasses.replace(dataset, mean=(0.0,) * channels, std=(1.0,) * channels)
+    model = models.create_model(args.model, seed=args.seed)
+    train.check_dataset(dataset, model, output=spec.output)  # before anything is compiled
     steps_per_epoch = data.num_batches(dataset.num_train, batch_size, drop_last=True)
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -152,7 +154,6 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.nesterov:
         opt_kwargs["nesterov"] = True
     tx = optim.create_optimizer(optimizer, schedule, **opt_kwargs)
-    model = models.create_model(args.model, seed=args.seed)
     result = train.fit(
         model, dataset, tx,
         epochs=epochs, batch_size=batch_size, output=spec.output, seed=args.seed,
@@ -178,16 +179,27 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         print(f"test loss (MSE): {summary['test_loss']:.6f}")
 
 
+def _configure_logging() -> None:
+    """jaxnet's notices as ``jaxnet: ...`` lines on stderr; other libraries' chatter muted."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    log = logging.getLogger("jaxnet")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for noisy in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jaxnet`` and ``python -m jaxnet``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s", stream=sys.stderr)
-    logging.getLogger("jaxnet").setLevel(logging.INFO)
+    _configure_logging()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         summary = args.func(args)
-    except (JaxnetError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (JaxnetError, OSError) as exc:  # bad names, values, files, folders
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -100,7 +100,7 @@ def batch_sharding(mesh: Mesh, *, axis: str = DATA_AXIS) -> NamedSharding:
     Counterpart of what ``DistributedSampler`` does per rank, for one batch.
 
     >>> batch_sharding(make_mesh(1)).spec
-    PartitionSpec('data',)
+    P('data',)
     """
     return NamedSharding(mesh, PartitionSpec(axis))
 
@@ -109,7 +109,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
     """A full copy on every device of ``mesh`` (DDP's model replicas).
 
     >>> replicated(make_mesh(1)).spec
-    PartitionSpec()
+    P()
     """
     return NamedSharding(mesh, PartitionSpec())
 
@@ -149,9 +149,9 @@ def fsdp_spec(shape: tuple[int, ...], num_devices: int, *, axis: str = DATA_AXIS
         (replicated) for small arrays and arrays with no divisible axis.
 
     >>> fsdp_spec((784, 512), 8, min_size=1)
-    PartitionSpec('data', None)
+    P('data', None)
     >>> fsdp_spec((10,), 8, min_size=1)
-    PartitionSpec()
+    P()
     """
     if int(np.prod(shape, dtype=np.int64)) < min_size:
         return PartitionSpec()
@@ -314,6 +314,6 @@ def shard_batch(batch: Batch, mesh: Mesh, *, axis: str = DATA_AXIS) -> Batch:
 
 
 def describe_shardings(tree: Any) -> dict[str, str]:
-    """``{"params/fc1/kernel": "PartitionSpec('data', None)", ...}`` for a sharded pytree, to print or test."""
+    """``{"params/fc1/kernel/value": "P('data', None)", ...}`` for a sharded pytree, to print or test."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {jax.tree_util.keystr(path, simple=True, separator="/"): str(leaf.sharding.spec) for path, leaf in flat}

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxnet.errors import ConfigError
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CURVES_FILE = "curves.png"
@@ -58,8 +60,14 @@ class MetricsLogger:
         self._writer = None
         if self.workdir is None:
             return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write to the workdir {self.workdir}: {exc.strerror or exc}; "
+                "choose a writable folder with --workdir"
+            ) from None
         if tensorboard:
             from tensorboardX import SummaryWriter  # heavy import, only when used
 

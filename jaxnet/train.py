@@ -85,6 +85,13 @@ def check_dataset(data: ArrayDataset, model: nnx.Module, *, output: str) -> None
         DataError: labels outside ``[0, num_classes)``, or empty splits.
         ConfigError: images whose shape the model cannot take.
     """
+    if (output == "regression") != (data.num_classes == 0):
+        kind = "a regression" if output == "regression" else "a classification"
+        task = "regression targets" if data.num_classes == 0 else f"{data.num_classes} classes"
+        raise ConfigError(
+            f"{kind} model cannot train on {data.name}, which has {task}; use a regression model "
+            "(--model linear) with --dataset linear, and a classifier with mnist, cifar10 or tfds:NAME"
+        )
     for split, labels in (("train", data.train_labels), ("test", data.test_labels)):
         if len(labels) == 0:
             raise DataError(f"{data.name}: the {split} split is empty ({data.source})")

@@ -132,7 +132,6 @@ def test_data_parallel_step_equals_single_device_step_with_dropout(num_devices):
     assert leafwise_rel_err(state.opt_state, ref_state.opt_state) <= 1e-5
     kernel = state.params["fc1"]["kernel"][...]
     assert kernel.sharding.is_fully_replicated and len(kernel.sharding.device_set) == num_devices
-    assert rel_err(ref_state.params["fc1"]["kernel"][...], ref_state.params["fc1"]["kernel"][...]) == 0
 
 
 def test_fsdp_step_equals_single_device_step_and_really_shards():
@@ -152,11 +151,12 @@ def test_fsdp_step_equals_single_device_step_and_really_shards():
     # After the steps, parameters and Adam moments are still split 8 ways: each device
     # holds 1/8 of fc1's (784, 512) kernel.
     specs = sharding.describe_shardings(state)
-    assert specs["params/fc1/kernel/value"] == "PartitionSpec('data', None)"
-    assert specs["params/fc2/kernel/value"] == "PartitionSpec('data', None)"
-    assert specs["params/fc3/kernel/value"] == "PartitionSpec(None,)" or "data" not in specs["params/fc3/kernel/value"]
-    assert specs["opt_state/0/mu/fc1/kernel/value"] == "PartitionSpec('data', None)"
-    assert specs["opt_state/0/nu/fc2/kernel/value"] == "PartitionSpec('data', None)"
+    assert specs["params/fc1/kernel/value"] == "P('data', None)"
+    assert specs["params/fc2/kernel/value"] == "P('data', None)"
+    assert specs["params/fc3/kernel/value"] == "P()"  # (256, 10): below FSDP_MIN_SIZE
+    assert specs["opt_state/0/mu/fc1/kernel/value"] == "P('data', None)"
+    assert specs["opt_state/0/nu/fc2/kernel/value"] == "P('data', None)"
+    assert specs["step"] == specs["rng"] == "P()"
     kernel = state.params["fc1"]["kernel"][...]
     assert not kernel.sharding.is_fully_replicated
     assert {s.data.shape for s in kernel.addressable_shards} == {(98, 512)}

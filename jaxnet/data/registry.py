@@ -120,7 +120,7 @@ def load_official(
     folder = pathlib.Path(cache_dir) / name
     if _has_files(name, folder):
         return _read_cached(name, folder)
-    reason = "download=False"
+    reason = "downloading is off (--no-download / download=False)"
     if download:
         try:
             fetch_resources(resources or OFFICIAL_RESOURCES[name], folder, allow_http=allow_http)

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jaxnet.errors import ConfigError
+from jaxnet.models import conv
 
 __all__ = [
     "BatchNorm1d",
@@ -146,8 +147,11 @@ class Linear(nnx.Module):
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Padding, dilation: Pair) -> jax.Array:
     """Computes a 2-D convolution (cross-correlation, as in ``torch.nn.functional.conv2d``).
 
-    This is the one place the convolution is computed, so that a faster
-    backend-specific path can be put behind it.
+    This is the one place the convolution is computed. It runs the
+    implementation selected in :mod:`jaxnet.models.conv`: by default
+    (``"auto"``) a form of ``lax.conv_general_dilated`` that XLA:CPU runs on
+    its fast Eigen kernel, and the plain call elsewhere (GPU/TPU) or when
+    ``JAXNET_CONV_IMPL=xla``. All implementations compute the same sums.
 
     Args:
         x: input, ``(B, H, W, C_in)``.
@@ -159,14 +163,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Padding, d
     Returns:
         ``(B, H_out, W_out, C_out)`` with ``H_out = (H + top + bottom - dh*(kh-1) - 1) // sh + 1``.
     """
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=stride,
-        padding=padding,
-        rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+    return conv.conv2d(x, kernel, stride=stride, padding=padding, dilation=dilation)
 
 
 class Conv2d(nnx.Module):
