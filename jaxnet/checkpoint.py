@@ -15,33 +15,33 @@ Counterpart of the tutorials' ``torch.save({"model": model.state_dict(),
   Orbax writes into a ``<step>.orbax-checkpoint-tmp-*`` folder and renames it
   when complete, and only complete step folders are listed;
 * a finished checkpoint whose bytes were later damaged is detected rather
-  than restored as garbage. Each checkpoint records the SHA-256 of every array
-  group (``state_sha256``, written atomically with the checkpoint) and, once
-  the save is finished, of every file (``jaxnet_sha256.json``); restoring
-  verifies both and raises :class:`CheckpointError` naming the step and the
-  file. :func:`restore_latest_good` then falls back to the previous step;
+  than restored as garbage. Each checkpoint records the SHA-256 of every file
+  (``jaxnet_sha256.json``, written in Orbax's finalization step, before the
+  rename that commits the checkpoint) and of every group of arrays
+  (``state_sha256``, in the JSON record); restoring verifies both and raises
+  :class:`CheckpointError` naming the step and the file.
+  :func:`restore_latest_good` then falls back to the previous step;
 * Orbax's INFO log lines stay out of the terminal.
 
-Layout of a run's working directory (``--workdir W``)::
+Layout of a checkpoint folder (``W/checkpoints`` for a run in ``--workdir W``,
+see :mod:`jaxnet.workdir`)::
 
-    W/config.json                    the run's config (check_workdir)
-    W/checkpoints/<step>/state/      the TrainState arrays (Orbax, OCDBT)
-    W/checkpoints/<step>/meta/       the JSON record (meta, metrics, digests)
-    W/checkpoints/<step>/jaxnet_sha256.json   SHA-256 of every file
-    W/checkpoints/corrupt/<step>/    damaged steps moved aside on fallback
+    <step>/state/               the TrainState arrays (Orbax, OCDBT)
+    <step>/meta/                the JSON record (meta, metrics, digests)
+    <step>/jaxnet_sha256.json   SHA-256 of every file
+    corrupt/<step>/             damaged steps moved aside by restore_latest_good
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import numbers
 import os
 import pathlib
+import shutil
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
@@ -50,16 +50,24 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
+from jaxnet import integrity
 from jaxnet.errors import ConfigError, JaxnetError
+from jaxnet.integrity import MANIFEST_FILE, params_sha256  # noqa: F401  (re-exported)
+# The run-directory helpers that resuming needs live in jaxnet.workdir; they are
+# re-exported here so that a resume reads as checkpoint.* calls.
+from jaxnet.workdir import (  # noqa: F401
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    check_workdir,
+    checkpoint_directory,
+    read_config,
+    rewind_jsonl,
+)
 
 logger = logging.getLogger("jaxnet.checkpoint")
 
-CHECKPOINT_DIR = "checkpoints"  # under a run's workdir
-CONFIG_FILE = "config.json"  # the run's config, under its workdir
-MANIFEST_FILE = "jaxnet_sha256.json"  # per-file SHA-256, inside each finished step folder
 QUARANTINE_DIR = "corrupt"  # damaged steps are moved here, under the checkpoint folder
 DEFAULT_BEST_METRIC = "test_accuracy"  # what `jaxnet train` ranks checkpoints by
-_RECORD_FORMAT = 1
 
 
 class CheckpointError(JaxnetError):
@@ -90,9 +98,9 @@ class Checkpointer:
         directory: the folder holding one sub-folder per step.
         best_metric: the metric that ranks checkpoints, or ``None``.
         best_mode: ``"max"`` or ``"min"``: which end of ``best_metric`` is best.
-        async_save: whether saves finish in the background.
-        unsealed: steps saved by this process whose file manifest is still to
-            be written (written once the save is finished).
+        async_save: whether :func:`save` returns before the files are written.
+        in_flight: the step being written in the background, if any (Orbax
+            runs one save at a time); read by the manifest writer.
     """
 
     manager: ocp.CheckpointManager
@@ -100,12 +108,7 @@ class Checkpointer:
     best_metric: str | None
     best_mode: str
     async_save: bool
-    unsealed: set[int] = dataclasses.field(default_factory=set)
-
-
-# ---------------------------------------------------------------------------
-# Orbax's log noise
-# ---------------------------------------------------------------------------
+    in_flight: list[int] = dataclasses.field(default_factory=list)
 
 
 class _OrbaxNoiseFilter(logging.Filter):
@@ -127,69 +130,6 @@ def _quiet_orbax() -> None:
     # Orbax logs through absl, i.e. the "absl" logger; adding the same filter
     # twice is a no-op, and nothing else about logging is changed.
     logging.getLogger("absl").addFilter(_ORBAX_NOISE_FILTER)
-
-
-# ---------------------------------------------------------------------------
-# Digests
-# ---------------------------------------------------------------------------
-
-
-def params_sha256(params: Any) -> str:
-    """SHA-256 of a pytree of arrays, to compare two runs' results from outside.
-
-    Definition: the leaves of ``params`` are taken in ``jax.tree.leaves``
-    order (for an ``nnx.State``: sorted by module path, then variable name);
-    each is converted with ``np.asarray`` and contributes its raw bytes in C
-    order and native byte order (``np.asarray(x).tobytes()``, little-endian
-    on x86 and ARM); the digest is the hex SHA-256 of their concatenation.
-    Shapes and dtypes are not hashed, only the bytes, so two runs agree
-    exactly when every parameter is bit-identical.
-
-    Args:
-        params: any pytree of arrays, e.g. ``state.params``.
-
-    Returns:
-        64 lowercase hex digits.
-
-    Example:
-        >>> import numpy as np
-        >>> params_sha256({"w": np.zeros(2, np.float32)})[:16]
-        'af5570f5a1810b7a'
-    """
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        digest.update(np.asarray(leaf).tobytes())
-    return digest.hexdigest()
-
-
-def _fields(state: Any) -> dict[str, Any]:
-    """A state's top-level parts, each digested on its own."""
-    if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-    if isinstance(state, Mapping):
-        return {str(k): v for k, v in state.items()}
-    return {"state": state}
-
-
-def _shapes(tree: Any) -> list[list[Any]]:
-    return [[list(np.shape(x)), str(np.dtype(x.dtype))] for x in jax.tree.leaves(tree)]
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def _file_sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------
-# The manager
-# ---------------------------------------------------------------------------
 
 
 def _metric_fn(name: str, mode: str):
@@ -266,18 +206,36 @@ def create_checkpoint_manager(
             get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
             keep_checkpoints_without_metrics=False,
         ))
+    if not read_only:
+        _remove_unfinished_saves(path)
+    in_flight: list[int] = []
     options = ocp.CheckpointManagerOptions(
         best_fn=best_fn,
         best_mode=best_mode,
         preservation_policy=ocp_policies.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only,
+        # Always Orbax's async checkpointer: its finalization hook writes the
+        # manifest; async_save=False simply waits for each save to finish.
+        enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=lambda: _write_manifest(path, in_flight)),
         create=not read_only,
         read_only=read_only,
     )
     with _orbax_errors(f"opening the checkpoint folder {path}"):
         manager = ocp.CheckpointManager(path, options=options, item_names=("state", "meta"))
-    return Checkpointer(manager, path, best_metric, best_mode, async_save)
+    return Checkpointer(manager, path, best_metric, best_mode, async_save, in_flight)
+
+
+def _remove_unfinished_saves(directory: pathlib.Path) -> None:
+    """Deletes the temporary folders of saves that a killed process left behind.
+
+    Done here, synchronously, rather than with Orbax's background clean-up,
+    which a process that exits soon after opening the folder would cut short.
+    """
+    if not directory.is_dir():
+        return
+    for leftover in directory.glob("*.orbax-checkpoint-tmp*"):
+        logger.info("removing %s, an unfinished save of a process that was killed", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -318,32 +276,33 @@ def best(ckpt: Checkpointer) -> int | None:
     return ckpt.manager.best_step()
 
 
-def _seal(ckpt: Checkpointer) -> None:
-    """Writes the file manifest of every finished step this process saved."""
-    for step in sorted(ckpt.unsealed):
-        folder = _step_dir(ckpt, step)
-        ckpt.unsealed.discard(step)
-        if not folder.is_dir():  # already deleted by the retention policy
-            continue
-        files = {
-            str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _file_sha256(p)}
-            for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in (MANIFEST_FILE, f".{MANIFEST_FILE}.tmp")
-        }
-        tmp = folder / f".{MANIFEST_FILE}.tmp"
-        tmp.write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
-        os.replace(tmp, folder / MANIFEST_FILE)  # atomic: a manifest is whole or absent
+def _write_manifest(directory: pathlib.Path, in_flight: list[int]) -> None:
+    """Orbax's post-finalization hook: the file manifest of the step being committed.
+
+    Runs in Orbax's background thread after all items are written and before
+    the temporary folder is renamed, so the manifest is committed atomically
+    with the checkpoint. A failure here only costs the manifest (the array
+    digests in the record still guard the checkpoint), never the save.
+    """
+    if not in_flight:
+        return
+    step = in_flight[0]
+    try:
+        (folder,) = [p for p in directory.glob(f"{step}.orbax-checkpoint-tmp*") if p.is_dir()]
+        integrity.write_manifest(folder, step)
+    except Exception as exc:  # never fail the save itself
+        logger.warning("checkpoint step %d: could not write its file manifest: %s", step, exc)
 
 
 def wait(ckpt: Checkpointer) -> None:
-    """Blocks until every pending save is finished and verified-to-be-written.
+    """Blocks until the pending save, if any, is committed.
 
     Raises:
         CheckpointError: a background save failed (disk full, permissions...).
     """
     with _orbax_errors(f"writing checkpoints to {ckpt.directory}"):
         ckpt.manager.wait_until_finished()
-        _seal(ckpt)
+    ckpt.in_flight.clear()
 
 
 def close(ckpt: Checkpointer) -> None:
@@ -352,32 +311,6 @@ def close(ckpt: Checkpointer) -> None:
         wait(ckpt)
     finally:
         ckpt.manager.close()
-
-
-# ---------------------------------------------------------------------------
-# Save
-# ---------------------------------------------------------------------------
-
-
-def _record(state: Any, meta: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The JSON saved with the arrays: meta, metrics and the state's digests."""
-    if not isinstance(meta, Mapping):
-        raise ConfigError(f"checkpoint meta must be a dict, got {type(meta).__name__}")
-    body = {
-        "format": _RECORD_FORMAT,
-        "meta": dict(meta),
-        "metrics": None if metrics is None else dict(metrics),
-        "state_sha256": {k: params_sha256(v) for k, v in _fields(state).items()},
-        "state_shapes": {k: _shapes(v) for k, v in _fields(state).items()},
-    }
-    try:
-        body["record_sha256"] = hashlib.sha256(_canonical(body).encode()).hexdigest()
-    except TypeError as exc:
-        raise ConfigError(
-            f"checkpoint meta and metrics must be JSON (dicts, lists, str, int, float, bool, None): "
-            f"{exc}; convert arrays with float(x) or x.tolist()"
-        ) from None
-    return body
 
 
 def save(
@@ -415,31 +348,32 @@ def save(
     if isinstance(step, bool) or int(step) != step or int(step) < 0:
         raise ConfigError(f"checkpoint step must be an integer >= 0, got {step!r}")
     step = int(step)
-    record = _record(state, meta, metrics)  # waits for the state's values (a host copy)
+    record = integrity.make_record(state, meta, metrics)  # waits for the state's values
     tracked = None
     if ckpt.best_metric is not None and metrics is not None:
         if math.isfinite(_metric_fn(ckpt.best_metric, ckpt.best_mode)(metrics)):
             tracked = {ckpt.best_metric: float(metrics[ckpt.best_metric])}
-    wait(ckpt)  # Orbax would wait for the previous save anyway; seal it first
+    wait(ckpt)  # Orbax waits for the previous save anyway
     if step in ckpt.manager.all_steps():
         raise CheckpointError(
             f"checkpoint step {step} already exists in {ckpt.directory}; save each step once "
             "(an epoch-end save replaces the periodic save of the same step)"
         )
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record))
+    ckpt.in_flight[:] = [step]
     with _orbax_errors(f"saving checkpoint step {step} to {ckpt.directory}"):
         ckpt.manager.save(step, args=args, metrics=tracked, force=True)
-    ckpt.unsealed.add(step)
     if not ckpt.async_save:
         wait(ckpt)
 
 
-# ---------------------------------------------------------------------------
-# Restore
-# ---------------------------------------------------------------------------
+def resolve_step(ckpt: Checkpointer, step: int | str | None) -> int:
+    """The step number that ``step`` (``None``/``"latest"``, ``"best"`` or a number) names.
 
-
-def _resolve(ckpt: Checkpointer, step: int | str | None) -> int:
+    Raises:
+        CheckpointError: no checkpoint at all, none ranked (for ``"best"``),
+            or no such step (the available ones are listed).
+    """
     available = steps(ckpt)
     if step is None or step == "latest":
         if not available:
@@ -462,83 +396,46 @@ def _resolve(ckpt: Checkpointer, step: int | str | None) -> int:
 
 
 def verify_files(ckpt: Checkpointer, step: int) -> None:
-    """Checks every file of a finished step against its recorded size and SHA-256.
+    """Checks every file of a finished step against the size and SHA-256 recorded at save.
 
-    A step finished but never sealed (the process died just after the save)
-    has no manifest; it is then checked by the array digests alone.
+    A step without a manifest (its writing failed) is checked by the array
+    digests alone, in :func:`restore`.
 
     Raises:
         CheckpointError: naming the step and the first missing, truncated or
             altered file.
     """
-    folder = _step_dir(ckpt, step)
-    manifest_path = folder / MANIFEST_FILE
-    if not manifest_path.is_file():
-        return
-    try:
-        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint step {step} is damaged: {manifest_path} is unreadable ({exc})") from None
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint step {step} is damaged: {path} is missing")
-        size = path.stat().st_size
-        if size != expected["size"]:
-            raise CheckpointError(
-                f"checkpoint step {step} is damaged: {path} has {size} bytes, "
-                f"{expected['size']} were written (truncated or overwritten)"
-            )
-        if _file_sha256(path) != expected["sha256"]:
-            raise CheckpointError(
-                f"checkpoint step {step} is damaged: the bytes of {path} changed after "
-                "it was written (SHA-256 mismatch)"
-            )
+    problem = integrity.manifest_problem(_step_dir(ckpt, step))
+    if problem:
+        raise CheckpointError(f"checkpoint step {step} is damaged: {problem}")
 
 
 def _read_record(ckpt: Checkpointer, step: int) -> dict[str, Any]:
-    with _orbax_errors(f"reading checkpoint step {step} ({_step_dir(ckpt, step) / 'meta'})"):
+    where = _step_dir(ckpt, step) / "meta"
+    with _orbax_errors(f"reading checkpoint step {step} ({where})"):
         record = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    if not isinstance(record, dict) or record.get("format") != _RECORD_FORMAT:
-        raise CheckpointError(
-            f"checkpoint step {step} has no jaxnet record in {_step_dir(ckpt, step) / 'meta'}; "
-            "it was not written by jaxnet.checkpoint.save"
-        )
-    body = {k: v for k, v in record.items() if k != "record_sha256"}
-    if hashlib.sha256(_canonical(body).encode()).hexdigest() != record.get("record_sha256"):
-        raise CheckpointError(
-            f"checkpoint step {step} is damaged: {_step_dir(ckpt, step) / 'meta'} does not "
-            "match its recorded SHA-256"
-        )
+    problem = integrity.record_problem(record)
+    if problem:
+        raise CheckpointError(f"checkpoint step {step} is damaged: {where} {problem}")
     return record
 
 
 def _check_shapes(record: dict[str, Any], target: Any, step: int, names: Collection[str]) -> None:
-    fields = _fields(target)
-    for name in names:
-        saved, wanted = record["state_shapes"].get(name), _shapes(fields[name])
-        if saved != wanted:
-            raise CheckpointMismatchError(
-                f"checkpoint step {step} does not fit: its {name} holds {len(saved or [])} arrays "
-                f"{_brief(saved)}, the state to restore into has {len(wanted)} arrays "
-                f"{_brief(wanted)}; restore with the model and optimizer of the saved run"
-            )
-
-
-def _brief(shapes: list[list[Any]] | None) -> str:
-    shapes = shapes or []
-    text = ", ".join(f"{tuple(s)} {d}" for s, d in shapes[:4])
-    return f"[{text}{', ...' if len(shapes) > 4 else ''}]"
+    problem = integrity.shapes_problem(record, target, names)
+    if problem:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} does not fit: {problem}; restore with the model and "
+            "optimizer of the saved run"
+        )
 
 
 def _check_digests(record: dict[str, Any], restored: Any, step: int, names: Collection[str], where: pathlib.Path) -> None:
-    fields = _fields(restored)
-    for name in names:
-        if params_sha256(fields[name]) != record["state_sha256"].get(name):
-            raise CheckpointError(
-                f"checkpoint step {step} is damaged: the {name} arrays read from {where} "
-                "differ from the ones saved (SHA-256 mismatch)"
-            )
+    name = integrity.digest_problem(record, restored, names)
+    if name:
+        raise CheckpointError(
+            f"checkpoint step {step} is damaged: the {name} arrays read from {where} differ "
+            "from the ones saved (SHA-256 mismatch)"
+        )
 
 
 def restore(
@@ -568,11 +465,11 @@ def restore(
         CheckpointError: no such checkpoint, or it is damaged (the message
             names the step and the file).
     """
-    step = _resolve(ckpt, step)
+    step = resolve_step(ckpt, step)
     wait(ckpt)
     verify_files(ckpt, step)
     record = _read_record(ckpt, step)
-    names = list(_fields(abstract_state))
+    names = list(integrity.state_parts(abstract_state))
     _check_shapes(record, abstract_state, step, names)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     where = _step_dir(ckpt, step) / "state"
@@ -633,7 +530,7 @@ def restore_variables(
     Raises:
         CheckpointMismatchError, CheckpointError: as :func:`restore`.
     """
-    step = _resolve(ckpt, step)
+    step = resolve_step(ckpt, step)
     wait(ckpt)
     verify_files(ckpt, step)
     record = _read_record(ckpt, step)
@@ -697,6 +594,8 @@ def restore_latest_good(ckpt: Checkpointer, abstract_state: Any) -> tuple[Any, d
                 "resuming from checkpoint step %d; the damaged step(s) %s were moved to %s",
                 step, ", ".join(str(s) for s, _ in skipped), where,
             )
+        else:
+            logger.info("resuming from checkpoint step %d in %s", step, ckpt.directory)
         return state, meta
     if skipped:
         raise CheckpointError(
@@ -705,165 +604,3 @@ def restore_latest_good(ckpt: Checkpointer, abstract_state: Any) -> tuple[Any, d
             + ". Start a fresh run with another --workdir"
         )
     return None
-
-
-# ---------------------------------------------------------------------------
-# The run's working directory
-# ---------------------------------------------------------------------------
-
-
-def checkpoint_directory(workdir: str | os.PathLike) -> pathlib.Path:
-    """Where a run's checkpoints live: ``workdir/checkpoints``."""
-    return pathlib.Path(workdir) / CHECKPOINT_DIR
-
-
-def read_config(workdir: str | os.PathLike) -> dict[str, Any]:
-    """The config a run wrote to ``workdir/config.json``.
-
-    Raises:
-        ConfigError: no such file (not a jaxnet run's workdir).
-        CheckpointError: the file is not a JSON object.
-    """
-    path = pathlib.Path(workdir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{pathlib.Path(workdir)} holds no jaxnet run ({CONFIG_FILE} is missing)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is damaged: {exc}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} is damaged: expected a JSON object")
-    return config
-
-
-def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Collection[str]) -> list[str]:
-    missing = object()
-    keys = sorted((set(saved) | set(current)) - set(ignore))
-    return [
-        f"{k}: {saved.get(k, '(unset)')!r} in the saved run, {current.get(k, '(unset)')!r} now"
-        for k in keys
-        if saved.get(k, missing) != current.get(k, missing)
-    ]
-
-
-def _write_config(path: pathlib.Path, config: dict[str, Any]) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".{CONFIG_FILE}.tmp"
-        tmp.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path / CONFIG_FILE)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write to the workdir {path}: {exc.strerror or exc}"
-            f"{f' ({exc.filename})' if exc.filename else ''}; choose a writable --workdir"
-        ) from None
-
-
-def check_workdir(
-    workdir: str | os.PathLike,
-    config: Mapping[str, Any],
-    *,
-    resume: bool,
-    mutable_keys: Collection[str] = (),
-) -> pathlib.Path:
-    """Validates a run's working directory and records the run's config in it.
-
-    A fresh run (``resume=False``) needs a new or empty-of-runs workdir; a
-    resumed one needs the workdir of a run with the same config. Nothing in
-    an existing workdir is changed when the check fails.
-
-    Args:
-        workdir: the ``--workdir`` folder.
-        config: JSON-serializable description of the run, at least what makes
-            runs incompatible: ``model``, ``dataset``, hyper-parameters, seed,
-            and for ``jaxnet export`` the input ``mean``/``std``.
-        resume: whether this run continues the one in ``workdir``.
-        mutable_keys: config keys that may change on resume (e.g.
-            ``("epochs",)`` to extend a run); the new values are recorded.
-
-    Returns:
-        The workdir's path.
-
-    Raises:
-        ConfigError: the workdir is a file, cannot be written, holds another
-            run (the differing keys are named), already holds this run and
-            ``resume`` is False, or does not exist and ``resume`` is True.
-    """
-    path = pathlib.Path(workdir)
-    try:
-        current = json.loads(json.dumps(dict(config)))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"the run config must be JSON: {exc}") from None
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--workdir {path} is a file, not a folder; choose another --workdir")
-    has_run = (path / CONFIG_FILE).is_file()
-    if resume:
-        if not path.is_dir():
-            raise ConfigError(
-                f"cannot resume: the workdir {path} does not exist; start the run without "
-                "--resume, or pass the --workdir of an earlier run"
-            )
-        if not has_run:
-            raise ConfigError(
-                f"cannot resume: {path} holds no jaxnet run ({CONFIG_FILE} is missing); start "
-                "the run without --resume"
-            )
-        diff = _differences(read_config(path), current, mutable_keys)
-        if diff:
-            raise ConfigError(
-                f"cannot resume the run in {path} with other settings ({'; '.join(diff)}); "
-                "rerun with the saved run's flags, or use another --workdir"
-            )
-    elif has_run:
-        diff = _differences(read_config(path), current, ())
-        if diff:
-            raise ConfigError(
-                f"the workdir {path} holds another run ({'; '.join(diff)}); use another "
-                "--workdir, or --resume with that run's flags to continue it"
-            )
-        raise ConfigError(
-            f"the workdir {path} already holds this run; pass --resume to continue it, or use "
-            "another --workdir to start afresh"
-        )
-    elif checkpoint_directory(path).is_dir() and any(checkpoint_directory(path).iterdir()):
-        raise ConfigError(
-            f"the workdir {path} holds checkpoints but no {CONFIG_FILE}; use another --workdir"
-        )
-    _write_config(path, current)
-    return path
-
-
-def rewind_jsonl(path: str | os.PathLike, step: int) -> int:
-    """Drops the records after ``step`` from a JSON-lines log, for a resumed run.
-
-    The resumed run writes those records again, so the log ends up equal to
-    an uninterrupted run's. A last line cut short by a kill is dropped too.
-    The file is rewritten atomically.
-
-    Args:
-        path: e.g. ``workdir/metrics.jsonl``; a missing file is fine.
-        step: the restored checkpoint's step; records with ``"step" <= step``
-            (or without a step) are kept.
-
-    Returns:
-        The number of lines dropped.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            dropped += 1
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
-            dropped += 1
-            continue
-        kept.append(line)
-    if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
-    return dropped

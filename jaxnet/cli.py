@@ -91,7 +91,21 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="run each epoch as one compiled lax.scan over device-resident data")
     p.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and dropout")
     p.add_argument("--workdir", default=None,
-                   help="folder for metrics.jsonl, TensorBoard events and curves.png (default: none)")
+                   help="folder for metrics.jsonl, TensorBoard events, curves.png and checkpoints "
+                        "(one per epoch end; default: write nothing)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
+                   help="also checkpoint every N steps (needs --workdir)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --workdir from its latest sound checkpoint, exactly")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=3,
+                   help="newest checkpoints to keep, besides the best by test accuracy")
+    p.add_argument("--devices", type=_positive_int, default=None,
+                   help="data parallel over N local devices (default: 1; all of them under 'jaxnet launch')")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over the devices")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="compute dtype (parameters stay fp32; fp16 adds dynamic loss scaling)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, metavar="K",
+                   help="accumulate gradients over K batches per optimizer step")
     p.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object on the last line of stdout")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -131,7 +145,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         dataset = dataclasses.replace(dataset, mean=(0.0,) * channels, std=(1.0,) * channels)
     model = models.create_model(args.model, seed=args.seed)
     train.check_dataset(dataset, model, output=spec.output)  # before anything is compiled
-    steps_per_epoch = data.num_batches(dataset.num_train, batch_size, drop_last=True)
+    steps_per_epoch = data.num_batches(dataset.num_train, batch_size, drop_last=True) // args.grad_accum
     if steps_per_epoch == 0:
         raise ConfigError(
             f"batch size {batch_size} is larger than the {dataset.num_train} training examples "
@@ -154,15 +168,29 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.nesterov:
         opt_kwargs["nesterov"] = True
     tx = optim.create_optimizer(optimizer, schedule, **opt_kwargs)
+    if args.grad_accum > 1:
+        from jaxnet.accumulation import with_grad_accumulation
+
+        tx = with_grad_accumulation(tx, args.grad_accum)
+    if (args.checkpoint_every or args.resume) and not args.workdir:
+        raise ConfigError("--checkpoint-every and --resume need --workdir W (where the checkpoints live)")
+    config = {"model": args.model, "dataset": dataset.name, "batch_size": batch_size, "epochs": epochs,
+              "optimizer": optimizer, "lr": lr, "schedule": schedule_name, "momentum": momentum,
+              "weight_decay": args.weight_decay, "seed": args.seed, "augment": args.augment,
+              "normalize": normalize, "mean": list(dataset.mean), "std": list(dataset.std),
+              "grad_accum": args.grad_accum, "precision": args.precision}
     result = train.fit(
         model, dataset, tx,
         epochs=epochs, batch_size=batch_size, output=spec.output, seed=args.seed,
         augment=args.augment, scan=args.scan, eval_batch_size=args.eval_batch_size,
-        workdir=args.workdir, progress=not args.no_progress,
+        workdir=args.workdir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        keep_checkpoints=args.keep_checkpoints, config=config, devices=args.devices, fsdp=args.fsdp,
+        precision=args.precision, progress=not args.no_progress,
     )
     summary = dict(result.summary)
     summary["model"] = args.model
-    summary.update(optimizer=optimizer, lr=lr, schedule=schedule_name, seed=args.seed, normalize=normalize)
+    summary.update(optimizer=optimizer, lr=lr, schedule=schedule_name, seed=args.seed, normalize=normalize,
+                   grad_accum=args.grad_accum)
     return summary
 
 

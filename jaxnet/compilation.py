@@ -26,11 +26,11 @@ class CompileCounter:
     cache still counts (it is a cache *load*, which also happens only when a
     new shape is seen). Use as a context manager::
 
-        >>> import jax, jax.numpy as jnp
+        >>> import jax, numpy as np
         >>> f = jax.jit(lambda x: x * 2)
         >>> with CompileCounter() as counter:
-        ...     _ = f(jnp.ones(3)); _ = f(jnp.ones(3)); _ = f(jnp.ones(4))
-        >>> counter.compiles
+        ...     _ = f(np.ones(3)); _ = f(np.ones(3)); _ = f(np.ones(4))
+        >>> counter.compiles  # one per input shape; the repeated call reuses the first
         2
 
     Attributes:

@@ -34,9 +34,9 @@ from jaxnet.step import (
     loss_for_output,
     make_eval_step,
     make_scan_epoch,
-    make_train_step,
+    train_step_fn,
 )
-from jaxnet.tracking import CURVES_FILE, MetricsLogger, plot_curves
+from jaxnet.tracking import CURVES_FILE, METRICS_FILE, MetricsLogger, plot_curves
 
 
 @dataclasses.dataclass
@@ -182,6 +182,87 @@ def evaluate(
     return metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """The compiled functions of a run and where batches go."""
+
+    graphdef: nnx.GraphDef
+    state: TrainState
+    train: Callable  # train_step(state, batch) -> (state, metrics)
+    eval: Callable  # eval_step(state, batch) -> {"outputs", "loss"}
+    scan: Callable | None  # train_epoch(state, images, labels, idx) -> (state, metrics)
+    batch_sharding: Any  # where training batches are placed (None: default device)
+    mesh: Any  # the device mesh, or None on one device
+
+
+def build_steps(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    *,
+    output: str,
+    transform: Transform | None,
+    seed: int = 0,
+    devices: int | None = None,
+    fsdp: bool = False,
+    precision: str = "fp32",
+    scan: bool = False,
+) -> _Steps:
+    """Builds the state and the compiled steps for one device or a data-parallel mesh.
+
+    ``devices`` > 1 (or a multi-process run) splits every batch over a
+    ``data`` mesh axis with the state replicated, or sharded with ``fsdp``;
+    ``precision`` ``bf16``/``fp16`` computes in that dtype with float32
+    parameters, and ``fp16`` adds dynamic loss scaling (``GradScaler``).
+    """
+    from jaxnet import precision as jprecision
+    from jaxnet import sharding as jsharding
+
+    policy = jprecision.get_policy(precision)
+    loss_fn = loss_for_output(output)
+    if precision != "fp32":
+        transform, loss_fn = jprecision.apply_policy(policy, transform, loss_fn)
+    if policy.needs_loss_scaling:
+        tx = jprecision.dynamic_loss_scaling(tx)
+    graphdef, state = create_train_state(model, tx, seed=seed)
+    kw = dict(transform=transform, classification=output != "regression")
+    step_fn = (jprecision.loss_scaled_train_step_fn if policy.needs_loss_scaling else train_step_fn)(
+        graphdef, tx, loss_fn, **kw)
+    multi = (devices or 1) > 1 or jax.process_count() > 1
+    if not multi:
+        return _Steps(graphdef, state, jax.jit(step_fn, donate_argnums=0),
+                      make_eval_step(graphdef, loss_fn, transform=transform),
+                      make_scan_epoch(graphdef, tx, loss_fn, **kw) if scan else None, None, None)
+    if scan:
+        raise ConfigError("--scan runs on one device; drop --scan or --devices")
+    mesh = jsharding.make_mesh(devices if jax.process_count() == 1 else None)
+    shardings = jsharding.state_shardings(state, mesh, fsdp=fsdp)
+    state = jsharding.shard_state(state, shardings)
+    train = jsharding.make_sharded_train_step(graphdef, tx, loss_fn, mesh, shardings, step_fn=step_fn)
+    evaluate_step = jsharding.make_sharded_eval_step(graphdef, loss_fn, mesh, shardings, transform=transform)
+    return _Steps(graphdef, state, train, evaluate_step, None, jsharding.batch_sharding(mesh), mesh)
+
+
+def _train_batches(data: ArrayDataset, batch_size: int, steps: _Steps, *, seed: int, epoch: int,
+                   start_batch: int) -> Iterator[Any]:
+    """One epoch of training batches, placed where the step wants them."""
+    if jax.process_count() > 1:  # each process reads only its rows of every global batch
+        from jaxnet import distributed
+
+        local = distributed.iterate_process_batches(
+            data.train_images, data.train_labels, batch_size, seed=seed, epoch=epoch, start_batch=start_batch)
+        return distributed.global_batches(local, steps.mesh)
+    batches = jdata.iterate_batches(data.train_images, data.train_labels, batch_size, shuffle=True,
+                                    seed=seed, epoch=epoch, drop_last=True, start_batch=start_batch)
+    return jdata.prefetch_to_device(batches, sharding=steps.batch_sharding)
+
+
+def default_config(model: nnx.Module, data: ArrayDataset, *, batch_size: int, seed: int,
+                   epochs: int) -> dict[str, Any]:
+    """What identifies a run in its workdir when the caller gives no ``config``."""
+    return {"model": type(model).__name__, "dataset": data.name, "batch_size": batch_size,
+            "seed": seed, "epochs": epochs, "mean": list(data.mean), "std": list(data.std)}
+
+
 def fit(
     model: nnx.Module,
     data: ArrayDataset,
@@ -195,6 +276,13 @@ def fit(
     scan: bool = False,
     eval_batch_size: int = 1000,
     workdir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    keep_checkpoints: int = 3,
+    config: dict[str, Any] | None = None,
+    devices: int | None = None,
+    fsdp: bool = False,
+    precision: str = "fp32",
     progress: bool = True,
     log_every: int = 50,
 ) -> FitResult:
@@ -205,8 +293,9 @@ def fit(
         data: the data set (``jaxnet.data.load_dataset("mnist")``).
         tx: the optimizer (``jaxnet.optim.create_optimizer("adam", 1e-3)``).
         epochs: passes over the training split.
-        batch_size: examples per step; the last partial batch of an epoch is
-            dropped (each epoch's shuffle drops different examples).
+        batch_size: examples per step (the global batch over all devices);
+            the last partial batch of an epoch is dropped (each epoch's
+            shuffle drops different examples).
         output: the model's output kind, which picks the loss (see
             :func:`jaxnet.step.loss_for_output`).
         seed: seeds shuffling, dropout and augmentation.
@@ -214,8 +303,20 @@ def fit(
         scan: run each epoch as one compiled ``lax.scan`` over device-resident
             data instead of one call per step.
         eval_batch_size: examples per evaluation call.
-        workdir: where ``metrics.jsonl``, TensorBoard files and ``curves.png``
-            go; ``None`` writes nothing.
+        workdir: where ``metrics.jsonl``, TensorBoard files, ``curves.png``,
+            ``config.json`` and checkpoints (one at every epoch end) go;
+            ``None`` writes nothing.
+        checkpoint_every: also checkpoint every this many steps (mid-epoch).
+        resume: continue the run in ``workdir`` from its latest sound
+            checkpoint, exactly as if it had never stopped.
+        keep_checkpoints: newest checkpoints kept (plus the best by test
+            accuracy).
+        config: JSON description of the run recorded in the workdir; a
+            resumed run must match it (default: :func:`default_config`).
+        devices: split each batch over this many local devices (data
+            parallel); ``None`` uses one, or all of them in a multi-process run.
+        fsdp: shard parameters and optimizer state over the devices too.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` compute (float32 parameters).
         progress: show a progress bar on stderr (epoch summaries are printed
             to stderr either way).
         log_every: steps between training-loss log records.
@@ -224,101 +325,144 @@ def fit(
         A :class:`FitResult`.
 
     Raises:
-        ConfigError: bad sizes or a model that does not fit the data.
+        ConfigError: bad sizes, a model that does not fit the data, a workdir
+            that holds another run.
         DataError: labels out of range or empty splits.
     """
+    from jaxnet import checkpoint as ckpt_lib
+    from jaxnet import integrity
+    from jaxnet import workdir as workdir_lib
+
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"epochs ({epochs}) and batch size ({batch_size}) must be at least 1")
+    check_dataset(data, model, output=output)
     if batch_size > data.num_train:
         raise ConfigError(
             f"batch size {batch_size} is larger than the {data.num_train} training examples of "
             f"{data.name}; use --batch-size {data.num_train} or less"
         )
-    check_dataset(data, model, output=output)
+    if devices and devices > 1:
+        from jaxnet.sharding import check_batch_divisible
+
+        check_batch_divisible(batch_size, devices)
+    if resume and workdir is None:
+        raise ConfigError("resume needs the workdir of the run to continue (--workdir W --resume)")
+    main_process = jax.process_index() == 0
+    config = config or default_config(model, data, batch_size=batch_size, seed=seed, epochs=epochs)
+    ckpt = None
+    if workdir is not None:
+        if main_process:  # config.json is written once, by process 0
+            workdir_lib.check_workdir(workdir, config, resume=resume, mutable_keys=("epochs",))
+        ckpt = ckpt_lib.create_checkpoint_manager(
+            workdir_lib.checkpoint_directory(workdir), max_to_keep=keep_checkpoints,
+            best_metric=ckpt_lib.DEFAULT_BEST_METRIC)
     regression = output == "regression"
-    loss_fn = loss_for_output(output)
     transform = None if regression else make_image_transform(data.mean, data.std, augment=augment)
-    graphdef, state = create_train_state(model, tx, seed=seed)
-    kw = dict(transform=transform, classification=not regression)
-    train_step = make_train_step(graphdef, tx, loss_fn, **kw)
-    scan_epoch = make_scan_epoch(graphdef, tx, loss_fn, **kw) if scan else None
-    eval_step = make_eval_step(graphdef, loss_fn, transform=transform)
+    steps = build_steps(model, tx, output=output, transform=transform, seed=seed, devices=devices,
+                        fsdp=fsdp, precision=precision, scan=scan)
+    state = steps.state
     steps_per_epoch = jdata.num_batches(data.num_train, batch_size, drop_last=True)
+    first_epoch, first_batch, sums, history = 0, 0, {}, []
+    restored = ckpt_lib.restore_latest_good(ckpt, state) if resume else None
+    if restored is not None:  # continue exactly where the checkpoint was taken
+        state, meta = restored
+        first_epoch, first_batch = meta["epoch"], meta["batch_in_epoch"]
+        sums = {k: jnp.asarray(v, jnp.float32) for k, v in meta["sums"].items()}
+        history = meta["history"]
+    host_step = int(state.step)
+    resumed_step = host_step if restored is not None else None
+    if workdir is not None and main_process and restored is not None:
+        workdir_lib.rewind_jsonl(os.path.join(workdir, METRICS_FILE), host_step)
+    logger = MetricsLogger(workdir if main_process else None,
+                           purge_step=host_step + 1 if restored is not None else None)
     if scan:  # uint8 images stay on the device for the whole run
         train_images, train_labels = jax.device_put((data.train_images, data.train_labels))
 
-    history: list[dict[str, Any]] = []
-    logger = MetricsLogger(workdir)
+    def save(epoch: int, batch_in_epoch: int, metrics: dict[str, float] | None = None) -> None:
+        if ckpt is None:
+            return
+        meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": seed, "history": history,
+                "sums": {k: float(v) for k, v in sums.items()}}
+        ckpt_lib.save(ckpt, host_step, state, meta=meta, metrics=metrics)
+
     counter = CompileCounter().__enter__()
     compiles_after_first_epoch = None
     start = time.perf_counter()
     try:
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             t0 = time.perf_counter()
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False)
+            skip = first_batch if epoch == first_epoch else 0
+            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{epochs}",
+                       disable=None if progress and main_process else True, leave=False)
             if scan:
                 perm = jdata.epoch_permutation(data.num_train, seed=seed, epoch=epoch, shuffle=True)
                 idx = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-                state, per_step = scan_epoch(state, train_images, train_labels, idx.astype(np.int32))
+                state, per_step = steps.scan(state, train_images, train_labels, idx.astype(np.int32))
+                host_step += steps_per_epoch
                 bar.update(steps_per_epoch)
-                train = {k: float(jnp.mean(v)) for k, v in per_step.items()}
+                sums = {k: jnp.sum(v) for k, v in per_step.items()}
             else:
-                sums: dict[str, jax.Array] = {}
-                batches = jdata.iterate_batches(
-                    data.train_images, data.train_labels, batch_size,
-                    shuffle=True, seed=seed, epoch=epoch, drop_last=True,
-                )
-                for i, batch in enumerate(jdata.prefetch_to_device(batches)):
-                    state, m = train_step(state, batch)
+                if epoch != first_epoch or not first_batch:
+                    sums = {}
+                for i, batch in enumerate(_train_batches(data, batch_size, steps, seed=seed, epoch=epoch,
+                                                         start_batch=skip), start=skip):
+                    state, m = steps.train(state, batch)
+                    host_step += 1
                     sums = m if not sums else jax.tree.map(jnp.add, sums, m)
                     if (i + 1) % log_every == 0:  # the only host syncs inside an epoch
                         loss = float(m["loss"])
-                        logger.log(int(state.step), "train", {"loss": loss})
+                        logger.log(host_step, "train", {"loss": loss})
                         bar.set_postfix(loss=f"{loss:.4f}")
+                    if checkpoint_every and host_step % checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                        save(epoch, i + 1)
                     bar.update(1)
-                train = {k: float(v) / steps_per_epoch for k, v in sums.items()}
             bar.close()
-            train_seconds = time.perf_counter() - t0
-            test = evaluate(eval_step, state, data.test_images, data.test_labels,
+            train = {k: float(v) / steps_per_epoch for k, v in sums.items()}
+            test = evaluate(steps.eval, state, data.test_images, data.test_labels,
                             batch_size=eval_batch_size, num_classes=data.num_classes)
-            record = {"epoch": epoch + 1, "step": int(state.step), "epoch_seconds": train_seconds,
-                      "peak_rss_mb": _peak_rss_mb()}
+            record = {"epoch": epoch + 1, "step": host_step,
+                      "epoch_seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
             record.update({f"train_{k}": v for k, v in train.items()})
             record.update({f"test_{k}": v for k, v in test.items()})
             history.append(record)
-            logger.log(int(state.step), "epoch", record)
-            logger.histograms(int(state.step), _param_arrays(state.params))
-            if progress:
-                tqdm.write(_epoch_line(record), file=sys.stderr)
-            else:
-                print(_epoch_line(record), file=sys.stderr, flush=True)
-            if epoch == 0:
+            logger.log(host_step, "epoch", record)
+            logger.histograms(host_step, _param_arrays(state.params))
+            sums = {}
+            save(epoch + 1, 0, {k: v for k, v in record.items() if k.startswith("test_")})
+            if main_process:
+                (tqdm.write if progress else print)(_epoch_line(record), file=sys.stderr)
+            if compiles_after_first_epoch is None:
                 compiles_after_first_epoch = counter.snapshot()[1]
     finally:
         counter.__exit__(None, None, None)
         logger.close()
+        if ckpt is not None:
+            ckpt_lib.close(ckpt)  # waits for the last asynchronous save
     total_seconds = time.perf_counter() - start
-    if workdir is not None:
+    if workdir is not None and main_process:
         plot_curves(history, os.path.join(workdir, CURVES_FILE))
-    last = history[-1]
     summary = {
         "model": type(model).__name__,
         "dataset": data.name,
         "dataset_source": data.source,
         "epochs": epochs,
-        "steps": int(state.step),
+        "steps": host_step,
         "batch_size": batch_size,
         "params": count_params(state.params),
+        "params_sha256": integrity.params_sha256(state.params),
         "train_seconds": round(total_seconds, 3),
-        "num_devices": 1,
+        "num_devices": 1 if steps.mesh is None else int(steps.mesh.size),
+        "num_processes": jax.process_count(),
+        "precision": precision,
         "mode": "scan" if scan else "step",
+        "resumed_from_step": resumed_step,
         "compilations": counter.compiles,
-        "steady_state_compilations": counter.compiles - compiles_after_first_epoch,
-        **{k: v for k, v in last.items() if k.startswith("test_")},
+        "steady_state_compilations": counter.compiles - (compiles_after_first_epoch or counter.compiles),
+        **{k: v for k, v in history[-1].items() if k.startswith("test_")},
     }
     if regression:
         summary["test_accuracy"] = None
-    return FitResult(graphdef=graphdef, state=state, history=history, summary=summary)
+    return FitResult(graphdef=steps.graphdef, state=state, history=history, summary=summary)
 
 
 def _peak_rss_mb() -> float:

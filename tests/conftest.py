@@ -1,19 +1,12 @@
-"""Test configuration: 8 fake CPU devices, CPU platform.
-
-The XLA flag must be set before JAX initializes its backends, so it is set
-here at import time, before any test module imports jax.
-"""
+"""Test configuration: dtype promotion and the real-data fixture."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
+# The 8 fake CPU devices are requested in the repository's root conftest.py,
+# before anything imports jax.
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

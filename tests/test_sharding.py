@@ -81,7 +81,8 @@ def test_make_mesh_too_many_devices_names_the_flag():
 
 def test_check_batch_divisible_suggests_the_nearest_multiples():
     sharding.check_batch_divisible(64, 8)
-    with pytest.raises(ConfigError, match=r"^batch size 100 is not divisible by 8 devices; use a multiple of 8 \(e\.g\. 96 or 104\)$"):
+    expected = r"^batch size 100 is not divisible by 8 devices; use a multiple of 8 \(e\.g\. 96 or 104\)$"
+    with pytest.raises(ConfigError, match=expected):
         sharding.check_batch_divisible(100, 8)
     with pytest.raises(ConfigError, match=r"use a multiple of 8 \(e\.g\. 8\)"):
         sharding.check_batch_divisible(5, 8)
@@ -259,3 +260,21 @@ def test_step_keeps_structure_and_dtypes():
         sharding.shard_state(state, shardings), batches(1, 8)[0])
     assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == before
     assert new_state.rng.dtype == jnp.uint32
+
+
+def test_dispatch_limiter_keeps_long_loops_from_deadlocking():
+    # 80 sharded steps dispatched back to back: without the limiter XLA:CPU's
+    # collectives deadlock once ~32 steps are queued (the process aborts after 40 s).
+    graphdef, state, tx = setup("mlp512", optax.sgd(0.01))
+    mesh = sharding.make_mesh()
+    shardings = sharding.state_shardings(state, mesh)
+    state = sharding.shard_state(state, shardings)
+    step = sharding.make_sharded_train_step(graphdef, tx, LOSS, mesh, shardings, transform=TRANSFORM)
+    batch = sharding.shard_batch(batches(1, 16)[0], mesh)
+    wait = sharding.make_dispatch_limiter()
+    for _ in range(80):
+        state, m = step(state, batch)
+        wait(m)
+    assert int(state.step) == 80 and np.isfinite(float(m["loss"]))
+    with pytest.raises(ConfigError, match="max_in_flight must be at least 1"):
+        sharding.make_dispatch_limiter(0)

@@ -79,7 +79,7 @@ def peak_gflops(mhz: float, cores: int, flags: set[str], *, fma_units: int = 2) 
     """
     if "avx512f" in flags:
         vector, lanes = "avx512", 16
-    elif "avx" in flags:
+    elif "avx" in flags or "avx2" in flags:
         vector, lanes = "avx2" if "avx2" in flags else "avx", 8
     else:
         vector, lanes = "sse", 4

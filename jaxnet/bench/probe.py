@@ -13,9 +13,11 @@ Definitions (the same for every variant):
   cache) and running it. For ``jax-scan``, whose first call runs a whole
   ``steps``-long epoch, it is that call's time minus ``(steps - 1) / steps``
   of a second call's.
-- ``peak_rss_mb``: the process's peak resident memory (``ru_maxrss``) minus
-  its resident memory after imports and batch creation, after the first step
-  and one more ``steps``-long run.
+- ``peak_rss_mb``: how far the process's resident memory rose above its level
+  after imports and batch creation, over the first step and one more
+  ``steps``-long run: the peak (``VmHWM`` of ``/proc/self/status``, reset
+  by writing 5 to ``/proc/self/clear_refs`` just before the first step;
+  ``ru_maxrss`` where that is impossible) minus the level before.
 """
 
 from __future__ import annotations
@@ -41,14 +43,31 @@ __all__ = ["first_step_latency", "main", "run_probe"]
 COMPILED_VARIANTS = ("torch-compile", "jax-jit", "jax-scan")  # have a compilation cache to be warm
 
 
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm", encoding="ascii") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB, or None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS mark (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb(reset: bool) -> float:
+    peak = _status_mb("VmHWM") if reset else None
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
 
 
 def _count_files(folder: str) -> int:
@@ -63,7 +82,8 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
     workload, variant = Workload(**spec["workload"]), spec["variant"]
     state_dict = dict(np.load(spec["weights"])) if variant in TORCH_VARIANTS else None
     runner = make_runner(variant, workload, state_dict=state_dict, threads=spec.get("threads"))
-    base_rss = _current_rss_mb()
+    base_rss = _status_mb("VmRSS") or 0.0
+    reset = _reset_peak_rss()
     with CompileCounter() as counter:
         start = time.perf_counter()
         runner.run(workload.steps if variant == "jax-scan" else 1)
@@ -75,7 +95,7 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         first -= second * (workload.steps - 1) / workload.steps
     result = {
         "first_step_seconds": first,
-        "peak_rss_mb": max(0.0, _peak_rss_mb() - base_rss),
+        "peak_rss_mb": max(0.0, _peak_rss_mb(reset) - base_rss),
         "jax_compiles": counter.compiles,
         "cache_files": _count_files(spec["cache_dir"]),
     }

@@ -5,7 +5,9 @@ Per workload, in order:
 1. **Loss agreement**: every variant is built with dropout off from the same
    weights and runs the same first batches; their losses must agree.
 2. **Warm-up**: every variant (dropout back on, when the model has any) runs
-   one ``steps``-long repeat, which compiles what it compiles.
+   ``steps``-long repeats, which compile what they compile: one, or up to
+   four while they take less than half a second in all (caches and
+   allocators settle).
 3. **Timing**: ``repeats`` rounds; each round times one ``steps``-long repeat
    of every variant in turn (A B C D A B C D ...), so drift of the machine
    hits every variant alike. JAX compilations are counted in each timed
@@ -36,6 +38,8 @@ __all__ = ["check_agreement", "run_suite", "run_workload"]
 Log = Callable[[str], None]
 AGREEMENT_RTOL = 1e-3  # relative difference of float32 losses tolerated after a few steps
 AGREEMENT_ATOL = 1e-5
+WARMUP_SECONDS = 0.5  # warm-up repeats continue until this much time has passed ...
+WARMUP_REPEATS_MAX = 4  # ... or this many repeats ran
 
 
 def _stderr(message: str) -> None:
@@ -57,14 +61,6 @@ def check_agreement(losses: dict[str, list[float]], reference: str) -> dict[str,
             d <= AGREEMENT_ATOL + AGREEMENT_RTOL * abs(b) for d, b in zip(diffs, ref))
         out[variant] = {"loss_max_abs_diff": max(diffs) if diffs else None, "losses_agree": agree}
     return out
-
-
-def _agreement(workload: Workload, variants: Sequence[str], state_dict: dict, threads: int,
-               steps: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    runners = {v: make_runner(v, workload, dropout=False, state_dict=state_dict, threads=threads)
-               for v in variants}
-    losses = {v: r.run(steps, record=True) for v, r in runners.items()}
-    return runners, losses
 
 
 def run_workload(workload: Workload, variants: Sequence[str], *, repeats: int = 5, threads: int | None = None,
@@ -98,25 +94,39 @@ def run_workload(workload: Workload, variants: Sequence[str], *, repeats: int = 
     label = f"{workload.model}/{workload.batch_size}"
     state_dict = initial_state_dict(workload)
     reference = "torch-eager" if "torch-eager" in variants else variants[0]
-    counts: dict[str, list[int]] = {v: [] for v in variants}
+    warmup_compiles = dict.fromkeys(variants, 0)
+    steady_compiles = dict.fromkeys(variants, 0)
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    agree_steps = min(agreement_steps, workload.steps)
+    dropout = has_dropout(workload.model)
     with CompileCounter() as counter:
-        log(f"[{label}] loss agreement over {min(agreement_steps, workload.steps)} steps, dropout off")
-        runners, losses = _agreement(workload, variants, state_dict, threads,
-                                     min(agreement_steps, workload.steps))
-        if has_dropout(workload.model):
-            runners = {v: make_runner(v, workload, state_dict=state_dict, threads=threads) for v in variants}
-        log(f"[{label}] warm-up: one repeat of {workload.steps} steps per variant")
-        for runner in runners.values():
-            runner.run(workload.steps)
-        warmup_compiles = counter.compiles
-        seconds: dict[str, list[float]] = {v: [] for v in variants}
+
+        def counted(v: str, target: dict[str, int], fn: Callable[[], Any]) -> Any:
+            before = counter.snapshot()[1]
+            result = fn()
+            target[v] += counter.snapshot()[1] - before
+            return result
+
+        log(f"[{label}] loss agreement over {agree_steps} steps, dropout off; then warm-up")
+        runners, losses = {}, {}
+        for v in variants:
+            runner = counted(v, warmup_compiles, lambda: make_runner(
+                v, workload, dropout=False, state_dict=state_dict, threads=threads))
+            losses[v] = counted(v, warmup_compiles, lambda: runner.run(agree_steps, record=True))
+            if dropout:  # the timed model keeps its dropout
+                runner = counted(v, warmup_compiles, lambda: make_runner(
+                    v, workload, state_dict=state_dict, threads=threads))
+            warm_start = time.perf_counter()
+            for _ in range(WARMUP_REPEATS_MAX):  # at least one repeat; more while they are quick
+                counted(v, warmup_compiles, lambda: runner.run(workload.steps))
+                if time.perf_counter() - warm_start > WARMUP_SECONDS:
+                    break
+            runners[v] = runner
         for r in range(repeats):
             for v in variants:
-                before = counter.snapshot()[1]
                 start = time.perf_counter()
-                runners[v].run(workload.steps)
+                counted(v, steady_compiles, lambda: runners[v].run(workload.steps))
                 seconds[v].append(time.perf_counter() - start)
-                counts[v].append(counter.snapshot()[1] - before)
             log(f"[{label}] round {r + 1}/{repeats}: " + ", ".join(
                 f"{v} {workload.steps / seconds[v][-1]:.1f}/s" for v in variants))
     del runners
@@ -134,8 +144,8 @@ def run_workload(workload: Workload, variants: Sequence[str], *, repeats: int = 
             "epoch_seconds": workload.steps_per_epoch / median,
             "flops_per_step": flops, "gflops_per_sec": gflops,
             "peak_fraction": gflops / peak_gflops if gflops and peak_gflops else None,
-            "steady_state_compiles": sum(counts[v]) if v in JAX_VARIANTS else None,
-            "warmup_compiles_all_jax": warmup_compiles,
+            "warmup_compiles": warmup_compiles[v] if v in JAX_VARIANTS else None,
+            "steady_state_compiles": steady_compiles[v] if v in JAX_VARIANTS else None,
             "first_losses": losses[v], "loss_reference": reference, **agreement[v],
             "first_step_seconds": None, "first_step_seconds_warm": None,
             "peak_rss_mb": None, "peak_rss_mb_cold": None,
@@ -144,6 +154,8 @@ def run_workload(workload: Workload, variants: Sequence[str], *, repeats: int = 
         rows.append(row)
     if probes:
         for row in rows:
+            if row["variant"] == "torch-eager-ftz":  # the same first step as torch-eager: not probed
+                continue
             log(f"[{label}] first step of {row['variant']}: cold and warm cache, in subprocesses")
             row.update(first_step_latency(workload, row["variant"], state_dict, threads=threads))
     return rows

@@ -132,7 +132,8 @@ def build_torch_model(name: str, state_dict: Mapping[str, Any]) -> Any:
         )
     torch = import_torch()
     module = _classes()[name]()
-    tensors = {k: torch.as_tensor(np.ascontiguousarray(np.asarray(v))) for k, v in state_dict.items()}
+    tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, copy=True))
+               for k, v in state_dict.items()}
     module.load_state_dict(tensors, strict=True)
     module.train()
     return module

@@ -23,8 +23,10 @@ __all__ = [
     "JAX_VARIANTS",
     "QUICK_PLAN",
     "TORCH_VARIANTS",
+    "STEPS",
     "VARIANTS",
     "Workload",
+    "default_steps",
     "make_batch_pool",
     "make_workload",
     "model_info",
@@ -127,23 +129,32 @@ def make_batch_pool(workload: Workload) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-# (model, batch size, steps per timed repeat): steps are sized so that the
-# slowest variant's repeat takes about a second on a 2-core CPU.
-QUICK_PLAN: tuple[tuple[str, int, int], ...] = (("mlp128", 32, 4),)
-DEFAULT_PLAN: tuple[tuple[str, int, int], ...] = (
-    ("linear", 4, 1000),
-    ("mlp", 64, 100),
-    ("mlp512", 64, 100),
-    ("convnet", 64, 2),
-    ("cifar_cnn", 100, 8),
-)
-FULL_PLAN: tuple[tuple[str, int, int], ...] = (
-    ("linear", 4, 1000),
-    ("mlp", 64, 100),
-    ("mlp", 256, 30),
-    ("mlp", 512, 16),
-    ("mlp512", 64, 100),
-    ("mlp128", 64, 200),
-    ("convnet", 64, 2),
-    ("cifar_cnn", 100, 8),
-)
+# Steps per timed repeat (also the jax-scan length), sized so that the slowest
+# variant's repeat takes about 0.3-3 s on the 2-core development CPU.
+STEPS: dict[tuple[str, int], int] = {
+    ("linear", 4): 1000,
+    ("mlp", 64): 100,
+    ("mlp", 512): 16,
+    ("mlp512", 64): 100,
+    ("mlp128", 32): 20,
+    ("mlp128", 64): 100,
+    ("convnet", 64): 2,
+    ("cifar_cnn", 100): 8,
+}
+# (model, batch size) pairs of each run mode.
+QUICK_PLAN: tuple[tuple[str, int], ...] = (("mlp128", 32),)
+DEFAULT_PLAN: tuple[tuple[str, int], ...] = (("linear", 4), ("mlp", 64), ("mlp512", 64), ("convnet", 64),
+                                             ("cifar_cnn", 100))
+FULL_PLAN: tuple[tuple[str, int], ...] = (("linear", 4), ("mlp", 64), ("mlp", 512), ("mlp512", 64),
+                                          ("convnet", 64), ("cifar_cnn", 100))
+
+
+def default_steps(model: str, batch_size: int) -> int:
+    """Steps per repeat from :data:`STEPS`, scaled by batch size for pairs it does not list."""
+    if (model, batch_size) in STEPS:
+        return STEPS[(model, batch_size)]
+    known = [(b, s) for (m, b), s in STEPS.items() if m == model]
+    if not known:
+        return 20
+    b, s = known[0]
+    return max(2, s * b // batch_size)

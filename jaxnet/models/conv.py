@@ -2,50 +2,58 @@
 
 Why there is more than one way to call ``lax.conv_general_dilated``
 -------------------------------------------------------------------
-On the CPU, XLA (jaxlib 0.10) hands a convolution either to YNNPACK or to its
+On the CPU, XLA (jaxlib 0.10) runs a convolution either on YNNPACK or on its
 own multi-threaded Eigen kernel. It gives YNNPACK every 2-D float32 NHWC
-convolution that YNNPACK accepts, and on this project's 2-core machine that
-kernel is 3-4x slower than Eigen's for the tutorial ConvNet's layers (conv2,
-batch 64: forward 25 ms vs 7-9 ms, weight gradient 29-33 ms vs 11-13 ms;
-``benchmarks/CONV_CPU.md`` has the numbers). YNNPACK declines a convolution
-whose output is larger than its input, or whose kernel is larger than its
-input, along a spatial axis; XLA then runs Eigen.
+convolution that YNNPACK accepts (no input dilation, output and kernel not
+larger than the input, ...). On this project's 2-core machine YNNPACK is 3-6x
+slower than Eigen on unpadded convolutions and on weight gradients (the
+tutorial ConvNet's conv2 at batch 256: forward 106 ms vs 18 ms, weight
+gradient 190 ms vs 37-47 ms), while Eigen is the slower one on padded
+convolutions; ``benchmarks/CONV_CPU.md`` has the tables.
 
-The ``"eigen"`` implementation uses that rule without changing the
-mathematics: it adds a few columns (or rows) of zero padding on the high side
-of one spatial axis, so that the output is one larger than the input, and
-slices the extra outputs off. Nothing is approximated: the extra outputs are
-computed and dropped, and the kept ones are the same sums as before. The
-gradients come from JAX's ordinary autodiff of those ``pad``/``conv``/``slice``
-ops, and XLA's transposes of them meet the same rule: the input gradient is a
-convolution whose output (the input's size) is larger than its input (the
-output's size), and the weight gradient one whose kernel (the padded output
-gradient) is larger than its input. All three run on Eigen, for the cost of
-the dropped outputs (3 of 27 columns for the ConvNet's conv2, about 12%).
-Because it is plain autodiff, higher derivatives, ``jvp`` and ``vmap`` work.
+:func:`conv2d_eigen` computes the same convolution in a form that YNNPACK
+declines, so that XLA runs it on Eigen: along W it dilates the input by 2
+(``lhs_dilation``: a zero between neighbouring columns), spaces the kernel
+taps 2x wider and doubles the stride and the padding. The window then reads
+exactly the input's original columns, in the same order, so every output is
+the same sum of the same products; Eigen skips the inserted zeros. XLA's
+transposed convolutions for its gradients carry the dilation too and run on
+Eigen. :func:`conv2d_cpu` picks, per piece, the form that measured fastest:
+the Eigen form for an unpadded forward pass and for every weight gradient,
+the plain form otherwise, via a ``jax.custom_jvp`` whose tangent is the sum
+of those two convolutions. Both are exact rewrites: derivatives of any
+order, ``jvp`` and ``vmap`` work as for the plain op.
+
+They are used for stride-1 convolutions only: for some strided ones, XLA
+0.10's algebraic simplifier aborts the process while compiling the input
+gradient of the dilated form (a failed CHECK in ``algebraic_simplifier.cc``).
 
 Which implementation runs
 -------------------------
-``"auto"`` (the default) picks ``"eigen"`` when the default backend is the
-CPU and the convolution is one YNNPACK would take and the padding trick is
-cheap for (stride 1, more than 16 input or output channels); everything else,
-and every convolution on GPU/TPU, uses ``"xla"``, the plain
-``lax.conv_general_dilated``. Choose explicitly with the environment variable
-``JAXNET_CONV_IMPL`` (``auto``, ``xla`` or ``eigen``) or, for a block of code,
-``with use_conv_impl("xla"): ...``. The choice is read when a function is
-traced, so make it before building (and first calling) a jitted step: a
-compiled step keeps the implementation it was traced with.
+``"auto"`` (the default) is ``"cpu"`` (:func:`conv2d_cpu`) when the default
+backend is the CPU, and ``"xla"`` (:func:`conv2d_xla`, the plain
+``lax.conv_general_dilated``) on GPU/TPU; ``"eigen"`` forces
+:func:`conv2d_eigen` for all three pieces. Strided convolutions always run
+``"xla"``. Choose with the environment variable ``JAXNET_CONV_IMPL`` (one
+of ``CONV_IMPLS``) or, for a block of code, ``with use_conv_impl("xla"):``.
+The choice is read when a function is traced, so make it before building
+(and first calling) a jitted step: a compiled step keeps the
+implementation it was traced with.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jaxnet.errors import ConfigError
 
@@ -53,6 +61,7 @@ __all__ = [
     "CONV_IMPLS",
     "ENV_VAR",
     "conv2d",
+    "conv2d_cpu",
     "conv2d_eigen",
     "conv2d_xla",
     "conv_impl",
@@ -63,12 +72,9 @@ __all__ = [
 Pair = tuple[int, int]
 Padding = tuple[Pair, Pair]  # ((top, bottom), (left, right))
 
-CONV_IMPLS = ("auto", "xla", "eigen")
+CONV_IMPLS = ("auto", "xla", "eigen", "cpu")
 ENV_VAR = "JAXNET_CONV_IMPL"
 _DIMS = ("NHWC", "HWIO", "NHWC")
-# YNNPACK leaves convolutions with at most this many input and output channels to Eigen.
-_YNN_MIN_CHANNELS = 16
-
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxnet_conv_impl", default=None)
 
 
@@ -118,37 +124,44 @@ def use_conv_impl(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-def resolve_conv_impl(
-    impl: str, *, stride: Pair, in_channels: int, out_channels: int, backend: str | None = None
-) -> str:
-    """The implementation ``impl`` stands for on a convolution: ``"xla"`` or ``"eigen"``.
+def resolve_conv_impl(impl: str, *, stride: Pair, backend: str | None = None) -> str:
+    """The implementation that runs one convolution: ``"xla"``, ``"eigen"`` or ``"cpu"``.
 
-    ``"auto"`` is ``"eigen"`` on the CPU backend for stride-1 convolutions with
-    more than 16 input or output channels (those XLA would give YNNPACK), and
-    ``"xla"`` otherwise. ``"eigen"`` needs stride 1; for other strides it is ``"xla"``.
+    ``"auto"`` is ``"cpu"`` on the CPU backend and ``"xla"`` elsewhere (GPU,
+    TPU). ``"eigen"`` and ``"cpu"`` need stride 1: a strided convolution
+    always runs ``"xla"``.
 
     Args:
-        impl: ``"auto"``, ``"xla"`` or ``"eigen"``.
+        impl: one of ``CONV_IMPLS``.
         stride: the convolution's ``(sh, sw)``.
-        in_channels: ``C_in``.
-        out_channels: ``C_out``.
         backend: the platform to decide for; ``jax.default_backend()`` when ``None``.
 
     Returns:
-        ``"xla"`` or ``"eigen"``.
+        ``"xla"``, ``"eigen"`` or ``"cpu"``.
 
     Raises:
         ConfigError: for an unknown ``impl``.
+
+    >>> resolve_conv_impl("auto", stride=(1, 1), backend="cpu")
+    'cpu'
+    >>> resolve_conv_impl("auto", stride=(1, 1), backend="gpu")
+    'xla'
     """
     impl = _check_impl(impl, "impl")
     if impl == "xla" or tuple(stride) != (1, 1):
         return "xla"
-    if impl == "eigen":
-        return "eigen"
+    if impl != "auto":
+        return impl
     backend = jax.default_backend() if backend is None else backend
-    if backend != "cpu" or max(in_channels, out_channels) <= _YNN_MIN_CHANNELS:
-        return "xla"
-    return "eigen"
+    return "cpu" if backend == "cpu" else "xla"
+
+
+def _check_unit_stride(stride: Pair, impl: str) -> None:
+    if tuple(stride) != (1, 1):
+        raise ConfigError(
+            f"the {impl!r} convolution supports stride 1 only, got stride={tuple(stride)}; "
+            "call conv2d, which uses 'xla' for strided convolutions"
+        )
 
 
 def conv2d_xla(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Padding, dilation: Pair) -> jax.Array:
@@ -158,24 +171,11 @@ def conv2d_xla(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Paddin
     )
 
 
-def _growth(size: int, lo: int, hi: int, extent: int) -> tuple[int, int, int]:
-    """``(out, p, f)`` for one spatial axis: output size, explicit input padding, extra conv padding.
-
-    With the input padded by ``p`` and the convolution by ``f`` more on the
-    high side, the forward output (``out + p + f``) exceeds its input
-    (``size + p``), the input gradient's output (``size + p``) exceeds its
-    input (``out``), and the weight gradient's kernel (``out + p + f``)
-    exceeds its input (``size + p``).
-    """
-    out = size + lo + hi - extent
-    return out, max(0, out - size + 1), max(0, size - out + 1)
-
-
 def conv2d_eigen(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Padding, dilation: Pair) -> jax.Array:
-    """``conv2d_xla``'s result, computed so that XLA:CPU runs all three convolutions on Eigen.
+    """``conv2d_xla``'s result, in the form XLA:CPU runs (with its gradients) on Eigen.
 
-    Pads one spatial axis on the high side (input by ``p``, convolution by
-    ``f`` more) and slices the extra outputs off; see the module docstring.
+    Along W: input dilation 2, kernel dilation ``2 * dw``, stride 2 and
+    padding ``(2 * left, 2 * right)``; see the module docstring.
 
     Args:
         x: ``(B, H, W, C_in)``.
@@ -185,29 +185,88 @@ def conv2d_eigen(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Padd
         dilation: ``(dh, dw)``.
 
     Returns:
-        ``(B, H_out, W_out, C_out)``, equal to ``conv2d_xla``'s.
+        ``(B, H_out, W_out, C_out)``, the same values as ``conv2d_xla``'s.
 
     Raises:
         ConfigError: for a stride other than 1.
     """
-    if tuple(stride) != (1, 1):
-        raise ConfigError(f"the 'eigen' convolution needs stride 1, got stride={stride}; use impl 'xla' or 'auto'")
-    axes = []
-    for axis in (1, 2):  # H, W of NHWC
-        (lo, hi), d, k = padding[axis - 1], dilation[axis - 1], kernel.shape[axis - 1]
-        out, p, f = _growth(x.shape[axis], lo, hi, d * (k - 1))
-        axes.append(((p + f) / max(out, 1), axis, out, p, f))
-    _, axis, out, p, f = min(axes)  # the axis where the dropped outputs cost least
-    if p:
-        widths = [(0, 0)] * 4
-        widths[axis] = (0, p)
-        x = jax.numpy.pad(x, widths)
-    pads = [tuple(padding[0]), tuple(padding[1])]
-    pads[axis - 1] = (pads[axis - 1][0], pads[axis - 1][1] + f)
-    y = lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding=pads, rhs_dilation=dilation, dimension_numbers=_DIMS
+    _check_unit_stride(stride, "eigen")
+    (top, bottom), (left, right) = padding
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1, 2),
+        padding=((top, bottom), (2 * left, 2 * right)),
+        lhs_dilation=(1, 2),
+        rhs_dilation=(dilation[0], 2 * dilation[1]),
+        dimension_numbers=_DIMS,
     )
-    return lax.slice_in_dim(y, 0, out, axis=axis)
+
+
+def _conv2d_cpu_primal(x: jax.Array, kernel: jax.Array, padding: Padding, dilation: Pair) -> jax.Array:
+    fn = conv2d_eigen if padding == ((0, 0), (0, 0)) else conv2d_xla
+    return fn(x, kernel, stride=(1, 1), padding=padding, dilation=dilation)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _conv2d_cpu(x: jax.Array, kernel: jax.Array, padding: Padding, dilation: Pair) -> jax.Array:
+    return _conv2d_cpu_primal(x, kernel, padding, dilation)
+
+
+def _conv2d_cpu_jvp(
+    padding: Padding, dilation: Pair, primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
+) -> tuple[jax.Array, jax.Array]:
+    # The convolution is bilinear: d(x * k) = dx * k + x * dk. Each term is written
+    # in the form whose transpose XLA:CPU runs fastest: reverse mode transposes
+    # the first into the input gradient (plain form) and the second into the
+    # weight gradient (Eigen form). A term whose tangent is a symbolic zero
+    # (the images, for the first layer) is skipped.
+    (x, kernel), (dx, dkernel) = primals, tangents
+    y = _conv2d_cpu(x, kernel, padding, dilation)
+    geometry = {"stride": (1, 1), "padding": padding, "dilation": dilation}
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(conv2d_xla(dx, kernel, **geometry))
+    if not isinstance(dkernel, SymbolicZero):
+        terms.append(conv2d_eigen(x, dkernel, **geometry))
+    dy = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
+    return y, dy
+
+
+_conv2d_cpu.defjvp(_conv2d_cpu_jvp, symbolic_zeros=True)
+
+
+def conv2d_cpu(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Padding, dilation: Pair) -> jax.Array:
+    """``conv2d_xla``'s result, each of its three convolutions in the form XLA:CPU runs fastest.
+
+    Measured on the 2-core CPU (``benchmarks/CONV_CPU.md``): YNNPACK is slow
+    on unpadded convolutions and on every weight gradient, Eigen is slower
+    on padded ones. So the forward pass is :func:`conv2d_eigen` without
+    padding and :func:`conv2d_xla` with it, the weight gradient always the
+    Eigen form and the input gradient always the plain form (for an
+    unpadded convolution XLA runs that on Eigen anyway). It is a
+    ``jax.custom_jvp`` whose tangent is the sum of those two convolutions,
+    so forward- and reverse-mode derivatives of any order work.
+
+    Args:
+        x: ``(B, H, W, C_in)``.
+        kernel: ``(kh, kw, C_in, C_out)``.
+        stride: must be ``(1, 1)``.
+        padding: ``((top, bottom), (left, right))``.
+        dilation: ``(dh, dw)``.
+
+    Returns:
+        ``(B, H_out, W_out, C_out)``, the same values as ``conv2d_xla``'s.
+
+    Raises:
+        ConfigError: for a stride other than 1.
+    """
+    _check_unit_stride(stride, "cpu")
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv2d_cpu(x, kernel, padding, (int(dilation[0]), int(dilation[1])))
+
+
+_IMPLEMENTATIONS = {"xla": conv2d_xla, "eigen": conv2d_eigen, "cpu": conv2d_cpu}
 
 
 def conv2d(
@@ -215,21 +274,27 @@ def conv2d(
 ) -> jax.Array:
     """2-D cross-correlation of NHWC ``x`` with an HWIO ``kernel``, by the selected implementation.
 
+    Counterpart of ``torch.nn.functional.conv2d`` (channels last, no groups).
+
     Args:
         x: ``(B, H, W, C_in)``.
         kernel: ``(kh, kw, C_in, C_out)``, same dtype as ``x``.
         stride: ``(sh, sw)``.
         padding: explicit zero padding ``((top, bottom), (left, right))``.
         dilation: ``(dh, dw)``.
-        impl: ``"auto"``, ``"xla"`` or ``"eigen"``; ``conv_impl()`` when ``None``.
+        impl: one of ``CONV_IMPLS``; ``conv_impl()`` when ``None``.
 
     Returns:
         ``(B, H_out, W_out, C_out)``.
 
     Raises:
         ConfigError: for an unknown ``impl``.
+
+    >>> x, k = jnp.ones((1, 5, 5, 1)), jnp.ones((3, 3, 1, 2))
+    >>> conv2d(x, k, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1))[0, :, :, 0]
+    Array([[9., 9., 9.],
+           [9., 9., 9.],
+           [9., 9., 9.]], dtype=float32)
     """
-    impl = conv_impl() if impl is None else impl
-    chosen = resolve_conv_impl(impl, stride=stride, in_channels=kernel.shape[2], out_channels=kernel.shape[3])
-    fn = conv2d_eigen if chosen == "eigen" else conv2d_xla
-    return fn(x, kernel, stride=stride, padding=padding, dilation=dilation)
+    chosen = resolve_conv_impl(conv_impl() if impl is None else impl, stride=stride)
+    return _IMPLEMENTATIONS[chosen](x, kernel, stride=stride, padding=padding, dilation=dilation)

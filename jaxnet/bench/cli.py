@@ -1,0 +1,246 @@
+"""``jaxnet bench``: the command line of the benchmark suite.
+
+``register_cli(subparsers)`` adds the ``bench`` subcommand to ``jaxnet``'s
+parser; ``python -m jaxnet.bench bench ...`` runs the same command on its own.
+
+Examples::
+
+    jaxnet bench                                   # tutorial models, all variants
+    jaxnet bench --model mlp --batch-size 64,512 --variants torch-eager,jax-jit --steps 50 --repeats 5
+    jaxnet bench --quick --json                    # CI: one small model, few steps
+    jaxnet bench --time-to-accuracy --data-dir ../shared/data
+    jaxnet bench --full --out docs/                # the published run (< 15 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jaxnet.bench.workload import (
+    DEFAULT_PLAN,
+    FULL_PLAN,
+    QUICK_PLAN,
+    TORCH_VARIANTS,
+    VARIANTS,
+    default_steps,
+    model_info,
+)
+from jaxnet.errors import ConfigError, JaxnetError
+
+__all__ = ["build_workloads", "main", "register_cli", "run_bench"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,512; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 64,512; got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds ``bench`` to ``jaxnet``'s subcommands; its ``func`` is :func:`run_bench`.
+
+    Args:
+        subparsers: the result of ``parser.add_subparsers()``.
+
+    Returns:
+        The ``bench`` parser.
+    """
+    p = subparsers.add_parser(
+        "bench",
+        help="measure PyTorch eager / torch.compile vs jaxnet jit / scan on the tutorial models",
+        description=(
+            "Train the same model from the same weights on the same batches with PyTorch eager "
+            "(with and without flushing denormals), torch.compile, jaxnet's jit-compiled step and "
+            "its whole-epoch lax.scan; report steps/s (median, min, max of interleaved repeats), "
+            "first-step latency with a cold and a warm compilation cache, GFLOP/s and share of the "
+            "CPU's peak, peak memory, compile counts and whether the losses agree."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", type=_name_list, default=None,
+                   help="comma-separated model names (default: every tutorial model)")
+    p.add_argument("--batch-size", type=_int_list, default=None,
+                   help="comma-separated batch sizes (default: each model's tutorial batch size)")
+    p.add_argument("--variants", type=_name_list, default=list(VARIANTS), help="comma-separated variants")
+    p.add_argument("--steps", type=_positive(int), default=None,
+                   help="steps per timed repeat, also the jax-scan length (default: per model, ~1 s)")
+    p.add_argument("--repeats", type=_positive(int), default=5, help="timed, interleaved repeats per variant")
+    p.add_argument("--threads", type=_positive(int), default=None,
+                   help="torch.set_num_threads (default: the cores XLA uses)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="skip the first-step and memory measurements (fresh subprocesses)")
+    p.add_argument("--quick", action="store_true", help="CI mode: mlp128, batch 32, 20 steps per repeat")
+    p.add_argument("--full", action="store_true",
+                   help="every model and batch size of the published run, plus time to accuracy")
+    p.add_argument("--time-to-accuracy", action="store_true",
+                   help="only measure wall time to 98%% (MLP) / 99%% (ConvNet) MNIST test accuracy")
+    p.add_argument("--tta-models", type=_name_list, default=["mlp", "convnet"], help="models for time to accuracy")
+    p.add_argument("--tta-variants", type=_name_list, default=None,
+                   help="variants for time to accuracy (default: torch-eager, torch-eager-ftz and jax-jit "
+                        "for mlp; torch-eager and jax-jit for convnet)")
+    p.add_argument("--tta-max-seconds", type=_positive(float), default=150.0,
+                   help="give up on a time-to-accuracy run after this much training time")
+    p.add_argument("--data-dir", default=None, help="folder holding mnist/ (default: $JAXNET_DATA_DIR, cache)")
+    p.add_argument("--out", default=None, help="write bench.json, bench.md, PNG charts and static_vs_dynamic.md here")
+    p.add_argument("--fma-units", type=_positive(int), default=2, help="FMA units per core, for the peak FLOP/s")
+    p.add_argument("--json", action="store_true", help="end with the whole result as one JSON line")
+    p.set_defaults(func=run_bench)
+    return p
+
+
+def build_workloads(args: argparse.Namespace) -> list[Any]:
+    """The workloads selected by ``--quick``/``--full``/``--model``/``--batch-size``/``--steps``.
+
+    Raises:
+        ConfigError: unknown model names.
+    """
+    from jaxnet.bench.workload import make_workload
+    from jaxnet.recipes import RECIPES
+
+    if args.model:
+        for name in args.model:
+            model_info(name)  # raises on unknown names
+        pairs = [(m, b) for m in args.model for b in (args.batch_size or [RECIPES[m].batch_size])]
+    else:
+        base = QUICK_PLAN if args.quick else FULL_PLAN if args.full else DEFAULT_PLAN
+        if args.batch_size:  # --batch-size alone: each model of the plan once per given size
+            base = tuple(dict.fromkeys((m, b) for m, _ in base for b in args.batch_size))
+        pairs = list(base)
+    return [make_workload(m, b, args.steps or default_steps(m, b)) for m, b in pairs]
+
+
+def _command() -> str:
+    """The command line that started this run, as a user would type it."""
+    script = sys.argv[0].replace(os.sep, "/")
+    rest = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if script.endswith("benchmarks/run.py"):
+        return f"python -m benchmarks.run {rest}".strip()
+    if script.endswith("jaxnet/bench/__main__.py"):
+        return f"python -m jaxnet.bench {rest}"
+    if script.endswith("/jaxnet") or script.endswith("jaxnet/__main__.py"):
+        return f"jaxnet {rest}"
+    return " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def _git_commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + (" + uncommitted changes" if dirty else "")
+
+
+def _check_variants(variants: Sequence[str], what: str) -> None:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown {what} {unknown}; choose from {', '.join(VARIANTS)}")
+    if any(v in TORCH_VARIANTS for v in variants):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "the PyTorch variants need torch: pip install 'jaxnet[torch]' (torch==2.13.0), "
+                "or pass --variants jax-jit,jax-scan") from None
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """Runs ``jaxnet bench``; prints the Markdown table (and the JSON line with ``--json``)."""
+    from jaxnet.bench import machine, report
+    from jaxnet.bench.suite import run_suite
+
+    log = logging.getLogger("jaxnet.bench")
+    _check_variants(args.variants, "variants")
+    tta_only = args.time_to_accuracy and not args.full
+    workloads = [] if tta_only else build_workloads(args)
+    threads = args.threads or machine.usable_cores()
+    result = run_suite(workloads, args.variants, repeats=args.repeats, threads=threads,
+                       probes=not args.no_probe, fma_units=args.fma_units, log=log.info)
+    if args.time_to_accuracy or args.full:
+        result["time_to_accuracy"] = _run_tta(args, threads, log)
+    result["config"]["command"] = _command()
+    result["config"]["commit"] = _git_commit()
+    result["machine"]["load_average_end"] = machine.load_average()
+    errors = report.validate(result)
+    if errors:
+        raise JaxnetError("the benchmark result does not match its schema: " + "; ".join(errors[:5]))
+    if args.out:
+        from jaxnet.bench.page import write_page
+
+        written = report.write_outputs(result, args.out)
+        written.append(write_page(result, args.out, [p.name for p in written if p.suffix == ".png"]))
+        log.info("wrote %s", ", ".join(str(p) for p in written))
+    print(report.markdown_tables(result), end="")
+    if args.json:
+        print(json.dumps(result))
+
+
+def _run_tta(args: argparse.Namespace, threads: int, log: logging.Logger) -> list[dict[str, Any]]:
+    from jaxnet.bench.accuracy import TTA_DEFAULT_VARIANTS, TTA_VARIANTS, time_to_accuracy
+    from jaxnet.data import load_dataset
+
+    plan = {name: args.tta_variants or TTA_DEFAULT_VARIANTS.get(name, TTA_VARIANTS) for name in args.tta_models}
+    bad = sorted({v for vs in plan.values() for v in vs if v not in TTA_VARIANTS})
+    if bad:
+        raise ConfigError(f"time to accuracy runs {', '.join(TTA_VARIANTS)}; not {bad}")
+    _check_variants([v for vs in plan.values() for v in vs], "time-to-accuracy variants")
+    data = load_dataset("mnist", data_dir=args.data_dir, download=False)
+    if data.num_train < 60000:
+        log.warning("time to accuracy on %s: not the full MNIST; pass --data-dir", data.source)
+    out = []
+    for name, variants in plan.items():
+        for variant in variants:
+            log.info("time to accuracy: %s, %s", name, variant)
+            res = time_to_accuracy(name, data, variant, max_seconds=args.tta_max_seconds, threads=threads)
+            res["dataset_source"] = data.source
+            log.info("  %s", "reached %.0f%% after %.1f s" % (100 * res["target"], res["seconds"])
+                     if res["reached"] else f"best {100 * res['final_accuracy']:.2f}% (not reached)")
+            out.append(res)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jaxnet.bench bench ...``: the subcommand on its own; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="jaxnet", description="jaxnet's benchmark suite")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    register_cli(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="jaxnet: %(message)s", stream=sys.stderr)
+    logging.getLogger("jaxnet").setLevel(logging.INFO)
+    try:
+        args.func(args)
+    except (JaxnetError, FileNotFoundError) as exc:
+        print(f"jaxnet: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

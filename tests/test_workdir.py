@@ -1,0 +1,90 @@
+"""Tests of jaxnet.workdir: one run per workdir, clear refusals, logs rewound on resume."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from jaxnet import workdir as W
+from jaxnet.errors import ConfigError, DataError
+
+
+def _all_files(root: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+CONFIG = {"model": "mlp128", "dataset": "mnist", "lr": 0.001, "seed": 0, "epochs": 2}
+
+
+def test_fresh_workdir_records_the_config(tmp_path):
+    workdir = tmp_path / "run"
+    assert W.check_workdir(workdir, CONFIG, resume=False) == workdir
+    assert W.read_config(workdir) == CONFIG
+    W.check_workdir(workdir, CONFIG, resume=True)  # the same run continues
+
+
+def test_another_run_in_the_same_workdir_is_refused(tmp_path):
+    workdir = tmp_path / "run"
+    W.check_workdir(workdir, CONFIG, resume=False)
+    (workdir / "checkpoints" / "7").mkdir(parents=True)
+    (workdir / "checkpoints" / "7" / "x").write_text("data")
+    before = _all_files(workdir)
+    other = {**CONFIG, "model": "convnet"}
+    for resume in (False, True):
+        with pytest.raises(ConfigError) as info:
+            W.check_workdir(workdir, other, resume=resume)
+        message = str(info.value)
+        assert "model: 'mlp128' in the saved run, 'convnet' now" in message
+        assert "another --workdir" in message and "dataset" not in message and "\n" not in message
+    with pytest.raises(ConfigError, match="already holds this run; pass --resume"):
+        W.check_workdir(workdir, CONFIG, resume=False)
+    assert _all_files(workdir) == before  # nothing lost or rewritten
+
+
+def test_mutable_keys_may_change_on_resume(tmp_path):
+    workdir = tmp_path / "run"
+    W.check_workdir(workdir, CONFIG, resume=False)
+    longer = {**CONFIG, "epochs": 4}
+    with pytest.raises(ConfigError, match="epochs: 2 in the saved run, 4 now"):
+        W.check_workdir(workdir, longer, resume=True)
+    W.check_workdir(workdir, longer, resume=True, mutable_keys=("epochs",))
+    assert W.read_config(workdir)["epochs"] == 4
+
+
+def test_missing_workdir_with_resume(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot resume: the workdir .*absent does not exist"):
+        W.check_workdir(tmp_path / "absent", CONFIG, resume=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no jaxnet run"):
+        W.check_workdir(tmp_path / "empty", CONFIG, resume=True)
+    assert not (tmp_path / "absent").exists()
+
+
+def test_unwritable_workdir(tmp_path):
+    # Tests may run as root, where chmod does not stop writes; a path under a
+    # regular file cannot be created by anyone.
+    (tmp_path / "file.txt").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"cannot write to the workdir .*file.txt/sub: Not a directory"):
+        W.check_workdir(tmp_path / "file.txt" / "sub", CONFIG, resume=False)
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        W.check_workdir(tmp_path / "file.txt", CONFIG, resume=False)
+    assert (tmp_path / "file.txt").read_text() == "not a folder"
+
+
+def test_damaged_config_is_named(tmp_path):
+    W.check_workdir(tmp_path, CONFIG, resume=False)
+    (tmp_path / W.CONFIG_FILE).write_text("{not json")
+    with pytest.raises(DataError, match="config.json is damaged"):
+        W.check_workdir(tmp_path, CONFIG, resume=True)
+
+
+def test_rewind_jsonl(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "split": "train", "loss": 1.0 / s} for s in (5, 10, 15, 20)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 25, "spl')
+    assert W.rewind_jsonl(log, 10) == 3
+    assert [json.loads(line) for line in log.read_text().splitlines()] == records[:2]
+    assert W.rewind_jsonl(log, 10) == 0
+    assert W.rewind_jsonl(tmp_path / "absent.jsonl", 3) == 0
