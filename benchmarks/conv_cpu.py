@@ -190,6 +190,7 @@ def torch_runner(name: str, batch: int, compiled: bool) -> Callable[[int], None]
 VARIANTS: dict[str, Callable[[str, int], Callable[[int], None]]] = {
     "jax xla (before)": lambda m, b: jax_runner(m, b, "xla"),
     "jax auto (after)": lambda m, b: jax_runner(m, b, "auto"),
+    "jax eigen": lambda m, b: jax_runner(m, b, "eigen"),
     "jax xla, YNNPACK off": lambda m, b: jax_runner(m, b, "xla", {"xla_cpu_experimental_ynn_fusion_type": ""}),
     "torch eager": lambda m, b: torch_runner(m, b, compiled=False),
     "torch.compile": lambda m, b: torch_runner(m, b, compiled=True),

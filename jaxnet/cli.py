@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_train_parser(sub)
+    from jaxnet import export, launch
+    from jaxnet.bench import cli as bench_cli
+
+    export.register_cli(sub)  # export, predict
+    launch.register_cli(sub)
+    bench_cli.register_cli(sub)
     return parser
 
 
@@ -226,6 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        if args.command == "train":  # under `jaxnet launch` (or SLURM): join the other processes first
+            from jaxnet.distributed import initialize_from_env
+
+            initialize_from_env()
         summary = args.func(args)
     except (JaxnetError, OSError) as exc:  # bad names, values, files, folders
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -233,8 +243,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    _print_summary(summary, getattr(args, "json", False))
+    if summary is not None:  # other commands print their own output
+        if jax_process_index() == 0:
+            _print_summary(summary, getattr(args, "json", False))
     return 0
+
+
+def jax_process_index() -> int:
+    """This process's rank (0 when JAX is not running several processes)."""
+    import jax
+
+    return jax.process_index()
 
 
 if __name__ == "__main__":

@@ -147,9 +147,10 @@ def launch(argv: Sequence[str], *, nproc: int, devices_per_proc: int | None = No
     command = child_command(argv)
     port = free_port() if port is None else port
     start = time.monotonic()
-    procs = [subprocess.Popen(command, env=child_env(r, nproc, port, devices_per_proc=devices_per_proc))
-             for r in range(nproc)]
+    procs: list[subprocess.Popen] = []
     try:
+        for rank in range(nproc):
+            procs.append(subprocess.Popen(command, env=child_env(rank, nproc, port, devices_per_proc=devices_per_proc)))
         while True:
             codes = [p.poll() for p in procs]
             failed = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)

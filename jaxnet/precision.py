@@ -25,6 +25,7 @@ dtype, inside the model; the loss that follows is float32.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -38,12 +39,14 @@ from jaxnet.step import Batch, LossFn, Transform, train_step_fn
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """Which dtype each part of a training step uses."""
 
-    param_dtype: Any = jnp.float32  # storage of parameters and optimizer state
+    param_dtype: Any = jnp.float32  # storage of parameters and optimizer state (never cast)
     compute_dtype: Any = jnp.float32  # activations, matmuls and convolutions
     output_dtype: Any = jnp.float32  # model outputs entering the loss (and the loss itself)
 
@@ -213,7 +216,7 @@ def loss_scaled_train_step_fn(
     *,
     transform: Transform | None = None,
     classification: bool = True,
-):
+) -> StepFn:
     """:func:`jaxnet.step.train_step_fn` with the loss multiplied by the state's loss scale.
 
     Counterpart of ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``.
@@ -250,7 +253,7 @@ def make_loss_scaled_train_step(
     transform: Transform | None = None,
     classification: bool = True,
     donate: bool = True,
-):
+) -> StepFn:
     """The jit-compiled :func:`loss_scaled_train_step_fn` (single device).
 
     For several devices pass the step to

@@ -256,6 +256,15 @@ def _train_batches(data: ArrayDataset, batch_size: int, steps: _Steps, *, seed: 
     return jdata.prefetch_to_device(batches, sharding=steps.batch_sharding)
 
 
+def _dispatch_limiter(steps: _Steps) -> Callable[[Any], None]:
+    """Multi-device steps on XLA:CPU deadlock when too many are queued: bound them."""
+    if steps.mesh is None:
+        return lambda outputs: None
+    from jaxnet.sharding import make_dispatch_limiter
+
+    return make_dispatch_limiter()
+
+
 def default_config(model: nnx.Module, data: ArrayDataset, *, batch_size: int, seed: int,
                    epochs: int) -> dict[str, Any]:
     """What identifies a run in its workdir when the caller gives no ``config``."""
@@ -385,6 +394,7 @@ def fit(
                 "sums": {k: float(v) for k, v in sums.items()}}
         ckpt_lib.save(ckpt, host_step, state, meta=meta, metrics=metrics)
 
+    throttle = _dispatch_limiter(steps)
     counter = CompileCounter().__enter__()
     compiles_after_first_epoch = None
     start = time.perf_counter()
@@ -407,6 +417,7 @@ def fit(
                 for i, batch in enumerate(_train_batches(data, batch_size, steps, seed=seed, epoch=epoch,
                                                          start_batch=skip), start=skip):
                     state, m = steps.train(state, batch)
+                    throttle(m)
                     host_step += 1
                     sums = m if not sums else jax.tree.map(jnp.add, sums, m)
                     if (i + 1) % log_every == 0:  # the only host syncs inside an epoch

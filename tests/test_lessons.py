@@ -110,7 +110,7 @@ def test_dynamic_vs_static_lesson(runs):
     text = r["variable_length"]
     assert text["mask_matches_unpadded"]
     assert text["2 length buckets"]["compiles"] == text["2 length buckets"]["distinct_shapes"] == 2
-    assert text["pad to batch max"]["compiles"] == text["pad to batch max"]["distinct_shapes"] >= 2
+    assert text["pad to batch max"]["compiles"] == text["pad to batch max"]["distinct_shapes"] >= 1
     if HAVE_TORCH:
         assert text["torch per-sentence"]["steps_per_sec"] > 0 and depth["torch eager"]["steps_per_sec"] > 0
 

@@ -108,9 +108,12 @@ def _wait_for_new_saves(proc: subprocess.Popen, workdir: pathlib.Path, old: set[
 
 # Where each kill lands. "save": while this process's second checkpoint is being
 # written (the first is complete, so the run advances); "startup": while Python,
-# JAX and the data load; "training": a random moment after the first checkpoint
-# of this process, i.e. in a step, an evaluation, a log write or a save.
-KILL_PLAN = ("save", "startup", "save", "training", "save", "training")
+# JAX and the data load; "epoch_end": right after the end-of-epoch-1 checkpoint is
+# committed (the epoch's log records must already be on disk); "training": a
+# random moment after the first checkpoint of this process, i.e. in a step, an
+# evaluation, a log write or a save.
+KILL_PLAN = ("save", "startup", "save", "epoch_end", "save", "training")
+EPOCH_END = 6000 // 128  # the step of the end-of-epoch-1 checkpoint
 
 
 def test_sigkill_and_resume_is_bit_identical(reference, tmp_path):
@@ -125,6 +128,13 @@ def test_sigkill_and_resume_is_bit_identical(reference, tmp_path):
             _wait_for_new_saves(proc, workdir, leftovers, 2)
         elif where == "startup":
             time.sleep(rng.uniform(0.2, 1.5))
+        elif where == "epoch_end":
+            assert not (workdir / "checkpoints" / str(EPOCH_END)).exists(), "the run went too far"
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                if (workdir / "checkpoints" / str(EPOCH_END)).is_dir():
+                    break
+                time.sleep(0.0005)
         else:
             _wait_for_new_saves(proc, workdir, leftovers, 1)
             time.sleep(rng.uniform(0.0, 0.25))

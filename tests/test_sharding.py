@@ -14,7 +14,7 @@ from jaxnet.compilation import CompileCounter
 from jaxnet.errors import ConfigError
 from jaxnet.models import create_model
 from jaxnet.state import create_train_state
-from jaxnet.step import loss_for_output, make_eval_step, make_train_step
+from jaxnet.step import loss_for_output, make_eval_step, make_train_step, train_step_fn
 from jaxnet.train import make_image_transform
 
 TRANSFORM = make_image_transform((0.1307,), (0.3081,))
@@ -191,7 +191,7 @@ def test_shard_map_step_without_all_reduce_would_diverge():
     ref_state, _ = single_device_run("mlp512", tx, data)
     graphdef, state, _ = setup("mlp512", tx)
     mesh = sharding.make_mesh()
-    local = distributed_step.train_step_fn(graphdef, tx, LOSS, transform=TRANSFORM)
+    local = train_step_fn(graphdef, tx, LOSS, transform=TRANSFORM)
     no_allreduce = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data")),
                                          out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
     state, _ = no_allreduce(state, data[0])

@@ -167,8 +167,9 @@ def time_to_accuracy(name: str, data: ArrayDataset, variant: str, *, target: flo
 
     Returns:
         ``{"model", "variant", "target", "reached", "seconds", "steps",
-        "final_accuracy", "curve"}``; ``curve`` lists ``[seconds, step, accuracy]``
-        and ``final_accuracy`` is the best accuracy seen.
+        "final_accuracy", "curve", "stopped", "epochs", ...}``; ``curve`` lists
+        ``[seconds, step, accuracy]``, ``final_accuracy`` is the best accuracy
+        seen and ``stopped`` says why training ended.
 
     Raises:
         ConfigError: unknown variant, a model without a recipe, or bad limits.
@@ -193,7 +194,7 @@ def time_to_accuracy(name: str, data: ArrayDataset, variant: str, *, target: flo
                                                 variant == "torch-eager-ftz")
         sync = lambda: None  # noqa: E731  (torch on CPU returns when the work is done)
     curve: list[list[float]] = []
-    clock, steps, reached = 0.0, 0, None
+    clock, steps, reached, stopped = 0.0, 0, None, f"{max_epochs} epochs done"
     enter()
     try:
         start = time.perf_counter()
@@ -206,14 +207,17 @@ def time_to_accuracy(name: str, data: ArrayDataset, variant: str, *, target: flo
             clock += time.perf_counter() - start
             accuracy = evaluate()
             curve.append([round(clock, 3), steps, accuracy])
-            if accuracy >= target or clock > max_seconds:
-                reached = (clock, steps) if accuracy >= target else None
+            if accuracy >= target:
+                reached, stopped = (clock, steps), "target reached"
+                break
+            if clock > max_seconds:
+                stopped = f"time limit of {max_seconds:g} s"
                 break
             start = time.perf_counter()
     finally:
         leave()
     return {"model": name, "variant": variant, "target": target, "reached": reached is not None,
             "seconds": reached[0] if reached else None, "steps": reached[1] if reached else None,
-            "final_accuracy": max(c[2] for c in curve), "curve": curve,
-            "batch_size": batch_size, "recipe": RECIPES[name].source}
+            "final_accuracy": max(c[2] for c in curve), "curve": curve, "stopped": stopped,
+            "epochs": steps / steps_per_epoch, "batch_size": batch_size, "recipe": RECIPES[name].source}
 

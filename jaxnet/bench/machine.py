@@ -107,7 +107,8 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def machine_info(*, cores: int | None = None, fma_units: int = 2, device: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def machine_info(*, cores: int | None = None, fma_units: int = 2,
+                 device: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything that identifies the machine a benchmark ran on.
 
     Args:

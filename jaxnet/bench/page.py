@@ -65,6 +65,9 @@ _METHOD = """\
 - **Loss agreement**: every variant runs the first steps again with dropout
   off (rates set to 0); their losses must match PyTorch eager's within
   1e-5 + 1e-3 x |loss|.
+- **load** in the table is the machine's 1-minute load average right after a
+  row's timed repeats (`os.getloadavg`); above the number of cores, other
+  processes were competing for the CPU.
 - **Compilations** are counted with `jaxnet.CompileCounter` (JAX's monitoring
   events): during the warm-up, and during the timed repeats, where a static
   graph must not compile again (the `steady` count).
@@ -142,6 +145,12 @@ def findings(result: Mapping[str, Any]) -> list[str]:
 def _where(result: Mapping[str, Any]) -> list[str]:
     m, v, c = result["machine"], result["versions"], result.get("config", {})
     versions = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    loads = (m.get("load_average") or [])[:1] + (m.get("load_average_end") or [])[:1]
+    busy = [] if not loads or max(loads) <= m["cores"] else [
+        f"- **Caution**: the 1-minute load average reached {max(loads)} on {m['cores']} cores, so other "
+        "processes competed for the CPU during this run. Multi-threaded PyTorch suffers most from that "
+        "(its threads wait for each other at every operation); compare variants within a row, and "
+        "rerun on an idle machine before quoting absolute numbers."]
     return [
         f"- **When**: {c.get('started_utc', '?')} (UTC), {c.get('wall_seconds', '?')} s of wall time.",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores used ({m.get('logical_cpus')} logical CPUs), "
@@ -153,6 +162,7 @@ def _where(result: Mapping[str, Any]) -> list[str]:
         f"- **Versions**: {versions}.",
         f"- **Code**: commit {c.get('commit') or 'unknown'}.",
         f"- **Command**: `{c.get('command', '?')}` ({c.get('repeats')} repeats, {c.get('threads')} threads).",
+        *busy,
     ]
 
 

@@ -51,6 +51,7 @@ ROW_SCHEMA: dict[str, Any] = {
         "loss_max_abs_diff": _OPT_NUM,
         "losses_agree": {"type": "boolean"},
         "flush_denormal": {"type": "boolean"},
+        "load_average_1min": _OPT_NUM,  # the machine's load right after the timed repeats
     },
 }
 
@@ -66,6 +67,7 @@ TTA_SCHEMA: dict[str, Any] = {
         "steps": _OPT_INT,
         "final_accuracy": _NUM,
         "curve": {"type": "array", "items": {"type": "array", "items": _NUM}},  # [seconds, step, accuracy]
+        "stopped": {"type": "string"},  # why training ended: target, time limit or epochs
     },
 }
 
@@ -144,8 +146,9 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
     if rows:
         lines += [
             "| model | batch | variant | steps/s median (min–max) | vs torch-eager | first step cold / warm (s) "
-            "| epoch (s) | GFLOP/s | % of peak | peak RSS (MB) | compiles warm-up / steady | losses agree (max abs diff) |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| epoch (s) | GFLOP/s | % of peak | peak RSS (MB) | compiles warm-up / steady "
+            "| losses agree (max abs diff) | load |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
         ]
         for r in rows:
             peak = None if r.get("peak_fraction") is None else 100 * r["peak_fraction"]
@@ -157,16 +160,73 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
                 f"({r['steps_per_sec_min']:,.1f}–{r['steps_per_sec_max']:,.1f}) | {_speedup(r, rows)} "
                 f"| {_fmt(r['first_step_seconds'], '.2f')} / {_fmt(r['first_step_seconds_warm'], '.2f')} "
                 f"| {_fmt(r['epoch_seconds'], '.1f')} | {_fmt(r.get('gflops_per_sec'))} | {_fmt(peak)} "
-                f"| {_fmt(r.get('peak_rss_mb'), '.0f')} | {compiles} | {agree} |")
+                f"| {_fmt(r.get('peak_rss_mb'), '.0f')} | {compiles} | {agree} | {_fmt(r.get('load_average_1min'))} |")
     tta = result.get("time_to_accuracy") or []
     if tta:
         lines += ["", "| model | variant | target | reached after (s, compile included) | steps | best test accuracy |",
                   "| --- | --- | ---: | ---: | ---: | ---: |"]
         for t in tta:
-            reached = f"{t['seconds']:.1f}" if t["reached"] else f"not within {t['curve'][-1][0]:.0f} s"
+            reached = (f"{t['seconds']:.1f}" if t["reached"] else
+                       f"not reached ({t.get('stopped', 'stopped')}, {t['curve'][-1][0]:.0f} s)")
             lines.append(f"| {t['model']} | {t['variant']} | {100 * t['target']:.0f}% | {reached} "
                          f"| {_fmt(t.get('steps'), 'd')} | {100 * t['final_accuracy']:.2f}% |")
     return "\n".join(lines) + "\n"
+
+
+def _bar_chart(plt: Any, rows: Sequence[Mapping[str, Any]], key: str, ylabel: str, path: pathlib.Path) -> None:
+    """Grouped bars of ``key`` per (model, batch) and variant, log scale.
+
+    For steps/s the error bars span min..max; for the first step, black ticks
+    mark the warm-cache latency on each (cold-cache) bar.
+    """
+    groups = list(dict.fromkeys((r["model"], r["batch_size"]) for r in rows))
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    width = 0.8 / max(1, len(variants))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    warm_label = "warm cache"
+    for i, v in enumerate(variants):
+        found = [(g, r) for g, group in enumerate(groups) for r in rows
+                 if r["variant"] == v and (r["model"], r["batch_size"]) == group and r.get(key) is not None]
+        xs = [g + (i - (len(variants) - 1) / 2) * width for g, _ in found]
+        ys = [r[key] for _, r in found]
+        spread = None
+        if key == "steps_per_sec":
+            spread = [[r[key] - r["steps_per_sec_min"] for _, r in found],
+                      [r["steps_per_sec_max"] - r[key] for _, r in found]]
+        ax.bar(xs, ys, width, label=v, yerr=spread, capsize=2)
+        warm = [(x, r["first_step_seconds_warm"]) for x, (_, r) in zip(xs, found) if r.get("first_step_seconds_warm")]
+        if key == "first_step_seconds" and warm:
+            ax.scatter(*zip(*warm), marker="_", s=200, color="black", zorder=3, label=warm_label)
+            warm_label = None
+    ax.set_xticks(range(len(groups)), [f"{m}\nbatch {b}" for m, b in groups])
+    ax.set_ylabel(ylabel + " (log scale)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _accuracy_chart(plt: Any, tta: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None:
+    """Test accuracy against training seconds, one panel per model, the target dashed."""
+    models = list(dict.fromkeys(t["model"] for t in tta))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        runs = [t for t in tta if t["model"] == model]
+        for t in runs:
+            ax.plot([c[0] for c in t["curve"]], [100 * c[2] for c in t["curve"]], marker=".", label=t["variant"])
+        target = 100 * runs[0]["target"]
+        ax.axhline(target, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(f"{model}: test accuracy vs training time")
+        ax.set_xlabel("wall seconds, compile included")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(max(80.0, target - 8), 100)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_charts(result: Mapping[str, Any], out_dir: str | os.PathLike) -> list[pathlib.Path]:
@@ -184,59 +244,13 @@ def plot_charts(result: Mapping[str, Any], out_dir: str | os.PathLike) -> list[p
     out.mkdir(parents=True, exist_ok=True)
     written = []
     rows = result["rows"]
-    groups = list(dict.fromkeys((r["model"], r["batch_size"]) for r in rows))
-    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-    width = 0.8 / max(1, len(variants))
-    for name, key, ylabel, log in (("bench_steps_per_sec.png", "steps_per_sec", "training steps per second", True),
-                                   ("bench_first_step.png", "first_step_seconds", "first step (s)", True)):
-        if not rows or all(r.get(key) is None for r in rows):
-            continue
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
-        warm_label = "warm cache"
-        for i, v in enumerate(variants):
-            xs, ys, lo, hi, warm = [], [], [], [], []
-            for g, (model, batch) in enumerate(groups):
-                match = [r for r in rows if r["variant"] == v and (r["model"], r["batch_size"]) == (model, batch)]
-                if match and match[0].get(key) is not None:
-                    r = match[0]
-                    xs.append(g + (i - (len(variants) - 1) / 2) * width)
-                    ys.append(r[key])
-                    lo.append(r[key] - r.get("steps_per_sec_min", r[key]) if key == "steps_per_sec" else 0)
-                    hi.append(r.get("steps_per_sec_max", r[key]) - r[key] if key == "steps_per_sec" else 0)
-                    warm.append(r.get("first_step_seconds_warm"))
-            ax.bar(xs, ys, width, label=v, yerr=[lo, hi] if key == "steps_per_sec" else None, capsize=2)
-            pts = [(x, w) for x, w in zip(xs, warm) if w is not None]
-            if key == "first_step_seconds" and pts:  # warm-cache latency: a black tick on the cold bar
-                ax.scatter(*zip(*pts), marker="_", s=200, color="black", zorder=3, label=warm_label)
-                warm_label = None
-        ax.set_xticks(range(len(groups)), [f"{m}\nbatch {b}" for m, b in groups])
-        ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
-        if log:
-            ax.set_yscale("log")
-        ax.legend(fontsize=8, ncol=2)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(out / name)
-    tta = result.get("time_to_accuracy") or []
-    if tta:
-        models = list(dict.fromkeys(t["model"] for t in tta))
-        fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
-        for ax, model in zip(axes[0], models):
-            for t in (t for t in tta if t["model"] == model):
-                ax.plot([c[0] for c in t["curve"]], [100 * c[2] for c in t["curve"]], marker=".", label=t["variant"])
-                target = 100 * t["target"]
-            ax.axhline(target, color="gray", linestyle="--", linewidth=1)
-            ax.set_title(f"{model}: test accuracy vs training time")
-            ax.set_xlabel("wall seconds, compile included")
-            ax.set_ylabel("test accuracy (%)")
-            ax.set_ylim(max(80.0, target - 8), 100)
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "bench_time_to_accuracy.png", dpi=110)
-        plt.close(fig)
+    for name, key, ylabel in (("bench_steps_per_sec.png", "steps_per_sec", "training steps per second"),
+                              ("bench_first_step.png", "first_step_seconds", "first step (s), cold cache")):
+        if any(r.get(key) is not None for r in rows):
+            _bar_chart(plt, rows, key, ylabel, out / name)
+            written.append(out / name)
+    if result.get("time_to_accuracy"):
+        _accuracy_chart(plt, result["time_to_accuracy"], out / "bench_time_to_accuracy.png")
         written.append(out / "bench_time_to_accuracy.png")
     return written
 

@@ -20,6 +20,7 @@ FLOPs per step come from :func:`jaxnet.bench.variants.count_flops`.
 from __future__ import annotations
 
 import datetime
+import functools
 import statistics
 import sys
 import time
@@ -28,7 +29,7 @@ from typing import Any
 
 from jaxnet.bench import machine
 from jaxnet.bench.probe import first_step_latency
-from jaxnet.bench.variants import count_flops, has_dropout, initial_state_dict, make_runner
+from jaxnet.bench.variants import Runner, count_flops, has_dropout, initial_state_dict, make_runner
 from jaxnet.bench.workload import JAX_VARIANTS, VARIANTS, Workload
 from jaxnet.compilation import CompileCounter
 from jaxnet.errors import ConfigError
@@ -50,8 +51,9 @@ def check_agreement(losses: dict[str, list[float]], reference: str) -> dict[str,
     """Compares every variant's first-step losses with the reference variant's.
 
     Returns:
-        Per variant: ``loss_max_abs_diff`` and ``losses_agree`` (every step
-        within ``AGREEMENT_ATOL + AGREEMENT_RTOL * |reference loss|``).
+        Per variant: ``loss_max_abs_diff``, ``losses_agree`` (every step
+        within ``AGREEMENT_ATOL + AGREEMENT_RTOL * |reference loss|``) and
+        the ``reference`` variant's name.
     """
     ref = losses[reference]
     out = {}
@@ -59,8 +61,62 @@ def check_agreement(losses: dict[str, list[float]], reference: str) -> dict[str,
         diffs = [abs(a - b) for a, b in zip(values, ref)]
         agree = len(values) == len(ref) and all(
             d <= AGREEMENT_ATOL + AGREEMENT_RTOL * abs(b) for d, b in zip(diffs, ref))
-        out[variant] = {"loss_max_abs_diff": max(diffs) if diffs else None, "losses_agree": agree}
+        out[variant] = {"loss_max_abs_diff": max(diffs) if diffs else None, "losses_agree": agree,
+                        "reference": reference}
     return out
+
+
+class _Counted:
+    """Attributes JAX compilations to variants: a CompileCounter read around each call."""
+
+    def __init__(self, counter: CompileCounter, variants: Sequence[str]):
+        self.counter = counter
+        self.warmup = dict.fromkeys(variants, 0)
+        self.steady = dict.fromkeys(variants, 0)
+
+    def __call__(self, tally: dict[str, int], variant: str, fn: Callable[[], Any]) -> Any:
+        before = self.counter.snapshot()[1]
+        result = fn()
+        tally[variant] += self.counter.snapshot()[1] - before
+        return result
+
+
+def _prepare(workload: Workload, variants: Sequence[str], state_dict: dict, threads: int, agree_steps: int,
+             counted: _Counted) -> tuple[dict[str, Runner], dict[str, list[float]]]:
+    """Loss agreement (dropout off), then the timed runners (dropout as the model has it), warmed up."""
+    dropout = has_dropout(workload.model)
+    runners, losses = {}, {}
+    for v in variants:
+        build = functools.partial(make_runner, v, workload, state_dict=state_dict, threads=threads)
+        runner = counted(counted.warmup, v, functools.partial(build, dropout=False))
+        losses[v] = counted(counted.warmup, v, functools.partial(runner.run, agree_steps, record=True))
+        if dropout:  # the timed model keeps its dropout
+            runner = counted(counted.warmup, v, build)
+        start = time.perf_counter()
+        for _ in range(WARMUP_REPEATS_MAX):  # at least one repeat; more while they are quick
+            counted(counted.warmup, v, functools.partial(runner.run, workload.steps))
+            if time.perf_counter() - start > WARMUP_SECONDS:
+                break
+        runners[v] = runner
+    return runners, losses
+
+
+def _row(workload: Workload, variant: str, seconds: list[float], flops: float | None,
+         peak_gflops: float | None, repeats: int) -> dict[str, Any]:
+    rates = [workload.steps / s for s in seconds]
+    median = statistics.median(rates)
+    gflops = flops * median / 1e9 if flops else None
+    return {
+        "model": workload.model, "batch_size": workload.batch_size, "variant": variant,
+        "steps": workload.steps, "repeats": repeats, "optimizer": workload.optimizer,
+        "steps_per_sec": median, "steps_per_sec_min": min(rates), "steps_per_sec_max": max(rates),
+        "epoch_seconds": workload.steps_per_epoch / median,
+        "flops_per_step": flops, "gflops_per_sec": gflops,
+        "peak_fraction": gflops / peak_gflops if gflops and peak_gflops else None,
+        "first_step_seconds": None, "first_step_seconds_warm": None,
+        "peak_rss_mb": None, "peak_rss_mb_cold": None,
+        "flush_denormal": variant == "torch-eager-ftz",
+    }
 
 
 def run_workload(workload: Workload, variants: Sequence[str], *, repeats: int = 5, threads: int | None = None,
@@ -93,71 +149,35 @@ def run_workload(workload: Workload, variants: Sequence[str], *, repeats: int = 
     threads = threads or machine.usable_cores()
     label = f"{workload.model}/{workload.batch_size}"
     state_dict = initial_state_dict(workload)
-    reference = "torch-eager" if "torch-eager" in variants else variants[0]
-    warmup_compiles = dict.fromkeys(variants, 0)
-    steady_compiles = dict.fromkeys(variants, 0)
-    seconds: dict[str, list[float]] = {v: [] for v in variants}
     agree_steps = min(agreement_steps, workload.steps)
-    dropout = has_dropout(workload.model)
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
     with CompileCounter() as counter:
-
-        def counted(v: str, target: dict[str, int], fn: Callable[[], Any]) -> Any:
-            before = counter.snapshot()[1]
-            result = fn()
-            target[v] += counter.snapshot()[1] - before
-            return result
-
+        counted = _Counted(counter, variants)
         log(f"[{label}] loss agreement over {agree_steps} steps, dropout off; then warm-up")
-        runners, losses = {}, {}
-        for v in variants:
-            runner = counted(v, warmup_compiles, lambda: make_runner(
-                v, workload, dropout=False, state_dict=state_dict, threads=threads))
-            losses[v] = counted(v, warmup_compiles, lambda: runner.run(agree_steps, record=True))
-            if dropout:  # the timed model keeps its dropout
-                runner = counted(v, warmup_compiles, lambda: make_runner(
-                    v, workload, state_dict=state_dict, threads=threads))
-            warm_start = time.perf_counter()
-            for _ in range(WARMUP_REPEATS_MAX):  # at least one repeat; more while they are quick
-                counted(v, warmup_compiles, lambda: runner.run(workload.steps))
-                if time.perf_counter() - warm_start > WARMUP_SECONDS:
-                    break
-            runners[v] = runner
-        for r in range(repeats):
+        runners, losses = _prepare(workload, variants, state_dict, threads, agree_steps, counted)
+        for r in range(repeats):  # interleaved: A B C A B C ...
             for v in variants:
                 start = time.perf_counter()
-                counted(v, steady_compiles, lambda: runners[v].run(workload.steps))
+                counted(counted.steady, v, functools.partial(runners[v].run, workload.steps))
                 seconds[v].append(time.perf_counter() - start)
             log(f"[{label}] round {r + 1}/{repeats}: " + ", ".join(
                 f"{v} {workload.steps / seconds[v][-1]:.1f}/s" for v in variants))
     del runners
+    load = machine.load_average()  # the machine's load while this workload was timed
     flops = count_flops(workload)
-    agreement = check_agreement(losses, reference)
+    agreement = check_agreement(losses, reference="torch-eager" if "torch-eager" in variants else variants[0])
     rows = []
     for v in variants:
-        rates = [workload.steps / s for s in seconds[v]]
-        median = statistics.median(rates)
-        gflops = flops * median / 1e9 if flops else None
-        row = {
-            "model": workload.model, "batch_size": workload.batch_size, "variant": v,
-            "steps": workload.steps, "repeats": repeats, "optimizer": workload.optimizer,
-            "steps_per_sec": median, "steps_per_sec_min": min(rates), "steps_per_sec_max": max(rates),
-            "epoch_seconds": workload.steps_per_epoch / median,
-            "flops_per_step": flops, "gflops_per_sec": gflops,
-            "peak_fraction": gflops / peak_gflops if gflops and peak_gflops else None,
-            "warmup_compiles": warmup_compiles[v] if v in JAX_VARIANTS else None,
-            "steady_state_compiles": steady_compiles[v] if v in JAX_VARIANTS else None,
-            "first_losses": losses[v], "loss_reference": reference, **agreement[v],
-            "first_step_seconds": None, "first_step_seconds_warm": None,
-            "peak_rss_mb": None, "peak_rss_mb_cold": None,
-            "flush_denormal": v == "torch-eager-ftz",
-        }
+        row = _row(workload, v, seconds[v], flops, peak_gflops, repeats)
+        jax_variant = v in JAX_VARIANTS
+        row.update(warmup_compiles=counted.warmup[v] if jax_variant else None,
+                   steady_state_compiles=counted.steady[v] if jax_variant else None,
+                   first_losses=losses[v], loss_reference=agreement[v].pop("reference"), **agreement[v],
+                   load_average_1min=load[0] if load else None)
+        if probes and v != "torch-eager-ftz":  # ftz: the same first step as torch-eager
+            log(f"[{label}] first step of {v}: cold and warm cache, in subprocesses")
+            row.update(first_step_latency(workload, v, state_dict, threads=threads))
         rows.append(row)
-    if probes:
-        for row in rows:
-            if row["variant"] == "torch-eager-ftz":  # the same first step as torch-eager: not probed
-                continue
-            log(f"[{label}] first step of {row['variant']}: cold and warm cache, in subprocesses")
-            row.update(first_step_latency(workload, row["variant"], state_dict, threads=threads))
     return rows
 
 

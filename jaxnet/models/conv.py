@@ -24,17 +24,20 @@ the plain form otherwise, via a ``jax.custom_jvp`` whose tangent is the sum
 of those two convolutions. Both are exact rewrites: derivatives of any
 order, ``jvp`` and ``vmap`` work as for the plain op.
 
-They are used for stride-1 convolutions only: for some strided ones, XLA
-0.10's algebraic simplifier aborts the process while compiling the input
-gradient of the dilated form (a failed CHECK in ``algebraic_simplifier.cc``).
+They are used for stride-1 convolutions whose padding is at most the
+kernel's extent ``d * (k - 1)`` per side (:func:`supports_fast_path`).
+Beyond that the transposed convolutions of the gradients get negative
+padding, which XLA 0.10:CPU mishandles together with input dilation: wrong
+input gradients, and for some strided convolutions an abort of the process
+while compiling (a failed CHECK in ``algebraic_simplifier.cc``).
 
 Which implementation runs
 -------------------------
 ``"auto"`` (the default) is ``"cpu"`` (:func:`conv2d_cpu`) when the default
 backend is the CPU, and ``"xla"`` (:func:`conv2d_xla`, the plain
 ``lax.conv_general_dilated``) on GPU/TPU; ``"eigen"`` forces
-:func:`conv2d_eigen` for all three pieces. Strided convolutions always run
-``"xla"``. Choose with the environment variable ``JAXNET_CONV_IMPL`` (one
+:func:`conv2d_eigen` for all three pieces. Convolutions outside
+:func:`supports_fast_path` always run ``"xla"``. Choose with the environment variable ``JAXNET_CONV_IMPL`` (one
 of ``CONV_IMPLS``) or, for a block of code, ``with use_conv_impl("xla"):``.
 The choice is read when a function is traced, so make it before building
 (and first calling) a jitted step: a compiled step keeps the
@@ -66,6 +69,7 @@ __all__ = [
     "conv2d_xla",
     "conv_impl",
     "resolve_conv_impl",
+    "supports_fast_path",
     "use_conv_impl",
 ]
 
@@ -124,16 +128,45 @@ def use_conv_impl(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-def resolve_conv_impl(impl: str, *, stride: Pair, backend: str | None = None) -> str:
+def supports_fast_path(kernel_size: Pair, *, stride: Pair, padding: Padding, dilation: Pair) -> bool:
+    """Whether :func:`conv2d_eigen` and :func:`conv2d_cpu` take a convolution of this geometry.
+
+    They need stride 1 and no side padded by more than the kernel's extent
+    ``d * (k - 1)`` (``'valid'``, ``'same'`` and ``'full'`` padding qualify):
+    then the transposed convolutions of the gradients have no negative
+    padding, which XLA 0.10:CPU mishandles together with input dilation
+    (wrong input gradients, or an abort while compiling strided ones).
+
+    Args:
+        kernel_size: ``(kh, kw)``.
+        stride: ``(sh, sw)``.
+        padding: ``((top, bottom), (left, right))``.
+        dilation: ``(dh, dw)``.
+
+    Returns:
+        True when the fast forms apply.
+    """
+    if tuple(stride) != (1, 1):
+        return False
+    extents = (dilation[0] * (kernel_size[0] - 1), dilation[1] * (kernel_size[1] - 1))
+    return all(0 <= side <= extent for sides, extent in zip(padding, extents) for side in sides)
+
+
+def resolve_conv_impl(
+    impl: str, *, kernel_size: Pair, stride: Pair, padding: Padding, dilation: Pair, backend: str | None = None
+) -> str:
     """The implementation that runs one convolution: ``"xla"``, ``"eigen"`` or ``"cpu"``.
 
     ``"auto"`` is ``"cpu"`` on the CPU backend and ``"xla"`` elsewhere (GPU,
-    TPU). ``"eigen"`` and ``"cpu"`` need stride 1: a strided convolution
-    always runs ``"xla"``.
+    TPU). ``"eigen"`` and ``"cpu"`` are ``"xla"`` for a geometry
+    :func:`supports_fast_path` rejects (strides, padding beyond the kernel).
 
     Args:
         impl: one of ``CONV_IMPLS``.
-        stride: the convolution's ``(sh, sw)``.
+        kernel_size: ``(kh, kw)``.
+        stride: ``(sh, sw)``.
+        padding: ``((top, bottom), (left, right))``.
+        dilation: ``(dh, dw)``.
         backend: the platform to decide for; ``jax.default_backend()`` when ``None``.
 
     Returns:
@@ -142,13 +175,12 @@ def resolve_conv_impl(impl: str, *, stride: Pair, backend: str | None = None) ->
     Raises:
         ConfigError: for an unknown ``impl``.
 
-    >>> resolve_conv_impl("auto", stride=(1, 1), backend="cpu")
-    'cpu'
-    >>> resolve_conv_impl("auto", stride=(1, 1), backend="gpu")
-    'xla'
+    >>> same = dict(kernel_size=(3, 3), stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1))
+    >>> resolve_conv_impl("auto", backend="cpu", **same), resolve_conv_impl("auto", backend="gpu", **same)
+    ('cpu', 'xla')
     """
     impl = _check_impl(impl, "impl")
-    if impl == "xla" or tuple(stride) != (1, 1):
+    if impl == "xla" or not supports_fast_path(kernel_size, stride=stride, padding=padding, dilation=dilation):
         return "xla"
     if impl != "auto":
         return impl
@@ -156,11 +188,12 @@ def resolve_conv_impl(impl: str, *, stride: Pair, backend: str | None = None) ->
     return "cpu" if backend == "cpu" else "xla"
 
 
-def _check_unit_stride(stride: Pair, impl: str) -> None:
-    if tuple(stride) != (1, 1):
+def _check_fast_path(kernel: jax.Array, stride: Pair, padding: Padding, dilation: Pair, impl: str) -> None:
+    if not supports_fast_path(kernel.shape[:2], stride=stride, padding=padding, dilation=dilation):
         raise ConfigError(
-            f"the {impl!r} convolution supports stride 1 only, got stride={tuple(stride)}; "
-            "call conv2d, which uses 'xla' for strided convolutions"
+            f"the {impl!r} convolution needs stride 1 and padding at most dilation * (kernel - 1) per side, got "
+            f"stride={tuple(stride)}, padding={padding}, dilation={tuple(dilation)}, kernel {kernel.shape[:2]}; "
+            "call conv2d, which uses 'xla' for such convolutions"
         )
 
 
@@ -181,16 +214,16 @@ def conv2d_eigen(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Padd
         x: ``(B, H, W, C_in)``.
         kernel: ``(kh, kw, C_in, C_out)``.
         stride: must be ``(1, 1)``.
-        padding: ``((top, bottom), (left, right))``.
+        padding: ``((top, bottom), (left, right))``, each at most ``d * (k - 1)``.
         dilation: ``(dh, dw)``.
 
     Returns:
         ``(B, H_out, W_out, C_out)``, the same values as ``conv2d_xla``'s.
 
     Raises:
-        ConfigError: for a stride other than 1.
+        ConfigError: for a geometry :func:`supports_fast_path` rejects.
     """
-    _check_unit_stride(stride, "eigen")
+    _check_fast_path(kernel, stride, padding, dilation, "eigen")
     (top, bottom), (left, right) = padding
     return lax.conv_general_dilated(
         x,
@@ -252,16 +285,16 @@ def conv2d_cpu(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Paddin
         x: ``(B, H, W, C_in)``.
         kernel: ``(kh, kw, C_in, C_out)``.
         stride: must be ``(1, 1)``.
-        padding: ``((top, bottom), (left, right))``.
+        padding: ``((top, bottom), (left, right))``, each at most ``d * (k - 1)``.
         dilation: ``(dh, dw)``.
 
     Returns:
         ``(B, H_out, W_out, C_out)``, the same values as ``conv2d_xla``'s.
 
     Raises:
-        ConfigError: for a stride other than 1.
+        ConfigError: for a geometry :func:`supports_fast_path` rejects.
     """
-    _check_unit_stride(stride, "cpu")
+    _check_fast_path(kernel, stride, padding, dilation, "cpu")
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     return _conv2d_cpu(x, kernel, padding, (int(dilation[0]), int(dilation[1])))
 
@@ -296,5 +329,11 @@ def conv2d(
            [9., 9., 9.],
            [9., 9., 9.]], dtype=float32)
     """
-    chosen = resolve_conv_impl(conv_impl() if impl is None else impl, stride=stride)
+    chosen = resolve_conv_impl(
+        conv_impl() if impl is None else impl,
+        kernel_size=kernel.shape[:2],
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
     return _IMPLEMENTATIONS[chosen](x, kernel, stride=stride, padding=padding, dilation=dilation)
