@@ -14,6 +14,7 @@ Commands (2-core CPU; see benchmarks/CONV_CPU.md for results)::
     python benchmarks/conv_cpu.py                       # steps table, all workloads
     python benchmarks/conv_cpu.py --layers              # conv2 forward/backward pieces
     python benchmarks/conv_cpu.py --workloads convnet:256 --repeats 7 --json out.json
+    python benchmarks/conv_cpu.py --mnist --data-dir ../shared/data   # 99% recipe, wall time
 
 Each number is the median of ``--repeats`` repetitions of about ``--seconds``
 seconds each, after compilation and warm-up; FLOP/s count the model's useful
@@ -220,7 +221,7 @@ def measure(runners: dict[str, Callable[[int], None]], repeats: int, seconds: fl
 
 def conv2_pieces(batch: int) -> dict[str, dict[str, Callable[[], jax.Array]]]:
     """Compiled pieces of the ConvNet's conv2 (26x26x32 -> 24x24x64) for each way of computing it."""
-    from jaxnet.models.conv import conv2d_eigen, conv2d_xla
+    from jaxnet.models.conv import conv2d_cpu, conv2d_eigen, conv2d_xla
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.random((batch, 26, 26, 32), dtype=np.float32))
@@ -233,8 +234,9 @@ def conv2_pieces(batch: int) -> dict[str, dict[str, Callable[[], jax.Array]]]:
         return patches @ w.reshape(9 * 32, 64)
 
     ways = {
-        "xla (YNNPACK)": (lambda x, w: conv2d_xla(x, w, **geometry), None),
-        "eigen (jaxnet auto)": (lambda x, w: conv2d_eigen(x, w, **geometry), None),
+        "xla (before)": (lambda x, w: conv2d_xla(x, w, **geometry), None),
+        "cpu (auto, after)": (lambda x, w: conv2d_cpu(x, w, **geometry), None),
+        "eigen": (lambda x, w: conv2d_eigen(x, w, **geometry), None),
         "xla, YNNPACK off": (lambda x, w: conv2d_xla(x, w, **geometry), {"xla_cpu_experimental_ynn_fusion_type": ""}),
         "im2col + matmul": (im2col, None),
     }
@@ -364,6 +366,29 @@ def run_layers(args: argparse.Namespace) -> dict:
     return {f"{way}/{piece}": t for (way, piece), t in times.items()}
 
 
+def run_mnist(args: argparse.Namespace) -> dict:
+    """The ConvNet on real MNIST with ``jaxnet.train.fit``: wall time (compilation included) and test accuracy."""
+    from jaxnet.data import load_dataset, num_batches
+    from jaxnet.optim import create_optimizer, create_schedule
+    from jaxnet.train import fit
+
+    start = time.perf_counter()
+    data = load_dataset("mnist", data_dir=args.data_dir, download=False)
+    steps_per_epoch = num_batches(data.num_train, args.batch_size, drop_last=True)
+    schedule = create_schedule("warmup_cosine", args.lr, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
+                               warmup_steps=steps_per_epoch // 5)
+    tx = create_optimizer("adam", schedule)
+    result = fit(create_model("convnet", seed=args.seed), data, tx, epochs=args.epochs, batch_size=args.batch_size,
+                 output="log_probs", seed=args.seed, progress=False)
+    wall = time.perf_counter() - start
+    print(f"\nMNIST ConvNet, Adam warmup_cosine peak {args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
+          f"seed {args.seed}: test accuracy {result.summary['test_accuracy']:.4f}, {wall:.1f} s wall "
+          f"(data loading, compilation and evaluation included), load {os.getloadavg()[0]:.1f}")
+    for record in result.history:
+        print({k: v for k, v in record.items() if not isinstance(v, (list, dict))})
+    return {"wall_s": wall, "summary": result.summary, "history": result.history}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="convnet:64,convnet:256,cifar_cnn:100,mlp:64",
@@ -372,11 +397,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="length of one repetition")
     parser.add_argument("--layers", action="store_true", help="time conv2's pieces instead of whole steps")
+    parser.add_argument("--mnist", action="store_true", help="train the ConvNet on real MNIST instead")
+    parser.add_argument("--data-dir", default=None, help="folder holding mnist/ (for --mnist)")
+    parser.add_argument("--epochs", type=int, default=2, help="for --mnist")
+    parser.add_argument("--batch-size", type=int, default=128, help="for --mnist")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate, for --mnist")
+    parser.add_argument("--seed", type=int, default=0, help="for --mnist")
     parser.add_argument("--json", default=None, help="also write the raw numbers here")
     args = parser.parse_args(argv)
     info = header()
     print(json.dumps(info))
-    out = {"machine": info, "layers" if args.layers else "steps": run_layers(args) if args.layers else run_steps(args)}
+    if args.mnist:
+        out = {"machine": info, "mnist": run_mnist(args)}
+    elif args.layers:
+        out = {"machine": info, "layers": run_layers(args)}
+    else:
+        out = {"machine": info, "steps": run_steps(args)}
     out["load_after"] = os.getloadavg()
     print(f"load average after: {out['load_after']}")
     if args.json:

@@ -7,56 +7,44 @@ The public API at a glance; each name lives in a small module of its own::
     model = models.create_model("mlp", seed=0)
     tx = optim.create_optimizer("adam", 1e-3)
     result = fit(model, dataset, tx, epochs=5, batch_size=64)
+
+Submodules are imported on first use (PEP 562), so that ``jaxnet.export``'s
+loader runs without importing the models, flax or optax.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from jaxnet.errors import ConfigError, DataError, JaxnetError
 
 __version__ = "0.1.0"
 
-from jaxnet import data, losses, metrics, models, optim
-from jaxnet.compilation import CompileCounter
-from jaxnet.data import ArrayDataset, iterate_batches, load_dataset, prefetch_to_device
-from jaxnet.errors import ConfigError, DataError, JaxnetError
-from jaxnet.models import MODELS, create_model
-from jaxnet.optim import create_optimizer, create_schedule
-from jaxnet.state import TrainState, create_train_state, merge_model
-from jaxnet.step import (
-    loss_for_output,
-    make_eval_step,
-    make_predict_fn,
-    make_scan_epoch,
-    make_train_step,
-    train_step_fn,
-)
-from jaxnet.train import FitResult, evaluate, fit, make_image_transform
+_SUBMODULES = ("checkpoint", "data", "export", "interop", "losses", "metrics", "models", "optim")
+_EXPORTS = {  # name -> module that defines it
+    "CompileCounter": "jaxnet.compilation",
+    "ArrayDataset": "jaxnet.data", "iterate_batches": "jaxnet.data",
+    "load_dataset": "jaxnet.data", "prefetch_to_device": "jaxnet.data",
+    "MODELS": "jaxnet.models", "create_model": "jaxnet.models",
+    "create_optimizer": "jaxnet.optim", "create_schedule": "jaxnet.optim",
+    "TrainState": "jaxnet.state", "create_train_state": "jaxnet.state", "merge_model": "jaxnet.state",
+    "loss_for_output": "jaxnet.step", "make_eval_step": "jaxnet.step", "make_predict_fn": "jaxnet.step",
+    "make_scan_epoch": "jaxnet.step", "make_train_step": "jaxnet.step", "train_step_fn": "jaxnet.step",
+    "FitResult": "jaxnet.train", "evaluate": "jaxnet.train", "fit": "jaxnet.train",
+    "make_image_transform": "jaxnet.train",
+}
 
-__all__ = [
-    "MODELS",
-    "ArrayDataset",
-    "CompileCounter",
-    "ConfigError",
-    "DataError",
-    "FitResult",
-    "JaxnetError",
-    "TrainState",
-    "create_model",
-    "create_optimizer",
-    "create_schedule",
-    "create_train_state",
-    "data",
-    "evaluate",
-    "fit",
-    "iterate_batches",
-    "load_dataset",
-    "loss_for_output",
-    "losses",
-    "make_eval_step",
-    "make_image_transform",
-    "make_predict_fn",
-    "make_scan_epoch",
-    "make_train_step",
-    "merge_model",
-    "metrics",
-    "models",
-    "optim",
-    "prefetch_to_device",
-    "train_step_fn",
-]
+__all__ = sorted(["ConfigError", "DataError", "JaxnetError", *_SUBMODULES, *_EXPORTS])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"jaxnet.{name}")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jaxnet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

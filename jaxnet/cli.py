@@ -49,8 +49,8 @@ def _positive_float(text: str) -> float:
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    from jaxnet.models import MODELS
     from jaxnet.optim import OPTIMIZERS, SCHEDULES
+    from jaxnet.recipes import RECIPES  # one recipe per model; importing it loads no model code
 
     p = sub.add_parser(
         "train",
@@ -61,7 +61,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="mlp", choices=sorted(MODELS), help="tutorial model to train")
+    p.add_argument("--model", default="mlp", choices=sorted(RECIPES), help="tutorial model to train")
     p.add_argument("--dataset", default=None,
                    help="mnist, cifar10, linear or tfds:NAME (default: the model's data set)")
     p.add_argument("--data-dir", default=None,
@@ -213,14 +213,25 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         print(f"test loss (MSE): {summary['test_loss']:.6f}")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (tests and notebooks swap it)."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging() -> None:
     """jaxnet's notices as ``jaxnet: ...`` lines on stderr; other libraries' chatter muted."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     log = logging.getLogger("jaxnet")
-    log.handlers[:] = [handler]
+    log.handlers[:] = [h for h in log.handlers if not isinstance(h, _StderrHandler)] + [handler]
     log.setLevel(logging.INFO)
-    log.propagate = False
     for noisy in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

@@ -185,6 +185,7 @@ class ExportedModel:
         Raises:
             DataError: inputs of the wrong shape or dtype (the message shows
                 the expected ones and how to convert).
+            ConfigError: the default device is not a platform it was exported for.
         """
         x = np.asarray(images)
         want = self.input_shape

@@ -96,6 +96,11 @@ class MetricsLogger:
         for name, value in arrays.items():
             self._writer.add_histogram(name, np.asarray(value), int(step))
 
+    def flush(self) -> None:
+        """Writes buffered TensorBoard events to disk (before a checkpoint, so a crash loses none)."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
         """Flushes and closes the files; safe to call twice."""
         if self._file is not None:

@@ -354,6 +354,11 @@ def fit(
         from jaxnet.sharding import check_batch_divisible
 
         check_batch_divisible(batch_size, devices)
+    if fsdp and workdir is not None and jax.process_count() > 1:
+        raise ConfigError(
+            "checkpoints of an FSDP-sharded state spread over several processes are not supported; "
+            "drop --fsdp (data parallel) or --workdir for a multi-process run"
+        )
     if resume and workdir is None:
         raise ConfigError("resume needs the workdir of the run to continue (--workdir W --resume)")
     main_process = jax.process_index() == 0
@@ -392,6 +397,7 @@ def fit(
             return
         meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": seed, "history": history,
                 "sums": {k: float(v) for k, v in sums.items()}}
+        logger.flush()  # the logs up to this step are on disk before the checkpoint is
         ckpt_lib.save(ckpt, host_step, state, meta=meta, metrics=metrics)
 
     throttle = _dispatch_limiter(steps)
@@ -437,7 +443,7 @@ def fit(
             record.update({f"test_{k}": v for k, v in test.items()})
             history.append(record)
             logger.log(host_step, "epoch", record)
-            logger.histograms(host_step, _param_arrays(state.params))
+            logger.histograms(host_step, _param_arrays(_on_host(state.params)))
             sums = {}
             save(epoch + 1, 0, {k: v for k, v in record.items() if k.startswith("test_")})
             if main_process:
@@ -460,7 +466,7 @@ def fit(
         "steps": host_step,
         "batch_size": batch_size,
         "params": count_params(state.params),
-        "params_sha256": integrity.params_sha256(state.params),
+        "params_sha256": integrity.params_sha256(_on_host(state.params)),
         "train_seconds": round(total_seconds, 3),
         "num_devices": 1 if steps.mesh is None else int(steps.mesh.size),
         "num_processes": jax.process_count(),
@@ -474,6 +480,15 @@ def fit(
     if regression:
         summary["test_accuracy"] = None
     return FitResult(graphdef=steps.graphdef, state=state, history=history, summary=summary)
+
+
+def _on_host(tree: Any) -> Any:
+    """The whole of ``tree`` readable in this process; a collective when several processes run."""
+    if jax.process_count() == 1:
+        return tree
+    from jaxnet.distributed import gather_to_host
+
+    return gather_to_host(tree)
 
 
 def _peak_rss_mb() -> float:

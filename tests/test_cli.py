@@ -116,3 +116,12 @@ def test_wrong_model_for_data_is_a_one_line_error(capsys):
 def test_parser_defaults_follow_the_recipe():
     args = build_parser().parse_args(["train"])
     assert args.model == "mlp" and args.epochs is None and args.optimizer is None
+
+
+def test_every_model_has_a_recipe():
+    from jaxnet.models import MODELS
+    from jaxnet.recipes import RECIPES
+
+    assert sorted(RECIPES) == sorted(MODELS)
+    for name, recipe in RECIPES.items():
+        assert recipe.dataset == MODELS[name].default_dataset

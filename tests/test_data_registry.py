@@ -61,7 +61,7 @@ def test_no_download_and_empty_cache_gives_the_sample(tmp_path, monkeypatch):
     monkeypatch.delenv("JAXNET_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert load_dataset("mnist", download=False).num_train == 6000
-    with pytest.raises(DataError, match=r"cifar10 is not available \(download=False\)"):
+    with pytest.raises(DataError, match=r"cifar10 is not available \(downloading is off \(--no-download / download=False\)\)"):
         load_dataset("cifar10", download=False)
 
 
