@@ -26,6 +26,7 @@ with ``torch.set_flush_denormal(True)`` (see /work/shared/NOTES.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jaxnet.models import MODELS, create_model  # noqa: E402
+from jaxnet.models import MODELS, create_model, layers  # noqa: E402
 from jaxnet.models.conv import use_conv_impl  # noqa: E402
 from jaxnet.state import create_train_state  # noqa: E402
 from jaxnet.step import loss_for_output, make_train_step, train_step_fn  # noqa: E402
@@ -128,12 +129,29 @@ def optimizer(name: str) -> tuple[optax.GradientTransformation, str, float]:
     return optax.sgd(0.01, momentum=0.9), "sgd", 0.01
 
 
-def jax_runner(name: str, batch: int, impl: str, compiler_options: dict | None = None) -> Callable[[int], None]:
-    """``run(n)`` takes n jaxnet train steps (convolution implementation ``impl``) and waits for them."""
+@contextlib.contextmanager
+def original_max_pool() -> Iterator[None]:
+    """Traces ``max_pool2d`` as before this change: a reduce-max over the window axes (JAX's tie-splitting gradient)."""
+    saved = layers._window_max
+    layers._window_max = lambda windows: windows.max(axis=(2, 4))
+    try:
+        yield
+    finally:
+        layers._window_max = saved
+
+
+def jax_runner(
+    name: str, batch: int, impl: str, compiler_options: dict | None = None, *, before: bool = False
+) -> Callable[[int], None]:
+    """``run(n)`` takes n jaxnet train steps (convolution implementation ``impl``) and waits for them.
+
+    ``before`` also traces max-pooling the way jaxnet did before this change,
+    so that the step is exactly the old one.
+    """
     images, labels = make_batch(name, batch)
     batch_arrays = {"image": jax.device_put(images), "label": jax.device_put(labels)}
     tx, _, _ = optimizer(name)
-    with use_conv_impl(impl):
+    with use_conv_impl(impl), original_max_pool() if before else contextlib.nullcontext():
         graphdef, state = create_train_state(create_model(name, seed=0), tx, seed=0)
         loss_fn = loss_for_output(MODELS[name].output)
         if compiler_options is None:
@@ -189,7 +207,8 @@ def torch_runner(name: str, batch: int, compiled: bool) -> Callable[[int], None]
 
 
 VARIANTS: dict[str, Callable[[str, int], Callable[[int], None]]] = {
-    "jax xla (before)": lambda m, b: jax_runner(m, b, "xla"),
+    "jax before": lambda m, b: jax_runner(m, b, "xla", before=True),
+    "jax xla conv, new pool": lambda m, b: jax_runner(m, b, "xla"),
     "jax auto (after)": lambda m, b: jax_runner(m, b, "auto"),
     "jax eigen": lambda m, b: jax_runner(m, b, "eigen"),
     "jax xla, YNNPACK off": lambda m, b: jax_runner(m, b, "xla", {"xla_cpu_experimental_ynn_fusion_type": ""}),
@@ -198,8 +217,38 @@ VARIANTS: dict[str, Callable[[str, int], Callable[[int], None]]] = {
 }
 
 
-def measure(runners: dict[str, Callable[[int], None]], repeats: int, seconds: float) -> dict[str, list[float]]:
-    """Steps/s of each runner, ``repeats`` times, interleaved; each repetition lasts about ``seconds``."""
+def cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of the machine's CPU time spent busy over ``interval`` seconds (``/proc/stat``)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(interval)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_for_idle(max_busy: float, timeout: float) -> float:
+    """Waits (up to ``timeout`` s) until other processes use less than ``max_busy`` of the CPUs; returns the last busy fraction."""
+    deadline = time.monotonic() + timeout
+    busy = cpu_busy()
+    while busy > max_busy and time.monotonic() < deadline:
+        busy = cpu_busy()
+    return busy
+
+
+def measure(
+    runners: dict[str, Callable[[int], None]], repeats: int, seconds: float, *, max_busy: float = 1.0,
+    idle_timeout: float = 0.0,
+) -> dict[str, list[float]]:
+    """Steps/s of each runner, ``repeats`` times, interleaved; each repetition lasts about ``seconds``.
+
+    Before each round (one repetition of every runner) it waits up to
+    ``idle_timeout`` seconds for the machine to be idle (busy below ``max_busy``).
+    """
     counts = {}
     for name, run in runners.items():
         run(2)  # warm-up (torch.compile compiles here)
@@ -209,6 +258,8 @@ def measure(runners: dict[str, Callable[[int], None]], repeats: int, seconds: fl
         counts[name] = max(2, math.ceil(seconds / per_step))
     rates: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
+        if idle_timeout > 0:
+            wait_for_idle(max_busy, idle_timeout)
         for name, run in runners.items():
             start = time.perf_counter()
             run(counts[name])
@@ -318,6 +369,8 @@ def header() -> dict:
 def run_steps(args: argparse.Namespace) -> dict:
     results = {}
     peak_nominal, how = nominal_peak()
+    if args.idle_timeout > 0:
+        wait_for_idle(args.max_busy, args.idle_timeout)
     peak_measured = matmul_peak(args.seconds, args.repeats)
     peak = max(peak_nominal, peak_measured)
     print(f"fp32 peak: nominal {peak_nominal:.0f} GFLOP/s ({how}); 2048^3 matmul best {peak_measured:.0f}; using {peak:.0f}")
@@ -326,7 +379,7 @@ def run_steps(args: argparse.Namespace) -> dict:
         batch = int(batch)
         variants = [v for v in VARIANTS if not args.variants or v in args.variants.split(";")]
         runners = {v: VARIANTS[v](name, batch) for v in variants}
-        rates = measure(runners, args.repeats, args.seconds)
+        rates = measure(runners, args.repeats, args.seconds, max_busy=args.max_busy, idle_timeout=args.idle_timeout)
         flops = useful_flops(name, batch)
         eager = statistics.median(rates["torch eager"]) if "torch eager" in rates else float("nan")
         print(f"\n{name}, batch {batch}: {flops / 1e9:.2f} GFLOP/step, load {os.getloadavg()[0]:.1f}")
@@ -397,6 +450,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="length of one repetition")
     parser.add_argument("--layers", action="store_true", help="time conv2's pieces instead of whole steps")
+    parser.add_argument("--idle-timeout", type=float, default=120.0,
+                        help="before each round, wait up to this many seconds for an idle machine (0: never wait)")
+    parser.add_argument("--max-busy", type=float, default=0.15, help="CPU fraction that counts as idle")
     parser.add_argument("--mnist", action="store_true", help="train the ConvNet on real MNIST instead")
     parser.add_argument("--data-dir", default=None, help="folder holding mnist/ (for --mnist)")
     parser.add_argument("--epochs", type=int, default=2, help="for --mnist")

@@ -21,6 +21,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,6 +111,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="give up on a time-to-accuracy run after this much training time")
     p.add_argument("--data-dir", default=None, help="folder holding mnist/ (default: $JAXNET_DATA_DIR, cache)")
     p.add_argument("--out", default=None, help="write bench.json, bench.md, PNG charts and static_vs_dynamic.md here")
+    p.add_argument("--render", default=None, metavar="BENCH_JSON",
+                   help="measure nothing: rewrite the table, charts and page of --out from an earlier bench.json")
     p.add_argument("--fma-units", type=_positive(int), default=2, help="FMA units per core, for the peak FLOP/s")
     p.add_argument("--json", action="store_true", help="end with the whole result as one JSON line")
     p.set_defaults(func=run_bench)
@@ -176,10 +179,14 @@ def _check_variants(variants: Sequence[str], what: str) -> None:
 
 def run_bench(args: argparse.Namespace) -> None:
     """Runs ``jaxnet bench``; prints the Markdown table (and the JSON line with ``--json``)."""
-    from jaxnet.bench import machine, report
+    from jaxnet.bench import machine
     from jaxnet.bench.suite import run_suite
 
     log = logging.getLogger("jaxnet.bench")
+    if args.render:
+        _render(args, log)
+        return
+    start = time.perf_counter()
     _check_variants(args.variants, "variants")
     tta_only = args.time_to_accuracy and not args.full
     workloads = [] if tta_only else build_workloads(args)
@@ -188,21 +195,39 @@ def run_bench(args: argparse.Namespace) -> None:
                        probes=not args.no_probe, fma_units=args.fma_units, log=log.info)
     if args.time_to_accuracy or args.full:
         result["time_to_accuracy"] = _run_tta(args, threads, log)
+    result["config"]["suite_seconds"] = result["config"].pop("wall_seconds")
+    result["config"]["wall_seconds"] = round(time.perf_counter() - start, 1)  # suite + time to accuracy
     result["config"]["command"] = _command()
     result["config"]["commit"] = _git_commit()
     result["machine"]["load_average_end"] = machine.load_average()
+    _publish(result, args, log)
+
+
+def _publish(result: dict[str, Any], args: argparse.Namespace, log: logging.Logger) -> None:
+    """Validates ``result``; writes the outputs to ``--out``; prints the table (and JSON line)."""
+    from jaxnet.bench import report
+    from jaxnet.bench.page import write_page
+
     errors = report.validate(result)
     if errors:
         raise JaxnetError("the benchmark result does not match its schema: " + "; ".join(errors[:5]))
     if args.out:
-        from jaxnet.bench.page import write_page
-
         written = report.write_outputs(result, args.out)
         written.append(write_page(result, args.out, [p.name for p in written if p.suffix == ".png"]))
         log.info("wrote %s", ", ".join(str(p) for p in written))
     print(report.markdown_tables(result), end="")
     if args.json:
         print(json.dumps(result))
+
+
+def _render(args: argparse.Namespace, log: logging.Logger) -> None:
+    """``--render FILE``: the outputs of an earlier run, from its ``bench.json``, without measuring."""
+    try:
+        with open(args.render, encoding="utf-8") as f:
+            result = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise JaxnetError(f"{args.render} is not a bench.json written by `jaxnet bench --out`: {exc}") from None
+    _publish(result, args, log)
 
 
 def _run_tta(args: argparse.Namespace, threads: int, log: logging.Logger) -> list[dict[str, Any]]:

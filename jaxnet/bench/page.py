@@ -74,7 +74,9 @@ _METHOD = """\
 - **Time to accuracy** trains on the real MNIST with each model's tutorial
   recipe (same initial weights, same shuffled order on both sides) and
   evaluates on the 10,000 test images every quarter epoch; the clock includes
-  JAX's compilation and stops during evaluation.
+  JAX's compilation and stops during evaluation. Each is a single run (not
+  repeated), so a burst of other work on the machine shows up in it directly:
+  look for a flat stretch in the curves.
 """
 
 _LESSONS = """\
@@ -138,8 +140,21 @@ def findings(result: Mapping[str, Any]) -> list[str]:
     for t in result.get("time_to_accuracy") or []:
         state = f"{t['seconds']:.1f} s ({t['steps']} steps)" if t["reached"] else "not reached"
         lines.append(f"- Time to {100 * t['target']:.0f}% on MNIST, {t['model']}, `{t['variant']}`: {state}; "
-                     f"best {100 * t['final_accuracy']:.2f}%.")
+                     f"best {100 * t['final_accuracy']:.2f}%{_stall(t['curve'])}.")
     return lines
+
+
+def _stall(curve: Sequence[Sequence[float]]) -> str:
+    """Names the slowest stretch of a time-to-accuracy curve if it ran 3x slower than the median stretch."""
+    rates = [((b[0] - a[0]) / (b[1] - a[1]), a, b) for a, b in zip(curve, curve[1:]) if b[1] - a[1] >= 10]
+    if len(rates) < 3:
+        return ""
+    typical = statistics.median(r for r, _, _ in rates)
+    worst, a, b = max(rates)
+    if worst <= 3 * typical:
+        return ""
+    return (f" (steps {a[1]:.0f}-{b[1]:.0f} took {b[0] - a[0]:.1f} s, {worst / typical:.0f}x the run's "
+            "median pace: other work on the machine, most likely)")
 
 
 def _where(result: Mapping[str, Any]) -> list[str]:
@@ -152,7 +167,10 @@ def _where(result: Mapping[str, Any]) -> list[str]:
         "(its threads wait for each other at every operation); compare variants within a row, and "
         "rerun on an idle machine before quoting absolute numbers."]
     return [
-        f"- **When**: {c.get('started_utc', '?')} (UTC), {c.get('wall_seconds', '?')} s of wall time.",
+        f"- **When**: {c.get('started_utc', '?')} (UTC); " + (
+            f"{c['wall_seconds']} s of wall time ({c['suite_seconds']} s for the measurements table, "
+            "the rest for time to accuracy)." if "suite_seconds" in c else
+            f"{c.get('wall_seconds', '?')} s of wall time for the measurements table."),
         f"- **Machine**: {m['cpu']}, {m['cores']} cores used ({m.get('logical_cpus')} logical CPUs), "
         f"{m['mhz']:.0f} MHz, {m.get('vector')}; fp32 peak {m['peak_gflops']} GFLOP/s = {m.get('peak_formula')}.",
         f"- **Device**: JAX on {m.get('device', {}).get('platform', '?')}; PyTorch on CPU.",

@@ -159,7 +159,7 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
                 f"| {r['model']} | {r['batch_size']} | {r['variant']} | {r['steps_per_sec']:,.1f} "
                 f"({r['steps_per_sec_min']:,.1f}–{r['steps_per_sec_max']:,.1f}) | {_speedup(r, rows)} "
                 f"| {_fmt(r['first_step_seconds'], '.2f')} / {_fmt(r['first_step_seconds_warm'], '.2f')} "
-                f"| {_fmt(r['epoch_seconds'], '.1f')} | {_fmt(r.get('gflops_per_sec'))} | {_fmt(peak)} "
+                f"| {_fmt(r['epoch_seconds'], '.3g')} | {_fmt(r.get('gflops_per_sec'), '.3g')} | {_fmt(peak, '.2g')} "
                 f"| {_fmt(r.get('peak_rss_mb'), '.0f')} | {compiles} | {agree} | {_fmt(r.get('load_average_1min'))} |")
     tta = result.get("time_to_accuracy") or []
     if tta:

@@ -37,11 +37,14 @@ Which implementation runs
 backend is the CPU, and ``"xla"`` (:func:`conv2d_xla`, the plain
 ``lax.conv_general_dilated``) on GPU/TPU; ``"eigen"`` forces
 :func:`conv2d_eigen` for all three pieces. Convolutions outside
-:func:`supports_fast_path` always run ``"xla"``. Choose with the environment variable ``JAXNET_CONV_IMPL`` (one
-of ``CONV_IMPLS``) or, for a block of code, ``with use_conv_impl("xla"):``.
-The choice is read when a function is traced, so make it before building
-(and first calling) a jitted step: a compiled step keeps the
-implementation it was traced with.
+:func:`supports_fast_path` always run ``"xla"``. Choose with the
+environment variable ``JAXNET_CONV_IMPL`` (one of ``CONV_IMPLS``) or, for a
+block of code, ``with use_conv_impl("xla"):``. The choice is read when a
+function is traced, so make it before building (and first calling) a
+jitted step: a compiled step keeps the implementation it was traced with.
+
+Convolutions inside ``lax.scan`` (``fit(scan=True)``) run 50-80x slower
+than in a plain jitted step on XLA 0.10:CPU, whichever implementation.
 """
 
 from __future__ import annotations
