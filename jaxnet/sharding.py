@@ -36,7 +36,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxnet.errors import ConfigError
 from jaxnet.state import TrainState
-from jaxnet.step import Batch, LossFn, Transform, make_predict_fn, train_step_fn
+from jaxnet.step import Batch, LossFn, Transform, eval_step_fn, train_step_fn
 
 DATA_AXIS = "data"
 # Arrays smaller than this many elements stay replicated under FSDP: splitting
@@ -298,14 +298,8 @@ def make_sharded_eval_step(
     Returns:
         The compiled evaluation step.
     """
-    predict = make_predict_fn(graphdef, transform=transform)
-
-    def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-        outputs = predict(state, batch["image"])
-        per_example = jax.vmap(lambda o, y: loss_fn(o[None], y[None]))(outputs, batch["label"])
-        return {"outputs": outputs, "loss": per_example}
-
-    return jax.jit(eval_step, in_shardings=(shardings, replicated(mesh)), out_shardings=replicated(mesh))
+    return jax.jit(eval_step_fn(graphdef, loss_fn, transform=transform),
+                   in_shardings=(shardings, replicated(mesh)), out_shardings=replicated(mesh))
 
 
 def shard_batch(batch: Batch, mesh: Mesh, *, axis: str = DATA_AXIS) -> Batch:

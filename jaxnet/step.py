@@ -247,6 +247,13 @@ def make_eval_step(
         ``eval_step(state, batch)`` returning the model's ``outputs`` ``(B, K)``
         and the per-example ``loss`` ``(B,)``.
     """
+    return jax.jit(eval_step_fn(graphdef, loss_fn, transform=transform))
+
+
+def eval_step_fn(
+    graphdef: nnx.GraphDef, loss_fn: LossFn, *, transform: Transform | None = None
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """The un-jitted evaluation step that :func:`make_eval_step` (and the sharded one) compile."""
     predict = make_predict_fn(graphdef, transform=transform)
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, Any]:
@@ -254,4 +261,4 @@ def make_eval_step(
         per_example = jax.vmap(lambda o, y: loss_fn(o[None], y[None]))(outputs, batch["label"])
         return {"outputs": outputs, "loss": per_example}
 
-    return jax.jit(eval_step)
+    return eval_step
