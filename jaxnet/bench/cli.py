@@ -8,7 +8,7 @@ Examples::
     jaxnet bench                                   # tutorial models, all variants
     jaxnet bench --model mlp --batch-size 64,512 --variants torch-eager,jax-jit --steps 50 --repeats 5
     jaxnet bench --quick --json                    # CI: one small model, few steps
-    jaxnet bench --time-to-accuracy --data-dir ../shared/data
+    jaxnet bench --time-to-accuracy --data-dir DIR
     jaxnet bench --full --out docs/                # the published run (< 15 min on 2 cores)
 """
 

@@ -194,7 +194,7 @@ def render_page(result: Mapping[str, Any], charts: Sequence[str] = ()) -> str:
         "own models: the same training, from the same weights, on the same batches, on one machine.",
         "",
         "Regenerate everything on this page (tables, charts, numbers) with `python -m benchmarks.run` "
-        "(or `jaxnet bench --full --out docs/ --data-dir ../shared/data`).",
+        "(or `jaxnet bench --full --out docs/ --data-dir DIR`, DIR holding mnist/ and cifar10/).",
         "",
         "## Where and when this ran",
         "",
