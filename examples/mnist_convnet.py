@@ -9,8 +9,10 @@ on fc1's 2-D output (deprecated in PyTorch, where it drops whole rows) is the
 plain ``Dropout(0.5)`` of PyTorch's example.
 
 Command:  python examples/mnist_convnet.py --data-dir ../shared/data
-Measured: see the README's "Examples" table (real MNIST, this 2-core CPU), and
-the last line this script prints.
+Measured (2-core x86-64 CPU, jax 0.10.2, 2026-11-27, real MNIST, seed 0,
+with ``jaxnet train --model convnet``, which runs this recipe): 99.06% test
+accuracy after 5 epochs (98.50% after the first), 354 s of training on a
+machine shared with other jobs (42-50 s per epoch when it was quieter).
 """
 
 from __future__ import annotations
