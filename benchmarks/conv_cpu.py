@@ -437,8 +437,9 @@ def run_mnist(args: argparse.Namespace) -> dict:
     print(f"\nMNIST ConvNet, Adam warmup_cosine peak {args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
           f"seed {args.seed}: test accuracy {result.summary['test_accuracy']:.4f}, {wall:.1f} s wall "
           f"(data loading, compilation and evaluation included), load {os.getloadavg()[0]:.1f}")
+    keys = ("epoch", "epoch_seconds", "train_accuracy", "test_accuracy")
     for record in result.history:
-        print({k: v for k, v in record.items() if not isinstance(v, (list, dict))})
+        print({k: round(record[k], 4) if isinstance(record[k], float) else record[k] for k in keys if k in record})
     return {"wall_s": wall, "summary": result.summary, "history": result.history}
 
 

@@ -95,7 +95,7 @@ def conv_impl() -> str:
     """The convolution implementation in effect: ``use_conv_impl``'s, else ``$JAXNET_CONV_IMPL``, else ``"auto"``.
 
     Returns:
-        ``"auto"``, ``"xla"`` or ``"eigen"``.
+        One of ``CONV_IMPLS``: ``"auto"``, ``"xla"``, ``"eigen"`` or ``"cpu"``.
 
     Raises:
         ConfigError: if ``$JAXNET_CONV_IMPL`` names no implementation.
@@ -114,8 +114,8 @@ def use_conv_impl(name: str) -> Iterator[None]:
     keeps the implementation it was traced with.
 
     Args:
-        name: ``"auto"``, ``"xla"`` (plain ``lax.conv_general_dilated``) or
-            ``"eigen"`` (see the module docstring).
+        name: ``"auto"``, ``"xla"`` (plain ``lax.conv_general_dilated``),
+            ``"eigen"`` or ``"cpu"`` (see the module docstring).
 
     Raises:
         ConfigError: for any other name.
