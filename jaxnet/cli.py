@@ -140,6 +140,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from jaxnet import data, models, optim, train
     from jaxnet.recipes import RECIPES
 
+    if (args.checkpoint_every or args.resume) and not args.workdir:
+        raise ConfigError("--checkpoint-every and --resume need --workdir W (where the checkpoints live)")
     recipe = RECIPES[args.model]
     spec = models.MODELS[args.model]
     dataset_name = args.dataset or recipe.dataset
@@ -172,6 +174,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     opt_kwargs = {k: v for k, v in opt_kwargs.items() if v is not None}  # None: PyTorch's default
     if optimizer in ("sgd", "rmsprop"):
         opt_kwargs["momentum"] = momentum
+    elif args.momentum is not None:
+        raise ConfigError(f"--momentum applies to sgd and rmsprop, not {optimizer}; drop it or pick one of those")
     if args.nesterov:
         opt_kwargs["nesterov"] = True
     tx = optim.create_optimizer(optimizer, schedule, **opt_kwargs)
@@ -179,8 +183,6 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         from jaxnet.accumulation import with_grad_accumulation
 
         tx = with_grad_accumulation(tx, args.grad_accum)
-    if (args.checkpoint_every or args.resume) and not args.workdir:
-        raise ConfigError("--checkpoint-every and --resume need --workdir W (where the checkpoints live)")
     config = {"model": args.model, "dataset": dataset.name, "batch_size": batch_size, "epochs": epochs,
               "optimizer": optimizer, "lr": lr, "schedule": schedule_name, "momentum": momentum,
               "weight_decay": args.weight_decay, "seed": args.seed, "augment": args.augment,
