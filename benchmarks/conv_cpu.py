@@ -48,56 +48,6 @@ from jaxnet.models.conv import use_conv_impl  # noqa: E402
 from jaxnet.state import create_train_state  # noqa: E402
 from jaxnet.step import loss_for_output, make_train_step, train_step_fn  # noqa: E402
 
-# --- The tutorials' PyTorch models (as in tests/test_models.py) ---------------------
-
-
-def torch_models() -> dict[str, Callable[[], object]]:
-    """The PyTorch reference modules, built lazily so that importing this file needs no torch."""
-    import torch.nn as nn
-    import torch.nn.functional as F
-    import torch
-
-    class TorchMLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2, self.fc3 = nn.Linear(784, 512), nn.Linear(512, 256), nn.Linear(256, 10)
-            self.dropout1, self.dropout2 = nn.Dropout(0.2), nn.Dropout(0.2)
-
-        def forward(self, x):
-            x = x.view(-1, 784)
-            x = self.dropout1(F.relu(self.fc1(x)))
-            x = self.dropout2(F.relu(self.fc2(x)))
-            return self.fc3(x)
-
-    class TorchConvNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, 1), nn.Conv2d(32, 64, 3, 1)
-            self.dropout1, self.dropout2 = nn.Dropout2d(0.25), nn.Dropout(0.5)
-            self.fc1, self.fc2 = nn.Linear(9216, 128), nn.Linear(128, 10)
-
-        def forward(self, x):
-            x = F.relu(self.conv1(x))
-            x = F.relu(self.conv2(x))
-            x = self.dropout1(F.max_pool2d(x, 2))
-            x = self.dropout2(F.relu(self.fc1(torch.flatten(x, 1))))
-            return F.log_softmax(self.fc2(x), dim=1)
-
-    class TorchCifarCNN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1)
-            self.conv2 = nn.Conv2d(16, 32, kernel_size=3, stride=1, padding=1)
-            self.pool1, self.pool2 = nn.MaxPool2d(2, 2), nn.MaxPool2d(2, 2)
-            self.fc1, self.fc2 = nn.Linear(32 * 8 * 8, 128), nn.Linear(128, 10)
-
-        def forward(self, x):
-            out = self.pool2(self.conv2(self.pool1(self.conv1(x))))
-            return self.fc2(self.fc1(out.view(out.size(0), -1)))
-
-    return {"mlp": TorchMLP, "convnet": TorchConvNet, "cifar_cnn": TorchCifarCNN}
-
-
 # --- Workloads ------------------------------------------------------------------------
 
 
@@ -177,8 +127,12 @@ def torch_runner(name: str, batch: int, compiled: bool) -> Callable[[int], None]
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    model = torch_models()[name]()
-    model.train()
+    from jaxnet.bench.torch_models import build_torch_model
+    from jaxnet.interop import to_torch_state_dict
+    from jaxnet.models import create_model
+
+    # the PyTorch twin of the tutorial model, holding the same initial weights as the jax side
+    model = build_torch_model(name, to_torch_state_dict(create_model(name, seed=0)))
     _, opt_name, lr = optimizer(name)
     opt = torch.optim.Adam(model.parameters(), lr) if opt_name == "adam" else torch.optim.SGD(
         model.parameters(), lr, momentum=0.9
