@@ -210,6 +210,10 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     print(f"model {summary['model']} on {summary['dataset']} ({summary['dataset_source']})")
     print(f"{summary['epochs']} epochs, {summary['steps']} steps in {summary['train_seconds']:.1f} s "
           f"({summary['compilations']} compilations, {summary['steady_state_compilations']} after epoch 1)")
+    if summary.get("checkpoint_seconds"):
+        share = summary["checkpoint_seconds"] / max(summary["train_seconds"], 1e-9)
+        print(f"checkpoints: the training loop waited {summary['checkpoint_seconds']:.2f} s for saves "
+              f"({100 * share:.1f}% of its time)")
     if summary.get("test_accuracy") is not None:
         print(f"test accuracy: {100 * summary['test_accuracy']:.2f}%")
     else:

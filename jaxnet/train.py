@@ -397,9 +397,12 @@ def fit(
             return
         meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": seed, "history": history,
                 "sums": {k: float(v) for k, v in sums.items()}}
+        t = time.perf_counter()
         logger.flush()  # the logs up to this step are on disk before the checkpoint is
         ckpt_lib.save(ckpt, host_step, state, meta=meta, metrics=metrics)
+        blocked["checkpoint"] += time.perf_counter() - t
 
+    blocked = {"checkpoint": 0.0}  # seconds the training loop waited for saves
     throttle = _dispatch_limiter(steps)
     counter = CompileCounter().__enter__()
     compiles_after_first_epoch = None
@@ -454,7 +457,9 @@ def fit(
         counter.__exit__(None, None, None)
         logger.close()
         if ckpt is not None:
+            t = time.perf_counter()
             ckpt_lib.close(ckpt)  # waits for the last asynchronous save
+            blocked["checkpoint"] += time.perf_counter() - t
     total_seconds = time.perf_counter() - start
     if workdir is not None and main_process:
         plot_curves(history, os.path.join(workdir, CURVES_FILE))
@@ -468,6 +473,7 @@ def fit(
         "params": count_params(state.params),
         "params_sha256": integrity.params_sha256(_on_host(state.params)),
         "train_seconds": round(total_seconds, 3),
+        "checkpoint_seconds": round(blocked["checkpoint"], 3),
         "num_devices": 1 if steps.mesh is None else int(steps.mesh.size),
         "num_processes": jax.process_count(),
         "precision": precision,

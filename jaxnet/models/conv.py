@@ -31,6 +31,16 @@ padding, which XLA 0.10:CPU mishandles together with input dilation: wrong
 input gradients, and for some strided convolutions an abort of the process
 while compiling (a failed CHECK in ``algebraic_simplifier.cc``).
 
+The plain op has the first problem too: XLA 0.10:CPU's input gradient of a
+stride-1 convolution padded beyond the kernel's extent intermittently holds
+garbage (values it never wrote). On the CPU, :func:`conv2d` therefore zero-pads
+the excess explicitly (``lax.pad``, whose gradient is a slice) and convolves
+with the rest, for every implementation; the fast forms then apply too. The
+second problem is upstream and not worked around: ``jax.grad`` of some tiny
+strided convolutions aborts the process while compiling, e.g. input
+``(2, 5, 6, 3)``, kernel ``(3, 2)``, stride ``(1, 2)``, padding
+``((0, 1), (1, 1))``, dilation ``(2, 1)`` (``benchmarks/CONV_CPU.md``).
+
 Which implementation runs
 -------------------------
 ``"auto"`` (the default) is ``"cpu"`` (:func:`conv2d_cpu`) when the default
@@ -302,6 +312,30 @@ def conv2d_cpu(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Paddin
     return _conv2d_cpu(x, kernel, padding, (int(dilation[0]), int(dilation[1])))
 
 
+def _pad_beyond_extent(x: jax.Array, kernel_size: Pair, padding: Padding, dilation: Pair) -> tuple[jax.Array, Padding]:
+    """Moves the padding beyond the kernel's extent out of the convolution, into an explicit ``lax.pad``.
+
+    XLA 0.10:CPU computes the input gradient of a stride-1 convolution padded
+    by more than ``d * (k - 1)`` on a side wrongly, whichever kernel runs it:
+    that gradient is a convolution with negative padding, and its result
+    holds values read from memory it never wrote (e.g. 2e9 where 0.3 is
+    right; ``tests/test_conv.py``). Zero-padding first and convolving with
+    the rest is the same function, and the gradient of the pad is a slice.
+    Negative padding (cropping) is left alone.
+
+    Returns:
+        ``(x, padding)``: the input with the excess zero rows and columns
+        added, and the padding left for the convolution (at most the extent).
+    """
+    extents = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+    inner = tuple((min(lo, ext), min(hi, ext)) for (lo, hi), ext in zip(padding, extents))
+    outer = [(lo - a, hi - b) for (lo, hi), (a, b) in zip(padding, inner)]
+    if not any(lo > 0 or hi > 0 for lo, hi in outer):
+        return x, padding
+    config = [(0, 0, 0), (*outer[0], 0), (*outer[1], 0), (0, 0, 0)]
+    return lax.pad(x, jnp.zeros((), x.dtype), config), inner
+
+
 _IMPLEMENTATIONS = {"xla": conv2d_xla, "eigen": conv2d_eigen, "cpu": conv2d_cpu}
 
 
@@ -332,6 +366,8 @@ def conv2d(
            [9., 9., 9.],
            [9., 9., 9.]], dtype=float32)
     """
+    if tuple(stride) == (1, 1) and jax.default_backend() == "cpu":
+        x, padding = _pad_beyond_extent(x, kernel.shape[:2], padding, dilation)
     chosen = resolve_conv_impl(
         conv_impl() if impl is None else impl,
         kernel_size=kernel.shape[:2],

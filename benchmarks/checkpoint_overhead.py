@@ -1,0 +1,124 @@
+"""What checkpointing every epoch costs: ``jaxnet train`` with and without ``--workdir``.
+
+Runs the CLI's training path (``jaxnet.cli.run_train``, the model's tutorial
+recipe) in this one process, alternately without a workdir and with one
+(an Orbax checkpoint, TensorBoard scalars and parameter histograms at every
+epoch end), in ABBA order so that a drift in the machine's load hits both
+alike. Each run reports ``train_seconds`` (the whole training loop: steps,
+evaluation, and with a workdir the saves and the wait for the last one to be
+committed) and ``checkpoint_seconds`` (the part of it the loop spent blocked
+in saves). The overhead is the median over pairs of the per-pair ratio.
+
+Commands (results in benchmarks/CHECKPOINTS.md)::
+
+    python benchmarks/checkpoint_overhead.py --data-dir ../shared/data
+    python benchmarks/checkpoint_overhead.py --data-dir ../shared/data --model cifar_cnn --epochs 2 --pairs 3
+    python benchmarks/checkpoint_overhead.py --model mlp --no-download --epochs 1 --pairs 1   # embedded sample, seconds
+
+The first run of the process pays compilation for both kinds alike (the
+compiled step is cached across runs of the same model), so one warm-up run
+without a workdir comes first and is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def one_run(train_args: list[str], workdir: str | None) -> dict:
+    """Trains once through the CLI's code path; the summary (stdout and the progress bar silenced)."""
+    from jaxnet import cli
+
+    argv = ["train", *train_args, "--no-progress"] + (["--workdir", workdir] if workdir else [])
+    args = cli.build_parser().parse_args(argv)
+    with contextlib.redirect_stderr(io.StringIO()):  # the per-epoch lines
+        return cli.run_train(args)
+
+
+def measure(train_args: list[str], pairs: int) -> dict:
+    """``pairs`` (without, with) pairs in ABBA order, after one uncounted warm-up run."""
+    one_run(train_args, None)
+    runs: dict[str, list[dict]] = {"without": [], "with": []}
+    for i in range(pairs):
+        order = ("without", "with") if i % 2 == 0 else ("with", "without")
+        for kind in order:
+            workdir = tempfile.mkdtemp(prefix="jaxnet-ckpt-bench-") if kind == "with" else None
+            try:
+                summary = one_run(train_args, workdir)
+            finally:
+                if workdir:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            runs[kind].append({"train_seconds": summary["train_seconds"],
+                               "checkpoint_seconds": summary.get("checkpoint_seconds", 0.0),
+                               "test_accuracy": summary.get("test_accuracy"),
+                               "load": round(os.getloadavg()[0], 2)})
+            print(f"pair {i + 1}/{pairs} {kind:>7}: train {summary['train_seconds']:.3f} s, "
+                  f"blocked in saves {summary.get('checkpoint_seconds', 0.0):.3f} s, "
+                  f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+    ratios = [w["train_seconds"] / wo["train_seconds"] for w, wo in zip(runs["with"], runs["without"])]
+    median_without = statistics.median(r["train_seconds"] for r in runs["without"])
+    median_with = statistics.median(r["train_seconds"] for r in runs["with"])
+    blocked = statistics.median(r["checkpoint_seconds"] for r in runs["with"])
+    return {
+        "args": train_args,
+        "pairs": pairs,
+        "runs": runs,
+        "median_train_seconds_without": median_without,
+        "median_train_seconds_with": median_with,
+        "pair_ratios": [round(r, 4) for r in ratios],
+        "overhead_percent": round(100 * (statistics.median(ratios) - 1), 2),
+        "median_checkpoint_seconds": blocked,
+        "blocked_percent": round(100 * blocked / median_with, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/checkpoint_overhead.py",
+        description="Training time with a checkpoint at every epoch end vs without (jaxnet train, one process).",
+    )
+    parser.add_argument("--model", default="mlp", help="model name as in `jaxnet train --model` (default: mlp)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the model's recipe)")
+    parser.add_argument("--pairs", type=int, default=5, help="(without, with) pairs to run (default: 5)")
+    parser.add_argument("--data-dir", default=None, help="folder with mnist/ and cifar10/ (as for jaxnet train)")
+    parser.add_argument("--no-download", action="store_true", help="never go online (embedded MNIST sample)")
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
+    args = parser.parse_args(argv)
+    if args.pairs < 1:
+        parser.error("--pairs must be >= 1")
+    train_args = ["--model", args.model]
+    if args.epochs:
+        train_args += ["--epochs", str(args.epochs)]
+    if args.data_dir:
+        train_args += ["--data-dir", args.data_dir]
+    if args.no_download:
+        train_args.append("--no-download")
+    start = time.perf_counter()
+    result = measure(train_args, args.pairs)
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    print(f"jaxnet train {' '.join(train_args)}: {args.pairs} pairs, "
+          f"median train_seconds without {result['median_train_seconds_without']:.3f} s, "
+          f"with a checkpoint every epoch {result['median_train_seconds_with']:.3f} s")
+    print(f"overhead (median of per-pair ratios): {result['overhead_percent']:+.1f}%; "
+          f"pair ratios {result['pair_ratios']}")
+    print(f"time blocked in saves: {result['median_checkpoint_seconds']:.3f} s "
+          f"({result['blocked_percent']:.1f}% of the training loop)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
