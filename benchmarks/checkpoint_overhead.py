@@ -1,7 +1,7 @@
 """What checkpointing every epoch costs: ``jaxnet train`` with and without ``--workdir``.
 
-Runs the CLI's training path (``jaxnet.cli.run_train``, the model's tutorial
-recipe) in this one process, alternately without a workdir and with one
+Runs ``python -m jaxnet train ... --json`` (the model's tutorial recipe), one
+fresh process per run as a user would, alternately without a workdir and with one
 (an Orbax checkpoint, TensorBoard scalars and parameter histograms at every
 epoch end), in ABBA order so that a drift in the machine's load hits both
 alike. Each run reports ``train_seconds`` (the whole training loop: steps,
@@ -15,9 +15,11 @@ Commands (results in benchmarks/CHECKPOINTS.md)::
     python benchmarks/checkpoint_overhead.py --data-dir ../shared/data --model cifar_cnn --epochs 2 --pairs 3
     python benchmarks/checkpoint_overhead.py --model mlp --no-download --epochs 1 --pairs 1   # embedded sample, seconds
 
-The first run of the process pays compilation for both kinds alike (the
-compiled step is cached across runs of the same model), so one warm-up run
-without a workdir comes first and is not counted.
+One warm-up run without a workdir comes first and is not counted (it fills
+the OS file cache with the data set and the Python modules). ``--in-process``
+runs everything in this process instead (compiled steps and imported modules
+are then shared between runs, so it isolates the cost of the saves
+themselves).
 """
 
 from __future__ import annotations
@@ -29,33 +31,47 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 
 
-def one_run(train_args: list[str], workdir: str | None) -> dict:
-    """Trains once through the CLI's code path; the summary (stdout and the progress bar silenced)."""
+def one_run(train_args: list[str], workdir: str | None, *, in_process: bool) -> dict:
+    """Trains once with ``jaxnet train ... --json``; its summary.
+
+    By default in a fresh ``python -m jaxnet`` process, as a user runs it (each
+    run pays its own imports and compilation); ``in_process`` calls the CLI's
+    code (``jaxnet.cli.run_train``) in this process instead, where the
+    compiled step and the imported modules are reused between runs.
+    """
+    argv = ["train", *train_args, "--no-progress", "--json"] + (["--workdir", workdir] if workdir else [])
+    if not in_process:
+        done = subprocess.run([sys.executable, "-m", "jaxnet", *argv], capture_output=True, text=True,
+                              cwd=ROOT, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"jaxnet {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
     from jaxnet import cli
 
-    argv = ["train", *train_args, "--no-progress"] + (["--workdir", workdir] if workdir else [])
     args = cli.build_parser().parse_args(argv)
     with contextlib.redirect_stderr(io.StringIO()):  # the per-epoch lines
         return cli.run_train(args)
 
 
-def measure(train_args: list[str], pairs: int) -> dict:
+def measure(train_args: list[str], pairs: int, *, in_process: bool = False) -> dict:
     """``pairs`` (without, with) pairs in ABBA order, after one uncounted warm-up run."""
-    one_run(train_args, None)
+    one_run(train_args, None, in_process=in_process)
     runs: dict[str, list[dict]] = {"without": [], "with": []}
     for i in range(pairs):
         order = ("without", "with") if i % 2 == 0 else ("with", "without")
         for kind in order:
             workdir = tempfile.mkdtemp(prefix="jaxnet-ckpt-bench-") if kind == "with" else None
             try:
-                summary = one_run(train_args, workdir)
+                summary = one_run(train_args, workdir, in_process=in_process)
             finally:
                 if workdir:
                     shutil.rmtree(workdir, ignore_errors=True)
@@ -73,6 +89,7 @@ def measure(train_args: list[str], pairs: int) -> dict:
     return {
         "args": train_args,
         "pairs": pairs,
+        "mode": "in-process" if in_process else "one process per run",
         "runs": runs,
         "median_train_seconds_without": median_without,
         "median_train_seconds_with": median_with,
@@ -93,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=5, help="(without, with) pairs to run (default: 5)")
     parser.add_argument("--data-dir", default=None, help="folder with mnist/ and cifar10/ (as for jaxnet train)")
     parser.add_argument("--no-download", action="store_true", help="never go online (embedded MNIST sample)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every training in this process (shares compilation and imports) "
+                             "instead of one `python -m jaxnet` process per run")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     args = parser.parse_args(argv)
     if args.pairs < 1:
@@ -104,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         train_args += ["--data-dir", args.data_dir]
     if args.no_download:
         train_args.append("--no-download")
+    if args.in_process:
+        from jaxnet import cli
+
+        cli._limit_malloc_arenas()  # as `jaxnet train` does before training
     start = time.perf_counter()
-    result = measure(train_args, args.pairs)
+    result = measure(train_args, args.pairs, in_process=args.in_process)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     print(f"jaxnet train {' '.join(train_args)}: {args.pairs} pairs, "
           f"median train_seconds without {result['median_train_seconds_without']:.3f} s, "
