@@ -368,3 +368,25 @@ def test_orbax_info_lines_stay_out_of_the_log(tmp_path, caplog):
     noise = [r for r in caplog.records if f"{os.sep}orbax{os.sep}" in r.pathname]
     assert noise == []
     assert logging.getLogger().level == logging.WARNING  # the root logger is untouched
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
+def test_sharded_run_resumes_bit_identical_with_its_sharding(fsdp, tmp_path):
+    # 8 (fake) devices in one process: saved from host copies, restored onto the mesh.
+    import dataclasses
+
+    from jaxnet import create_model, create_optimizer, fit
+    from jaxnet.data import load_dataset
+
+    data = load_dataset("mnist", download=False)
+    data = dataclasses.replace(data, train_images=data.train_images[:1024], train_labels=data.train_labels[:1024],
+                               test_images=data.test_images[:256], test_labels=data.test_labels[:256])
+    kw = dict(batch_size=64, devices=8, fsdp=fsdp, progress=False)
+    whole = fit(create_model("mlp128"), data, create_optimizer("adam", 1e-3), epochs=2, **kw)
+    fit(create_model("mlp128"), data, create_optimizer("adam", 1e-3), epochs=1, workdir=tmp_path, **kw)
+    resumed = fit(create_model("mlp128"), data, create_optimizer("adam", 1e-3), epochs=2, workdir=tmp_path,
+                  resume=True, **kw)
+    assert resumed.summary["resumed_from_step"] == 16
+    assert resumed.summary["params_sha256"] == whole.summary["params_sha256"]
+    for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(whole.state)):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
