@@ -371,9 +371,10 @@ def save(
 def _host_copy(state: Any) -> Any:
     """``state`` with every array copied into host memory, when this process holds all of it.
 
-    Orbax writes NumPy leaves with half the CPU time of device arrays (its
-    device-array path tracks shards and transfers in several threads: ~55 vs
-    ~30 ms for the MLP's 8 MB state, ``benchmarks/CHECKPOINTS.md``), and the
+    Orbax writes NumPy leaves with less CPU time than device arrays (its
+    device-array path tracks shards and transfers in extra threads): a whole
+    save of the MLP's 8 MB state took 43 instead of 55 ms of CPU
+    (``benchmarks/CHECKPOINTS.md``), and the
     digests need the bytes on the host anyway. The copy (never a view of a
     device buffer, which the next donated train step may overwrite) lets the
     caller donate ``state`` at once. On disk the format is the same, and

@@ -9,9 +9,7 @@ one screen; everything it does is a library function you can call yourself
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import os
 import sys
 import time
@@ -408,8 +406,6 @@ def fit(
     throttle = _dispatch_limiter(steps)
     counter = CompileCounter().__enter__()
     compiles_after_first_epoch = None
-    frozen = _frozen_heap()
-    frozen.__enter__()
     start = time.perf_counter()
     try:
         for epoch in range(first_epoch, epochs):
@@ -458,7 +454,6 @@ def fit(
             if compiles_after_first_epoch is None:
                 compiles_after_first_epoch = counter.snapshot()[1]
     finally:
-        frozen.__exit__(None, None, None)
         counter.__exit__(None, None, None)
         logger.close()
         if ckpt is not None:
@@ -491,28 +486,6 @@ def fit(
     if regression:
         summary["test_accuracy"] = None
     return FitResult(graphdef=steps.graphdef, state=state, history=history, summary=summary)
-
-
-@contextlib.contextmanager
-def _frozen_heap() -> Iterator[None]:
-    """Keeps the objects that exist now out of the garbage collector's full passes (``gc.freeze``).
-
-    A training loop allocates steadily (batches, metrics, Orbax's and
-    TensorBoard's background work); each full collection then walks every
-    object of the process: JAX, Flax, Orbax, ... Measured on this project's
-    machine, ``jaxnet train --model mlp --workdir W`` spent 395 ms of its
-    7.6 s loop in 4 such passes over the modules Orbax and TensorBoard had
-    just imported. Frozen, those objects are skipped; they return to the
-    collector when the loop ends (unless the caller had frozen objects
-    itself, whose choice is kept).
-    """
-    already = gc.get_freeze_count() > 0
-    gc.freeze()
-    try:
-        yield
-    finally:
-        if not already:
-            gc.unfreeze()
 
 
 def _on_host(tree: Any) -> Any:
