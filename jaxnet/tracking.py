@@ -103,7 +103,7 @@ class MetricsLogger:
         if self._writer is None:
             return
         for name, value in arrays.items():
-            x = np.asarray(value).ravel()
+            x = np.asarray(value).astype(np.float32, copy=False).ravel()  # bf16, ints, float64 alike
             if not np.isfinite(x).all():
                 x = x[np.isfinite(x)]
             if x.size == 0:

@@ -34,6 +34,13 @@ def test_histograms_read_back_with_the_arrays_statistics(tmp_path):
     assert h.sum_squares == pytest.approx(float((weights.astype(np.float64) ** 2).sum()), rel=1e-5)
     counts, _ = np.histogram(weights, bins=HISTOGRAM_BINS)
     assert list(h.bucket) == counts.tolist()
+    import ml_dtypes
+
+    with MetricsLogger(tmp_path / "more") as logger:
+        logger.histograms(1, {"bf16": np.ones(5, ml_dtypes.bfloat16), "int": np.arange(4)})
+    more = _accumulator(tmp_path / "more" / "tensorboard")
+    assert more.Histograms("bf16")[0].histogram_value.num == 5
+    assert more.Histograms("int")[0].histogram_value.max == 3.0
     (bad,) = acc.Histograms("bad")
     assert bad.histogram_value.num == 3 and (bad.histogram_value.min, bad.histogram_value.max) == (-2.0, 3.0)
 
