@@ -53,7 +53,8 @@ def one_run(train_args: list[str], workdir: str | None, *, in_process: bool) -> 
         done = subprocess.run([sys.executable, "-m", "jaxnet", *argv], capture_output=True, text=True,
                               cwd=ROOT, check=False)
         if done.returncode != 0:
-            raise SystemExit(f"jaxnet {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+            raise SystemExit(f"`python -m jaxnet {' '.join(argv)}` failed: {last}")
         return json.loads(done.stdout.strip().splitlines()[-1])
     from jaxnet import cli
 
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error("--pairs must be >= 1")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be >= 1")
     train_args = ["--model", args.model]
     if args.epochs:
         train_args += ["--epochs", str(args.epochs)]

@@ -31,3 +31,10 @@ def test_bad_pairs_is_a_usage_error():
     done = subprocess.run([sys.executable, "benchmarks/checkpoint_overhead.py", "--pairs", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "--pairs must be >= 1" in done.stderr
+
+
+def test_a_failing_training_run_is_reported_in_one_line():
+    done = subprocess.run([sys.executable, "benchmarks/checkpoint_overhead.py", "--model", "nosuch", "--pairs", "1",
+                           "--no-download"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "invalid choice: 'nosuch'" in done.stderr
