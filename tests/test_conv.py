@@ -173,18 +173,19 @@ def test_fast_convolutions_reject_geometries_xla_cpu_gets_wrong():
             fn(x, kernel, stride=(1, 1), padding=((2, 0), (0, 0)), dilation=(1, 1))
 
 
-@pytest.mark.parametrize("geometry", [
-    {"stride": (1, 1), "padding": ((2, 0), (0, 0)), "dilation": (1, 1)},
-    {"stride": (1, 1), "padding": ((3, 0), (4, 2)), "dilation": (1, 1)},
-    {"stride": (1, 1), "padding": ((1, 3), (4, 1)), "dilation": (2, 1)},
+@pytest.mark.parametrize("x_shape, kernel_shape, padding, dilation", [
+    ((2, 3, 1, 2), (2, 1, 2, 4), ((2, 0), (0, 0)), (1, 1)),
+    ((2, 3, 6, 2), (2, 3, 2, 4), ((3, 0), (4, 2)), (1, 1)),
+    ((2, 3, 6, 2), (2, 3, 2, 4), ((1, 3), (4, 1)), (2, 1)),
 ])
-def test_padding_beyond_the_kernel_extent_gives_right_input_gradients(geometry):
+def test_padding_beyond_the_kernel_extent_gives_right_input_gradients(x_shape, kernel_shape, padding, dilation):
     # XLA 0.10:CPU's input gradient of lax.conv padded beyond d*(k-1) reads memory it never
     # wrote (intermittently: 183 of 200 fresh compilations of the first case were wrong, by up
     # to 1e31). conv2d pads the excess explicitly first; run each impl 10 times.
+    geometry = {"stride": (1, 1), "padding": padding, "dilation": dilation}
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 3, 6, 2), dtype=np.float32))
-    kernel = jnp.asarray(rng.standard_normal((2, 3, 2, 4), dtype=np.float32))
+    x = jnp.asarray(rng.standard_normal(x_shape, dtype=np.float32))
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape, dtype=np.float32))
     out_shape = jax.eval_shape(lambda a, k: conv2d_xla(a, k, **geometry), x, kernel).shape
     cotangent = jnp.asarray(rng.standard_normal(out_shape, dtype=np.float32))
     expected = reference_values_and_grads(x, kernel, geometry, cotangent)
