@@ -104,7 +104,7 @@ def measure(train_args: list[str], pairs: int, *, in_process: bool = False) -> d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/checkpoint_overhead.py",
-        description="Training time with a checkpoint at every epoch end vs without (jaxnet train, one process).",
+        description="Training time of `jaxnet train` with a checkpoint at every epoch end vs without.",
     )
     parser.add_argument("--model", default="mlp", help="model name as in `jaxnet train --model` (default: mlp)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the model's recipe)")

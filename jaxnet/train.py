@@ -392,6 +392,8 @@ def fit(
     if scan:  # uint8 images stay on the device for the whole run
         train_images, train_labels = jax.device_put((data.train_images, data.train_labels))
 
+    blocked = {"checkpoint": 0.0}  # seconds the training loop waited for saves
+
     def save(epoch: int, batch_in_epoch: int, metrics: dict[str, float] | None = None) -> None:
         if ckpt is None:
             return
@@ -402,7 +404,6 @@ def fit(
         ckpt_lib.save(ckpt, host_step, state, meta=meta, metrics=metrics)
         blocked["checkpoint"] += time.perf_counter() - t
 
-    blocked = {"checkpoint": 0.0}  # seconds the training loop waited for saves
     throttle = _dispatch_limiter(steps)
     counter = CompileCounter().__enter__()
     compiles_after_first_epoch = None
