@@ -91,6 +91,49 @@ def file_sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
+def record_header(meta: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The state-independent part of a record: a detached, validated JSON copy of meta and metrics.
+
+    Cheap (no arrays are read), so :func:`jaxnet.checkpoint.save` calls it
+    before returning: bad meta fails at once, and the caller may change its
+    dicts and lists afterwards without affecting the save in progress.
+
+    Raises:
+        ConfigError: ``meta`` is not a dict, or ``meta``/``metrics`` are not JSON.
+    """
+    if not isinstance(meta, Mapping):
+        raise ConfigError(f"checkpoint meta must be a dict, got {type(meta).__name__}")
+    header = {
+        "format": RECORD_FORMAT,
+        "meta": dict(meta),
+        "metrics": None if metrics is None else {
+            str(k): float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+            for k, v in metrics.items()
+        },
+    }
+    try:
+        return json.loads(_canonical(header))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"checkpoint meta and metrics must be JSON (dicts, lists, str, int, float, bool, None): "
+            f"{exc}; convert arrays with float(x) or x.tolist()"
+        ) from None
+
+
+def finish_record(header: dict[str, Any], state: Any) -> dict[str, Any]:
+    """``header`` (from :func:`record_header`) completed with the state's shapes and digests.
+
+    Reads every array of ``state`` (a host copy; it waits for pending
+    computations); hashing releases the GIL, so a background thread can do it.
+    """
+    parts = state_parts(state)
+    body = dict(header)
+    body["state_sha256"] = {k: params_sha256(v) for k, v in parts.items()}
+    body["state_shapes"] = {k: tree_shapes(v) for k, v in parts.items()}
+    body["record_sha256"] = hashlib.sha256(_canonical(body).encode()).hexdigest()
+    return body
+
+
 def make_record(state: Any, meta: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     """The JSON saved beside a state: meta, metrics, and the state's shapes and digests.
 
@@ -99,27 +142,7 @@ def make_record(state: Any, meta: Mapping[str, Any], metrics: Mapping[str, Any] 
     Raises:
         ConfigError: ``meta`` is not a dict, or ``meta``/``metrics`` are not JSON.
     """
-    if not isinstance(meta, Mapping):
-        raise ConfigError(f"checkpoint meta must be a dict, got {type(meta).__name__}")
-    parts = state_parts(state)
-    body = {
-        "format": RECORD_FORMAT,
-        "meta": dict(meta),
-        "metrics": None if metrics is None else {
-            str(k): float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
-            for k, v in metrics.items()
-        },
-        "state_sha256": {k: params_sha256(v) for k, v in parts.items()},
-        "state_shapes": {k: tree_shapes(v) for k, v in parts.items()},
-    }
-    try:
-        body["record_sha256"] = hashlib.sha256(_canonical(body).encode()).hexdigest()
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"checkpoint meta and metrics must be JSON (dicts, lists, str, int, float, bool, None): "
-            f"{exc}; convert arrays with float(x) or x.tolist()"
-        ) from None
-    return body
+    return finish_record(record_header(meta, metrics), state)
 
 
 def record_problem(record: Any) -> str | None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import jax
@@ -52,9 +53,16 @@ def _largest_file(folder: pathlib.Path) -> pathlib.Path:
                key=lambda p: p.stat().st_size)
 
 
-@pytest.fixture
-def saved(tmp_path):
-    """A folder with checkpoints at steps 1 and 2 (closed, so every save is finished)."""
+@pytest.fixture(params=["npz", "orbax"])
+def saved(request, tmp_path, monkeypatch):
+    """A folder with checkpoints at steps 1 and 2 (closed, so every save is finished).
+
+    In both formats: ``arrays.npz`` (what a single process writes) and
+    Orbax's own (what a state spread over processes gets, and what every
+    checkpoint from before the .npz format holds).
+    """
+    if request.param == "orbax":
+        monkeypatch.setattr(C, "_flat_arrays", lambda state: None)
     state = _state()
     ckpt = C.create_checkpoint_manager(tmp_path / "ckpt")
     for step in (1, 2):
@@ -106,6 +114,57 @@ def test_save_returns_before_the_state_is_reused(tmp_path):
     restored, _ = C.restore(ckpt, state)
     C.close(ckpt)
     assert C.params_sha256(restored) == expected
+
+
+def test_save_digests_and_hands_over_off_the_calling_thread(tmp_path, monkeypatch):
+    # The loop is blocked only for the host copy: digesting and Orbax's
+    # synchronous part run on jaxnet's worker thread. Hold that thread and
+    # check that save() has returned, and that meta changed afterwards (fit
+    # appends to its history list) does not reach the record.
+    from jaxnet import integrity
+
+    release, threads = threading.Event(), []
+    real = integrity.finish_record
+
+    def held(header, state):
+        threads.append(threading.current_thread().name)
+        assert release.wait(30)
+        return real(header, state)
+
+    monkeypatch.setattr(integrity, "finish_record", held)
+    state = _state()
+    history = [{"epoch": 1}]
+    ckpt = C.create_checkpoint_manager(tmp_path)
+    C.save(ckpt, 4, state, meta={"history": history})
+    history.append({"epoch": 2})  # the caller moves on while the worker is held
+    assert ckpt.submitting and not ckpt.submitting[0].done()
+    release.set()
+    C.wait(ckpt)
+    assert threads and threads[0].startswith("jaxnet-checkpoint")
+    restored, meta = C.restore(ckpt, state)
+    C.close(ckpt)
+    assert meta == {"history": [{"epoch": 1}]} and _equal_trees(restored, state)
+
+
+def test_a_failed_background_save_is_raised_by_the_next_call_and_loses_nothing(tmp_path, monkeypatch):
+    state = _state()
+    ckpt = C.create_checkpoint_manager(tmp_path)
+    C.save(ckpt, 1, state, meta={"epoch": 1})
+    C.wait(ckpt)
+    before = _all_files(tmp_path / "1")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.manager, "save", disk_full)
+    C.save(ckpt, 2, state, meta={"epoch": 2})  # returns: the failure happens in the background
+    with pytest.raises(C.CheckpointError, match="saving checkpoint step 2 .*No space left on device"):
+        C.wait(ckpt)
+    monkeypatch.undo()
+    assert C.steps(ckpt) == [1] and _all_files(tmp_path / "1") == before
+    C.save(ckpt, 2, state, meta={"epoch": 2})  # the next save works again
+    C.close(ckpt)
+    assert C.steps(C.create_checkpoint_manager(tmp_path, read_only=True)) == [1, 2]
 
 
 def test_restore_variables_needs_no_optimizer(saved):
@@ -260,9 +319,70 @@ def test_damage_in_a_step_without_manifest_is_caught_by_the_array_digests(saved)
     (directory / "2" / C.MANIFEST_FILE).unlink()
     _flip_middle_byte(_largest_file(directory / "2" / "state"))
     ckpt = C.create_checkpoint_manager(directory)
-    with pytest.raises(C.CheckpointError, match=r"step 2 is damaged: the \w+ arrays read from .*2/state"):
+    # In an .npz the zip's CRC-32s already name the file; in Orbax's format the array digests do.
+    with pytest.raises(C.CheckpointError, match=r"step 2 is damaged: .*2/state"):
         C.restore(ckpt, state)
     C.close(ckpt)
+
+
+def test_a_rewritten_npz_with_valid_crcs_is_caught_by_the_array_digests(saved):
+    directory, state = saved
+    npz = directory / "2" / "state" / C.ARRAYS_FILE
+    if not npz.is_file():
+        pytest.skip("the .npz format only")
+    (directory / "2" / C.MANIFEST_FILE).unlink()
+    with np.load(npz) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    arrays["params/linear1/bias/value"] = arrays["params/linear1/bias/value"] + 1
+    with open(npz, "wb") as f:
+        np.savez(f, **arrays)
+    ckpt = C.create_checkpoint_manager(directory)
+    with pytest.raises(C.CheckpointError, match=r"step 2 is damaged: the params arrays read from .*2/state/arrays.npz"):
+        C.restore(ckpt, state)
+    C.close(ckpt)
+
+
+def test_npz_checkpoint_reads_with_numpy_alone(tmp_path):
+    state = _state()
+    ckpt = C.create_checkpoint_manager(tmp_path)
+    C.save(ckpt, 3, state, meta={})
+    C.close(ckpt)
+    with np.load(tmp_path / "3" / "state" / C.ARRAYS_FILE, allow_pickle=False) as archive:
+        kernel = archive["params/linear1/kernel/value"]
+        assert len(archive.files) == len(jax.tree.leaves(state))
+    np.testing.assert_array_equal(kernel, np.asarray(state.params["linear1"]["kernel"].value))
+
+
+def test_npz_round_trip_keeps_ml_dtypes(tmp_path):
+    # NumPy's .npy stores bfloat16/float8 as raw bytes ("|V2"); restore gives the target's dtype back.
+    state = {"w": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3) / 7,
+             "f8": jnp.linspace(-2, 2, 5).astype(jnp.float8_e4m3fn), "b": jnp.array([True, False])}
+    ckpt = C.create_checkpoint_manager(tmp_path)
+    C.save(ckpt, 1, state, meta={})
+    restored, _ = C.restore(ckpt, jax.eval_shape(lambda: state))
+    C.close(ckpt)
+    assert (tmp_path / "1" / "state" / C.ARRAYS_FILE).is_file()
+    assert {k: v.dtype for k, v in restored.items()} == {k: v.dtype for k, v in state.items()}
+    assert _equal_trees(restored, state)
+
+
+def test_a_checkpoint_in_orbax_format_restores_into_a_run_that_writes_npz(tmp_path, monkeypatch):
+    # Checkpoints written before the .npz format (and by multi-process runs)
+    # are in Orbax's format; one manager reads them and then writes .npz.
+    state = _state()
+    with monkeypatch.context() as patch:
+        patch.setattr(C, "_flat_arrays", lambda tree: None)
+        ckpt = C.create_checkpoint_manager(tmp_path)
+        C.save(ckpt, 1, state, meta={"epoch": 1})
+        C.close(ckpt)
+    assert not (tmp_path / "1" / "state" / C.ARRAYS_FILE).exists()
+    ckpt = C.create_checkpoint_manager(tmp_path)
+    restored, meta = C.restore(ckpt, state)
+    assert meta == {"epoch": 1} and _equal_trees(restored, state)
+    C.save(ckpt, 2, restored, meta={"epoch": 2})
+    again, _ = C.restore(ckpt, state, step=2)
+    C.close(ckpt)
+    assert (tmp_path / "2" / "state" / C.ARRAYS_FILE).is_file() and _equal_trees(again, state)
 
 
 def test_restore_latest_good_falls_back_and_loses_nothing(saved, caplog):
