@@ -747,7 +747,7 @@ def _fill(abstract: Any, raw: Any, step: int, what: str) -> Any:
                 )
         array = np.asarray(node)
         want = np.dtype(getattr(ref, "dtype", array.dtype))
-        if array.dtype.kind == "V" and want.kind != "V" and want.itemsize == array.dtype.itemsize:
+        if array.dtype == np.dtype(f"V{want.itemsize}") and want != array.dtype:
             array = array.view(want)  # .npy stores ml_dtypes (bfloat16, float8) as raw bytes
         leaves.append(array)
     return jax.tree.unflatten(treedef, leaves)
