@@ -350,7 +350,7 @@ def test_npz_checkpoint_reads_with_numpy_alone(tmp_path):
     with np.load(tmp_path / "3" / "state" / C.ARRAYS_FILE, allow_pickle=False) as archive:
         kernel = archive["params/linear1/kernel/value"]
         assert len(archive.files) == len(jax.tree.leaves(state))
-    np.testing.assert_array_equal(kernel, np.asarray(state.params["linear1"]["kernel"].value))
+    np.testing.assert_array_equal(kernel, np.asarray(state.params["linear1"]["kernel"][...]))
 
 
 def test_npz_round_trip_keeps_ml_dtypes(tmp_path):
