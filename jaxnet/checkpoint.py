@@ -107,6 +107,9 @@ class Checkpointer:
         best_metric: the metric that ranks checkpoints, or ``None``.
         best_mode: ``"max"`` or ``"min"``: which end of ``best_metric`` is best.
         async_save: whether :func:`save` returns before the files are written.
+        array_format: ``"npz"`` or ``"orbax"``: how a state that this process
+            holds whole is written (a state spread over processes always
+            goes to Orbax's format).
         in_flight: the step being written in the background, if any (Orbax
             runs one save at a time); read by the manifest writer.
         worker: the thread that digests a host copy and hands it to Orbax.
@@ -118,6 +121,7 @@ class Checkpointer:
     best_metric: str | None
     best_mode: str
     async_save: bool
+    array_format: str
     in_flight: list[int] = dataclasses.field(default_factory=list)
     worker: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxnet-checkpoint"))
@@ -270,6 +274,7 @@ def create_checkpoint_manager(
     best_mode: str = "max",
     keep_best: int = 1,
     async_save: bool = True,
+    array_format: str = "npz",
     read_only: bool = False,
 ) -> Checkpointer:
     """Opens (creating if needed) a folder of checkpoints.
@@ -289,6 +294,11 @@ def create_checkpoint_manager(
             Checkpoints saved without the metric are kept only while among
             the newest ``max_to_keep``.
         async_save: finish writing in a background thread.
+        array_format: ``"npz"`` (default) writes a state that this process
+            holds whole as one ``arrays.npz`` that ``np.load`` reads, with
+            less CPU per save; ``"orbax"`` uses Orbax's own format (what
+            ``ocp.StandardCheckpointer`` reads) for every state. Restoring
+            reads either, whatever this setting.
         read_only: open an existing folder without ever writing or deleting.
 
     Returns:
@@ -311,6 +321,8 @@ def create_checkpoint_manager(
         raise ConfigError(f"keep_best must be an integer >= 0, got {keep_best!r}")
     if best_mode not in ("max", "min"):
         raise ConfigError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    if array_format not in ("npz", "orbax"):
+        raise ConfigError(f"array_format must be 'npz' or 'orbax', got {array_format!r}")
     path = pathlib.Path(directory).absolute()
     if read_only and not path.is_dir():
         raise CheckpointError(f"no checkpoint folder at {path}")
@@ -339,7 +351,7 @@ def create_checkpoint_manager(
     )
     with _orbax_errors(f"opening the checkpoint folder {path}"):
         manager = ocp.CheckpointManager(path, options=options, handler_registry=_handler_registry())
-    return Checkpointer(manager, path, best_metric, best_mode, async_save, in_flight)
+    return Checkpointer(manager, path, best_metric, best_mode, async_save, array_format, in_flight)
 
 
 def _handler_registry() -> Any:
@@ -536,7 +548,7 @@ def _hand_over(ckpt: Checkpointer, step: int, state: Any, header: dict[str, Any]
     """
     record = integrity.finish_record(header, state)
     flat = None
-    if jax.process_count() == 1 and all(isinstance(x, np.ndarray) for x in jax.tree.leaves(state)):
+    if ckpt.array_format == "npz" and jax.process_count() == 1 and all(isinstance(x, np.ndarray) for x in jax.tree.leaves(state)):
         flat = _flat_arrays(state)
     item = ocp.args.StandardSave(state) if flat is None else _NpzSave(flat)
     args = ocp.args.Composite(state=item, meta=ocp.args.JsonSave(record))

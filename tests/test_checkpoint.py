@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxnet import checkpoint as C
@@ -54,17 +55,15 @@ def _largest_file(folder: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture(params=["npz", "orbax"])
-def saved(request, tmp_path, monkeypatch):
+def saved(request, tmp_path):
     """A folder with checkpoints at steps 1 and 2 (closed, so every save is finished).
 
     In both formats: ``arrays.npz`` (what a single process writes) and
     Orbax's own (what a state spread over processes gets, and what every
     checkpoint from before the .npz format holds).
     """
-    if request.param == "orbax":
-        monkeypatch.setattr(C, "_flat_arrays", lambda state: None)
     state = _state()
-    ckpt = C.create_checkpoint_manager(tmp_path / "ckpt")
+    ckpt = C.create_checkpoint_manager(tmp_path / "ckpt", array_format=request.param)
     for step in (1, 2):
         C.save(ckpt, step, state.replace(step=jnp.asarray(step, jnp.int32)), meta={"epoch": step})
     C.close(ckpt)
@@ -234,6 +233,8 @@ def test_bad_arguments(tmp_path):
         C.create_checkpoint_manager(tmp_path, max_to_keep=0)
     with pytest.raises(ConfigError, match="best_mode"):
         C.create_checkpoint_manager(tmp_path, best_mode="highest")
+    with pytest.raises(ConfigError, match="array_format must be 'npz' or 'orbax', got 'pt'"):
+        C.create_checkpoint_manager(tmp_path, array_format="pt")
     with pytest.raises(C.CheckpointError, match="no checkpoint folder"):
         C.create_checkpoint_manager(tmp_path / "absent", read_only=True)
     ckpt = C.create_checkpoint_manager(tmp_path)
@@ -366,16 +367,17 @@ def test_npz_round_trip_keeps_ml_dtypes(tmp_path):
     assert _equal_trees(restored, state)
 
 
-def test_a_checkpoint_in_orbax_format_restores_into_a_run_that_writes_npz(tmp_path, monkeypatch):
+def test_a_checkpoint_in_orbax_format_restores_into_a_run_that_writes_npz(tmp_path):
     # Checkpoints written before the .npz format (and by multi-process runs)
     # are in Orbax's format; one manager reads them and then writes .npz.
     state = _state()
-    with monkeypatch.context() as patch:
-        patch.setattr(C, "_flat_arrays", lambda tree: None)
-        ckpt = C.create_checkpoint_manager(tmp_path)
-        C.save(ckpt, 1, state, meta={"epoch": 1})
-        C.close(ckpt)
+    ckpt = C.create_checkpoint_manager(tmp_path, array_format="orbax")
+    C.save(ckpt, 1, state, meta={"epoch": 1})
+    C.close(ckpt)
     assert not (tmp_path / "1" / "state" / C.ARRAYS_FILE).exists()
+    # ... which plain Orbax reads, without jaxnet
+    raw = ocp.StandardCheckpointer().restore(tmp_path / "1" / "state")
+    np.testing.assert_array_equal(raw["params"]["linear1"]["kernel"]["value"], state.params["linear1"]["kernel"][...])
     ckpt = C.create_checkpoint_manager(tmp_path)
     restored, meta = C.restore(ckpt, state)
     assert meta == {"epoch": 1} and _equal_trees(restored, state)

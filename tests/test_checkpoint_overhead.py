@@ -25,6 +25,9 @@ def test_quick_run_reports_both_kinds_and_the_overhead(tmp_path):
     ratio = with_["train_seconds"] / without["train_seconds"]
     assert result["pair_ratios"] == [round(ratio, 4)]
     assert result["overhead_percent"] == round(100 * (ratio - 1), 2)
+    cpu = result["save_cpu_ms"]
+    assert set(cpu) == {"npz", "orbax"} and all(0 < v < 5000 for v in cpu.values())
+    assert "CPU per save, all threads (median)" in done.stdout
 
 
 def test_bad_pairs_is_a_usage_error():
