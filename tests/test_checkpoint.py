@@ -354,6 +354,18 @@ def test_npz_checkpoint_reads_with_numpy_alone(tmp_path):
     np.testing.assert_array_equal(kernel, np.asarray(state.params["linear1"]["kernel"][...]))
 
 
+def test_state_handler_works_in_orbax_synchronous_checkpointer(tmp_path):
+    # The item handler also serves Orbax's synchronous Checkpointer (both formats).
+    arrays = {"params/w/value": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.asarray(4)}
+    with ocp.Checkpointer(C._StateHandler()) as checkpointer:
+        checkpointer.save(tmp_path / "npz", args=C._NpzSave(arrays))
+        checkpointer.save(tmp_path / "orbax", args=ocp.args.StandardSave({"w": arrays["params/w/value"]}))
+        back = checkpointer.restore(tmp_path / "npz", args=C._NpzRestore())
+        standard = checkpointer.restore(tmp_path / "orbax", args=ocp.args.StandardRestore())
+    assert _equal_trees(back, arrays) and sorted(back) == sorted(arrays)
+    np.testing.assert_array_equal(standard["w"], arrays["params/w/value"])
+
+
 def test_npz_round_trip_keeps_ml_dtypes(tmp_path):
     # NumPy's .npy stores bfloat16/float8 as raw bytes ("|V2"); restore gives the target's dtype back.
     state = {"w": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3) / 7,
