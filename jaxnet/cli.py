@@ -8,13 +8,14 @@ traceback through JAX internals.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from jaxnet.errors import ConfigError, JaxnetError
@@ -232,15 +233,33 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _configure_logging() -> None:
-    """jaxnet's notices as ``jaxnet: ...`` lines on stderr; other libraries' chatter muted."""
+@contextlib.contextmanager
+def _cli_logging() -> Iterator[None]:
+    """jaxnet's notices as ``jaxnet: ...`` lines on stderr; other libraries' chatter muted.
+
+    Only while the command runs: the loggers are put back afterwards, so a
+    program or test that calls :func:`main` keeps its own logging setup.
+    """
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     log = logging.getLogger("jaxnet")
-    log.handlers[:] = [h for h in log.handlers if not isinstance(h, _StderrHandler)] + [handler]
+    noisy = [logging.getLogger(name) for name in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge")]
+    saved = (log.level, log.propagate, [n.level for n in noisy])
+    log.addHandler(handler)
     log.setLevel(logging.INFO)
-    for noisy in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Importing Orbax makes absl call logging.basicConfig(), a root handler
+    # that would print every notice a second time.
+    log.propagate = False
+    for logger in noisy:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+        for logger, level in zip(noisy, saved[2]):
+            logger.setLevel(level)
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:
@@ -264,8 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _limit_malloc_arenas()
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _cli_logging():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":  # under `jaxnet launch` (or SLURM): join the other processes first
             from jaxnet.distributed import initialize_from_env

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -125,3 +127,24 @@ def test_every_model_has_a_recipe():
     assert sorted(RECIPES) == sorted(MODELS)
     for name, recipe in RECIPES.items():
         assert recipe.dataset == MODELS[name].default_dataset
+
+
+def test_main_prints_each_notice_once_and_leaves_logging_as_it_was(tmp_path, capsys, monkeypatch):
+    # Importing Orbax makes absl call logging.basicConfig(); jaxnet's notices
+    # must not reach that root handler too, and main() must not leave its
+    # handler behind for the program (or test) that called it.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing cached: the embedded sample's notice
+    root_stream = io.StringIO()
+    root_handler = logging.StreamHandler(root_stream)
+    logging.root.addHandler(root_handler)
+    log = logging.getLogger("jaxnet")
+    before = (log.level, log.propagate, list(log.handlers))
+    try:
+        code = main(["train", "--model", "mlp128", "--epochs", "1", "--batch-size", "500",
+                         "--no-download", "--no-progress"])
+    finally:
+        logging.root.removeHandler(root_handler)
+    err = capsys.readouterr().err
+    assert code == 0 and err.count("Using the embedded MNIST sample") == 1, err[-2000:]
+    assert "embedded MNIST sample" not in root_stream.getvalue()
+    assert (log.level, log.propagate, list(log.handlers)) == before

@@ -175,6 +175,7 @@ def test_resume_skips_a_damaged_checkpoint_and_says_so(reference, tmp_path):
     assert code == 0, err[-3000:]
     assert f"skipping checkpoint step {steps[-1]}" in err and victim.name in err
     assert f"resuming from checkpoint step {steps[-2]}" in err
+    assert err.count(f"skipping checkpoint step {steps[-1]}") == 1, err[-3000:]  # one notice, not two
     assert _summary(out)["params_sha256"] == ref_summary["params_sha256"]
     assert (workdir / "checkpoints" / "corrupt" / str(steps[-1])).is_dir()  # kept, not deleted
     assert _metrics(workdir) == _metrics(ref_workdir)
