@@ -231,16 +231,22 @@ def _nest(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return root
 
 
+_EXPECTED_ORBAX_WARNINGS = ("did not provide metrics", "read_only=True, setting save_interval_steps=0",
+                            "Given directory is read only")
+
+
 class _OrbaxNoiseFilter(logging.Filter):
-    """Drops Orbax's INFO/DEBUG records (~60 per save) and one harmless warning."""
+    """Drops Orbax's INFO/DEBUG records (~60 per save) and the warnings about what jaxnet does on purpose."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if f"{os.sep}orbax{os.sep}" not in record.pathname:
             return True
         if record.levelno < logging.WARNING:
             return False
-        # Saves without the ranking metric (mid-epoch ones) are intended.
-        return "did not provide metrics" not in record.getMessage()
+        # Saves without the ranking metric (mid-epoch ones) are intended, and
+        # so is opening a folder read-only (jaxnet export, inspection).
+        message = record.getMessage()
+        return not any(text in message for text in _EXPECTED_ORBAX_WARNINGS)
 
 
 _ORBAX_NOISE_FILTER = _OrbaxNoiseFilter()
@@ -798,7 +804,13 @@ def restore_variables(
         raw = _nest(_read_npz(ckpt, step, where))
     else:
         with _orbax_errors(f"restoring checkpoint step {step} from {where}"):
-            raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+            # Orbax restores without a target only onto the topology that
+            # saved it; a multi-process run's checkpoint is read onto this
+            # process's first device instead, shapes from its metadata.
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            saved = ckpt.manager.item_metadata(step)["state"]
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+            raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     restored = {name: _fill(tree, raw.get(name, {}), step, name) for name, tree in wanted.items()}
     _check_digests(record, restored, step, list(wanted), where)
     return restored["params"], restored["model_state"], record["meta"]
