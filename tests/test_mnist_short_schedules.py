@@ -29,3 +29,14 @@ def test_fractional_epochs_with_both_decays(tmp_path):
 def test_bad_arguments_are_usage_errors(tmp_path):
     done = _run(tmp_path, "--epochs", "0.1", "--warmup", "0.2")
     assert done.returncode == 2 and "--warmup < --epochs" in done.stderr
+
+
+def test_weight_average_is_evaluated_beside_the_last_weights(tmp_path):
+    done = _run(tmp_path, "--epochs", "1.5", "--batch-size", "100", "--lr", "1e-3", "--ema", "0.95")
+    assert done.returncode == 0, done.stderr[-2000:]
+    last, line = done.stdout.strip().splitlines()[-2:]
+    assert "weight average with decay 0.95" in line and "(90 steps)" in line, line
+    averaged = float(re.search(r"test accuracy (\d\.\d+)", line).group(1))
+    final = float(re.search(r"last weights, not the average: test accuracy (\d\.\d+)", last).group(1))
+    assert 0.5 < averaged <= 1.0 and 0.5 < final <= 1.0, (last, line)
+    assert _run(tmp_path, "--ema", "1").returncode == 2

@@ -17,16 +17,32 @@ nominal clock under a hypervisor; turbo may go higher).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from typing import Any
 
-__all__ = ["cpu_info", "load_average", "machine_info", "peak_gflops", "usable_cores", "versions"]
+__all__ = ["cpu_info", "load_average", "machine_info", "on_the_cpu", "peak_gflops", "usable_cores", "versions"]
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
+
+
+@contextlib.contextmanager
+def on_the_cpu() -> Iterator[None]:
+    """Runs JAX work started inside on the CPU, where PyTorch's side of the comparison runs.
+
+    The suite compares the two frameworks on the same processor. On a machine
+    with a GPU, JAX would otherwise put the jaxnet variants there and the
+    PyTorch ones (CPU tensors) would stay on the processor. The probe
+    subprocesses get ``JAX_PLATFORMS=cpu`` for the same reason.
+    """
+    import jax
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 
 
 def usable_cores() -> int:

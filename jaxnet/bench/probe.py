@@ -102,7 +102,7 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
     if variant in JAX_VARIANTS:
         import jax
 
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = jax.devices("cpu")[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:  # accelerators report device memory; CPU does not
             result["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
     return result
@@ -140,7 +140,8 @@ def run_probe(workload: Workload, variant: str, *, cache_dir: str, weights: str 
     """
     spec = {"workload": workload.to_dict(), "variant": variant, "cache_dir": cache_dir,
             "weights": weights, "threads": threads}
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"))
+    # both frameworks on the CPU, also where JAX would pick a GPU (see machine.on_the_cpu)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"), JAX_PLATFORMS="cpu")
     try:
         proc = subprocess.run([sys.executable, "-m", "jaxnet.bench.probe", json.dumps(spec)],
                               capture_output=True, text=True, timeout=timeout, env=env)

@@ -192,7 +192,7 @@ def run_suite(workloads: Sequence[Workload], variants: Sequence[str], *, repeats
     import jax
 
     threads = threads or machine.usable_cores()
-    device = jax.devices()[0]
+    device = jax.devices("cpu")[0]  # run_bench runs the JAX variants there (machine.on_the_cpu)
     info = machine.machine_info(cores=threads, fma_units=fma_units,
                                 device={"platform": device.platform, "kind": device.device_kind})
     started = datetime.datetime.now(datetime.timezone.utc)

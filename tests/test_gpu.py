@@ -1,0 +1,115 @@
+"""The library on a GPU: the convolution switch picks the plain op, and training, checkpoints and precision run there.
+
+The suite pins JAX to the CPU (the root ``conftest.py`` sets
+``JAX_PLATFORMS=cpu`` unless it is already set), so these tests skip
+everywhere else. On a machine with an NVIDIA GPU run them with::
+
+    JAX_PLATFORMS=cuda,cpu python -m pytest tests/test_gpu.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_conv import reference_values_and_grads, rel_err, values_and_grads
+
+from jaxnet import checkpoint, train
+from jaxnet.data import load_dataset
+from jaxnet.models import create_model
+from jaxnet.workdir import checkpoint_directory
+from jaxnet.models.conv import CONV_IMPLS, conv2d, conv_impl, resolve_conv_impl, use_conv_impl
+
+
+def _gpu_devices() -> list[jax.Device]:
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+pytestmark = pytest.mark.skipif(
+    not _gpu_devices(), reason="no GPU visible to JAX: run with JAX_PLATFORMS=cuda,cpu on a machine with one"
+)
+
+GEOMETRIES = [  # stride, padding, dilation on a (2, 11, 9, 3) input with a 3x3 kernel to 5 channels
+    dict(stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)),
+    dict(stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1)),
+    dict(stride=(1, 1), padding=((3, 0), (0, 4)), dilation=(1, 1)),  # beyond the kernel's extent
+    dict(stride=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2)),
+]
+
+
+def test_gpu_is_the_default_backend_and_auto_traces_the_plain_convolution():
+    assert jax.default_backend() == "gpu"
+    assert conv_impl() == "auto"
+    geometry = GEOMETRIES[0]
+    assert resolve_conv_impl("auto", kernel_size=(3, 3), **geometry) == "xla"
+    x, kernel = jnp.ones((2, 11, 9, 3)), jnp.ones((3, 3, 3, 5))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda a, k: conv2d(a, k, **geometry).sum(), argnums=(0, 1)))(x, kernel))
+    assert "custom_jvp" not in jaxpr and "lhs_dilation=(1, 1)" in jaxpr
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"s{g['stride']}p{g['padding']}d{g['dilation']}")
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+def test_every_implementation_matches_the_float64_reference_on_the_gpu(impl, geometry):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 11, 9, 3), dtype=np.float32)
+    kernel = rng.standard_normal((3, 3, 3, 5), dtype=np.float32)
+    with jax.default_matmul_precision("highest"):  # no TF32: the 1e-5 bar is for true fp32 arithmetic
+        out = jax.eval_shape(lambda a, k: conv2d(a, k, **geometry), x, kernel)
+        cotangent = rng.standard_normal(out.shape, dtype=np.float32)
+        with use_conv_impl(impl):
+            got = values_and_grads(conv2d, x, kernel, geometry, cotangent)
+    assert all(next(iter(g.devices())).platform == "gpu" for g in got)
+    expected = reference_values_and_grads(x, kernel, geometry, cotangent)
+    for name, g, e in zip(("output", "input grad", "kernel grad"), got, expected):
+        assert rel_err(g, e) <= 1e-5, (impl, name)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_dataset("mnist", download=False)  # the embedded sample: 6000 train / 1000 test images
+
+
+def test_convnet_trains_on_the_gpu_and_its_checkpoint_restores_there(sample, tmp_path):
+    result = train.fit(create_model("convnet"), sample, optax.adam(1e-3), epochs=2, batch_size=64,
+                       output="log_probs", workdir=tmp_path, progress=False)
+    leaves = jax.tree.leaves(result.state)
+    assert all(next(iter(leaf.devices())).platform == "gpu" for leaf in leaves)
+    assert result.history[-1]["test_accuracy"] > 0.9, result.history[-1]  # 6000 sample images, 2 epochs
+    ckpt = checkpoint.create_checkpoint_manager(checkpoint_directory(tmp_path))
+    try:
+        restored, _ = checkpoint.restore(ckpt, result.state)
+    finally:
+        checkpoint.close(ckpt)
+    for a, b in zip(leaves, jax.tree.leaves(restored)):
+        assert next(iter(b.devices())).platform == "gpu"
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_the_gpu(sample, precision):
+    result = train.fit(create_model("convnet"), sample, optax.adam(1e-3), epochs=1, batch_size=64,
+                       output="log_probs", precision=precision, progress=False)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(result.state.params))  # master weights
+    assert result.history[-1]["test_accuracy"] > 0.8, result.history[-1]
+
+
+def test_the_benchmark_keeps_jax_on_the_cpu_beside_pytorch():
+    from test_bench import run_cli
+
+    from jaxnet.bench.machine import on_the_cpu
+
+    with on_the_cpu():
+        placed, computed = jax.device_put(np.ones(3)), jax.jit(lambda a: a * 2)(jnp.ones(3))
+    assert {next(iter(a.devices())).platform for a in (placed, computed)} == {"cpu"}
+    code, stdout, stderr = run_cli(["bench", "--quick", "--variants", "torch-eager,jax-jit", "--json"])
+    assert code == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["machine"]["device"]["platform"] == "cpu"
+    assert all(row["losses_agree"] for row in result["rows"])
