@@ -216,14 +216,37 @@ def test_auto_picks_the_cpu_path_on_cpu_only():
         assert resolve_conv_impl(impl, backend="cpu", **too_padded) == "xla"
 
 
-def test_auto_traces_the_plain_convolution_on_other_backends(monkeypatch):
+def lowered_convolutions(fn, *args, platforms):
+    """The ``stablehlo.convolution`` lines of ``jax.jit(fn)`` lowered for ``platforms`` (no such device needed)."""
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=platforms).as_text()
+    return re.findall(r"stablehlo\.convolution.*", text)
+
+
+def test_auto_picks_the_form_per_platform_when_lowering():
     x, kernel = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 4))
     geometry = {"stride": (1, 1), "padding": ((0, 0), (0, 0)), "dilation": (1, 1)}
-    on_cpu = str(jax.make_jaxpr(lambda a, k: conv2d(a, k, **geometry))(x, kernel))
-    assert "lhs_dilation=(1, 2)" in on_cpu
-    monkeypatch.setattr(conv_mod.jax, "default_backend", lambda: "gpu")
-    on_gpu = str(jax.make_jaxpr(lambda a, k: conv2d(a, k, **geometry))(x, kernel))
-    assert "lhs_dilation=(1, 1)" in on_gpu and "custom_jvp" not in on_gpu
+    grads = jax.grad(lambda a, k: conv2d(a, k, **geometry).sum(), argnums=(0, 1))
+    on_cpu = lowered_convolutions(grads, x, kernel, platforms=("cpu",))
+    assert len(on_cpu) == 2 and any("lhs_dilate = [1, 2]" in c for c in on_cpu)  # the Eigen weight gradient
+    for platform in ("cuda", "rocm", "tpu"):  # the plain op and its plain gradients, traced on this CPU machine
+        elsewhere = lowered_convolutions(grads, x, kernel, platforms=(platform,))
+        assert len(elsewhere) == 2 and all("lhs_dilate = [1, 1]" in c for c in elsewhere), platform
+    # one trace for several platforms (jax.export, jaxnet export) carries each platform's form
+    both = lowered_convolutions(grads, x, kernel, platforms=("cpu", "cuda"))
+    assert len(both) > len(on_cpu) and any("lhs_dilate = [1, 2]" in c for c in both)
+    # an explicit choice holds on every platform
+    with use_conv_impl("eigen"):
+        assert all("lhs_dilate = [1, 2]" in c for c in lowered_convolutions(
+            lambda a, k: conv2d(a, k, **geometry), x, kernel, platforms=("cuda",)))
+
+
+def test_a_cpu_device_gets_the_cpu_forms_whatever_the_default_backend(monkeypatch):
+    # what jaxnet bench does on a machine with a GPU: the step is traced there, then runs on a CPU device
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    x, kernel = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 4))
+    geometry = {"stride": (1, 1), "padding": ((0, 0), (0, 0)), "dilation": (1, 1)}
+    compiled = jax.jit(lambda a, k: conv2d(a, k, **geometry)).lower(x, kernel).compile().as_text()
+    assert "lhs_dilate=1x2" in compiled, compiled
 
 
 def test_environment_variable_and_context_select_the_implementation(monkeypatch):

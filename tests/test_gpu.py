@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_conv import reference_values_and_grads, rel_err, values_and_grads
+from test_conv import lowered_convolutions, reference_values_and_grads, rel_err, values_and_grads
 
 from jaxnet import checkpoint, train
 from jaxnet.data import load_dataset
 from jaxnet.models import create_model
 from jaxnet.workdir import checkpoint_directory
-from jaxnet.models.conv import CONV_IMPLS, conv2d, conv_impl, resolve_conv_impl, use_conv_impl
+from jaxnet.models.conv import CONV_IMPLS, conv2d, conv_impl, use_conv_impl
 
 
 def _gpu_devices() -> list[jax.Device]:
@@ -44,14 +44,19 @@ GEOMETRIES = [  # stride, padding, dilation on a (2, 11, 9, 3) input with a 3x3 
 ]
 
 
-def test_gpu_is_the_default_backend_and_auto_traces_the_plain_convolution():
-    assert jax.default_backend() == "gpu"
-    assert conv_impl() == "auto"
+def test_gpu_is_the_default_backend_and_auto_compiles_the_plain_convolution():
+    assert jax.default_backend() == "gpu" and conv_impl() == "auto"
     geometry = GEOMETRIES[0]
-    assert resolve_conv_impl("auto", kernel_size=(3, 3), **geometry) == "xla"
     x, kernel = jnp.ones((2, 11, 9, 3)), jnp.ones((3, 3, 3, 5))
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda a, k: conv2d(a, k, **geometry).sum(), argnums=(0, 1)))(x, kernel))
-    assert "custom_jvp" not in jaxpr and "lhs_dilation=(1, 1)" in jaxpr
+    grads = jax.grad(lambda a, k: conv2d(a, k, **geometry).sum(), argnums=(0, 1))
+    convolutions = lowered_convolutions(grads, x, kernel, platforms=("cuda",))
+    assert convolutions and all("lhs_dilate = [1, 1]" in c for c in convolutions)
+    on_the_gpu = jax.jit(grads)(x, kernel)
+    assert {next(iter(g.devices())).platform for g in on_the_gpu} == {"gpu"}
+    # the same function on the GPU machine's CPU gets the CPU's forms
+    with jax.default_device(jax.devices("cpu")[0]):
+        compiled = jax.jit(grads).lower(x, kernel).compile().as_text()
+    assert "lhs_dilate=1x2" in compiled
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"s{g['stride']}p{g['padding']}d{g['dilation']}")
@@ -113,3 +118,23 @@ def test_the_benchmark_keeps_jax_on_the_cpu_beside_pytorch():
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["machine"]["device"]["platform"] == "cpu"
     assert all(row["losses_agree"] for row in result["rows"])
+
+
+def test_one_export_runs_on_the_gpu_and_on_the_cpu_with_each_platforms_convolutions(sample, tmp_path):
+    from jaxnet.export import export_model, load_exported
+    from jaxnet.state import create_train_state
+
+    tx = optax.adam(1e-3)
+    graphdef, state = create_train_state(create_model("convnet"), tx)
+    path = tmp_path / "convnet.jaxexport"
+    path.write_bytes(export_model(graphdef, state, input_shape=(28, 28, 1), output="log_probs",
+                                  transform=train.make_image_transform(sample.mean, sample.std)))
+    images = sample.test_images[:64]
+    on_gpu = load_exported(path)
+    assert {next(iter(w.devices())).platform for w in on_gpu.weights} == {"gpu"}
+    with jax.default_device(jax.devices("cpu")[0]):
+        on_cpu = load_exported(path)
+        cpu_out = on_cpu(images)
+    gpu_out = on_gpu(images)
+    np.testing.assert_allclose(gpu_out, cpu_out, rtol=0, atol=1e-3 * np.abs(cpu_out).max())  # TF32 on the GPU
+    np.testing.assert_array_equal(gpu_out.argmax(1), cpu_out.argmax(1))

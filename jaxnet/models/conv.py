@@ -43,9 +43,14 @@ strided convolutions aborts the process while compiling, e.g. input
 
 Which implementation runs
 -------------------------
-``"auto"`` (the default) is ``"cpu"`` (:func:`conv2d_cpu`) when the default
-backend is the CPU, and ``"xla"`` (:func:`conv2d_xla`, the plain
-``lax.conv_general_dilated``) on GPU/TPU; ``"eigen"`` forces
+``"auto"`` (the default) is ``"cpu"`` (:func:`conv2d_cpu`) where the
+convolution is compiled for the CPU, and ``"xla"`` (:func:`conv2d_xla`, the
+plain ``lax.conv_general_dilated``) on GPU/TPU. :func:`conv2d` stages both
+out with ``lax.platform_dependent`` and the choice is made when the function
+is lowered, for the platform it is compiled for: a step traced on a machine
+with a GPU but run on its CPU gets the CPU's forms, and an export for
+several platforms (``jaxnet export``) carries each platform's own; the
+compiled program holds only the chosen branch. ``"eigen"`` forces
 :func:`conv2d_eigen` for all three pieces. Convolutions outside
 :func:`supports_fast_path` always run ``"xla"``. Choose with the
 environment variable ``JAXNET_CONV_IMPL`` (one of ``CONV_IMPLS``) or, for a
@@ -173,6 +178,7 @@ def resolve_conv_impl(
     ``"auto"`` is ``"cpu"`` on the CPU backend and ``"xla"`` elsewhere (GPU,
     TPU). ``"eigen"`` and ``"cpu"`` are ``"xla"`` for a geometry
     :func:`supports_fast_path` rejects (strides, padding beyond the kernel).
+    :func:`conv2d` asks this for each platform it may be lowered for.
 
     Args:
         impl: one of ``CONV_IMPLS``.
@@ -180,7 +186,8 @@ def resolve_conv_impl(
         stride: ``(sh, sw)``.
         padding: ``((top, bottom), (left, right))``.
         dilation: ``(dh, dw)``.
-        backend: the platform to decide for; ``jax.default_backend()`` when ``None``.
+        backend: the platform to decide for (``"cpu"``, or any other name for
+            the rest); ``jax.default_backend()`` when ``None``.
 
     Returns:
         ``"xla"``, ``"eigen"`` or ``"cpu"``.
@@ -366,13 +373,27 @@ def conv2d(
            [9., 9., 9.],
            [9., 9., 9.]], dtype=float32)
     """
-    if tuple(stride) == (1, 1) and jax.default_backend() == "cpu":
+    impl = _check_impl(conv_impl() if impl is None else impl, "impl")
+    geometry = {"stride": tuple(stride), "padding": tuple(tuple(side) for side in padding), "dilation": tuple(dilation)}
+    # Chosen per platform when the function is lowered, not from the default
+    # backend when it is traced: a step traced once and compiled for the CPU
+    # (a CPU device on a machine with a GPU, or an export for several
+    # platforms) still gets the CPU's forms, and a GPU gets the plain op.
+    return lax.platform_dependent(x, kernel, cpu=functools.partial(_conv2d_on_cpu, impl=impl, **geometry),
+                                  default=functools.partial(_conv2d_elsewhere, impl=impl, **geometry))
+
+
+def _conv2d_on_cpu(x: jax.Array, kernel: jax.Array, *, impl: str, stride: Pair, padding: Padding,
+                   dilation: Pair) -> jax.Array:
+    if tuple(stride) == (1, 1):
         x, padding = _pad_beyond_extent(x, kernel.shape[:2], padding, dilation)
-    chosen = resolve_conv_impl(
-        conv_impl() if impl is None else impl,
-        kernel_size=kernel.shape[:2],
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-    )
+    chosen = resolve_conv_impl(impl, kernel_size=kernel.shape[:2], stride=stride, padding=padding,
+                               dilation=dilation, backend="cpu")
+    return _IMPLEMENTATIONS[chosen](x, kernel, stride=stride, padding=padding, dilation=dilation)
+
+
+def _conv2d_elsewhere(x: jax.Array, kernel: jax.Array, *, impl: str, stride: Pair, padding: Padding,
+                      dilation: Pair) -> jax.Array:
+    chosen = resolve_conv_impl(impl, kernel_size=kernel.shape[:2], stride=stride, padding=padding,
+                               dilation=dilation, backend="other")
     return _IMPLEMENTATIONS[chosen](x, kernel, stride=stride, padding=padding, dilation=dilation)
