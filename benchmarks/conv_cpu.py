@@ -90,18 +90,42 @@ def original_max_pool() -> Iterator[None]:
         layers._window_max = saved
 
 
+@contextlib.contextmanager
+def free_weight_gradients() -> Iterator[None]:
+    """Traces every convolution with ``stop_gradient`` on its kernel: an upper bound, not a train step.
+
+    XLA then computes no weight gradient at all (the kernels' gradients are
+    zeros), so the step's speed is what an infinitely fast weight-gradient
+    kernel would give; everything else (forward, input gradients, pooling,
+    dropout, the dense layers, Adam) is unchanged.
+    """
+    saved = layers.conv.conv2d
+
+    def conv2d(x, kernel, **geometry):
+        return saved(x, jax.lax.stop_gradient(kernel), **geometry)
+
+    layers.conv.conv2d = conv2d
+    try:
+        yield
+    finally:
+        layers.conv.conv2d = saved
+
+
 def jax_runner(
-    name: str, batch: int, impl: str, compiler_options: dict | None = None, *, before: bool = False
+    name: str, batch: int, impl: str, compiler_options: dict | None = None, *, before: bool = False,
+    bound: bool = False,
 ) -> Callable[[int], None]:
     """``run(n)`` takes n jaxnet train steps (convolution implementation ``impl``) and waits for them.
 
     ``before`` also traces max-pooling the way jaxnet did before this change,
-    so that the step is exactly the old one.
+    so that the step is exactly the old one. ``bound`` traces it under
+    :func:`free_weight_gradients`.
     """
     images, labels = make_batch(name, batch)
     batch_arrays = {"image": jax.device_put(images), "label": jax.device_put(labels)}
     tx, _, _ = optimizer(name)
-    with use_conv_impl(impl), original_max_pool() if before else contextlib.nullcontext():
+    with use_conv_impl(impl), original_max_pool() if before else contextlib.nullcontext(), \
+            free_weight_gradients() if bound else contextlib.nullcontext():
         graphdef, state = create_train_state(create_model(name, seed=0), tx, seed=0)
         loss_fn = loss_for_output(MODELS[name].output)
         if compiler_options is None:
@@ -165,6 +189,7 @@ VARIANTS: dict[str, Callable[[str, int], Callable[[int], None]]] = {
     "jax xla conv, new pool": lambda m, b: jax_runner(m, b, "xla"),
     "jax auto (after)": lambda m, b: jax_runner(m, b, "auto"),
     "jax eigen": lambda m, b: jax_runner(m, b, "eigen"),
+    "jax auto, weight gradients free (bound)": lambda m, b: jax_runner(m, b, "auto", bound=True),
     "jax xla, YNNPACK off": lambda m, b: jax_runner(m, b, "xla", {"xla_cpu_experimental_ynn_fusion_type": ""}),
     "torch eager": lambda m, b: torch_runner(m, b, compiled=False),
     "torch.compile": lambda m, b: torch_runner(m, b, compiled=True),
