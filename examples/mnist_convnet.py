@@ -13,6 +13,8 @@ Measured (2-core x86-64 CPU, jax 0.10.2, 2026-11-27, real MNIST, seed 0,
 with ``jaxnet train --model convnet``, which runs this recipe): 99.06% test
 accuracy after 5 epochs (98.50% after the first), 354 s of training on a
 machine shared with other jobs (42-50 s per epoch when it was quieter).
+On one NVIDIA H100 (jax 0.11.2, same command): 99.06% after 5 epochs in
+11.1 s of training, compilation included.
 """
 
 from __future__ import annotations
