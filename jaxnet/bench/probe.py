@@ -99,13 +99,7 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         "jax_compiles": counter.compiles,
         "cache_files": _count_files(spec["cache_dir"]),
     }
-    if variant in JAX_VARIANTS:
-        import jax
-
-        stats = jax.devices("cpu")[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:  # accelerators report device memory; CPU does not
-            result["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
-    return result
+    return result  # the JAX variants run on the CPU (JAX_PLATFORMS=cpu): their memory is in peak_rss_mb
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,8 +182,6 @@ def first_step_latency(workload: Workload, variant: str, state_dict: Mapping[str
         "peak_rss_mb_cold": cold["peak_rss_mb"],
         "cache_files": cold["cache_files"],
     }
-    if "device_peak_mb" in cold:
-        out["device_peak_mb"] = cold["device_peak_mb"]
     return out
 
 
