@@ -21,14 +21,15 @@ from jaxnet.errors import ConfigError, DataError, JaxnetError
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("checkpoint", "data", "export", "interop", "losses", "metrics", "models", "optim")
+_SUBMODULES = ("callbacks", "checkpoint", "data", "export", "interop", "losses", "metrics", "models", "optim")
 _EXPORTS = {  # name -> module that defines it
     "CompileCounter": "jaxnet.compilation",
     "ArrayDataset": "jaxnet.data", "iterate_batches": "jaxnet.data",
     "load_dataset": "jaxnet.data", "prefetch_to_device": "jaxnet.data",
     "MODELS": "jaxnet.models", "create_model": "jaxnet.models",
     "create_optimizer": "jaxnet.optim", "create_schedule": "jaxnet.optim",
-    "TrainState": "jaxnet.state", "create_train_state": "jaxnet.state", "merge_model": "jaxnet.state",
+    "TrainState": "jaxnet.state", "copy_state": "jaxnet.state", "create_train_state": "jaxnet.state",
+    "merge_model": "jaxnet.state", "predict": "jaxnet.inference",
     "loss_for_output": "jaxnet.step", "make_eval_step": "jaxnet.step", "make_predict_fn": "jaxnet.step",
     "make_scan_epoch": "jaxnet.step", "make_train_step": "jaxnet.step", "train_step_fn": "jaxnet.step",
     "FitResult": "jaxnet.train", "evaluate": "jaxnet.train", "fit": "jaxnet.train",

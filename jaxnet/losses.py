@@ -239,6 +239,59 @@ def mse_loss(pred: jax.Array, target: jax.Array, *, reduction: str = "mean") -> 
     return _reduce(jnp.square(pred - target.astype(pred.dtype)), reduction)
 
 
+def _check_same_shape(pred: jax.Array, target: jax.Array) -> None:
+    if pred.shape != target.shape:
+        raise JaxnetError(
+            f"pred shape {pred.shape} differs from target shape {target.shape}; "
+            f"reshape one of them (e.g. target.reshape({pred.shape}))"
+        )
+
+
+def l1_loss(pred: jax.Array, target: jax.Array, *, reduction: str = "mean") -> jax.Array:
+    """Mean absolute error, ``|pred - target|`` reduced.
+
+    Counterpart of ``torch.nn.functional.l1_loss`` (``nn.L1Loss``); shapes
+    must match, as for :func:`mse_loss`.
+
+    Raises:
+        ConfigError: unknown ``reduction``.
+        JaxnetError: ``pred`` and ``target`` shapes differ.
+
+    >>> l1_loss(jnp.array([1.0, 2.0]), jnp.array([1.0, 4.0]))
+    Array(1., dtype=float32)
+    """
+    _check_reduction(reduction)
+    pred, target = jnp.asarray(pred), jnp.asarray(target)
+    _check_same_shape(pred, target)
+    return _reduce(jnp.abs(pred - target.astype(pred.dtype)), reduction)
+
+
+def huber_loss(
+    pred: jax.Array, target: jax.Array, *, delta: float = 1.0, reduction: str = "mean"
+) -> jax.Array:
+    """Huber loss: squared error near 0, absolute error beyond ``delta``.
+
+    Counterpart of ``torch.nn.functional.huber_loss`` (``nn.HuberLoss``): per
+    element ``0.5 * d**2`` if ``|d| < delta`` else ``delta * (|d| - 0.5 * delta)``,
+    with ``d = pred - target``. (``nn.SmoothL1Loss`` with ``beta`` is this
+    divided by ``beta``.)
+
+    Raises:
+        ConfigError: unknown ``reduction`` or ``delta <= 0``.
+        JaxnetError: ``pred`` and ``target`` shapes differ.
+
+    >>> huber_loss(jnp.array([0.5, 3.0]), jnp.array([0.0, 0.0]))
+    Array(1.3125, dtype=float32)
+    """
+    _check_reduction(reduction)
+    if not delta > 0:
+        raise ConfigError(f"huber_loss delta must be > 0; got {delta}")
+    pred, target = jnp.asarray(pred), jnp.asarray(target)
+    _check_same_shape(pred, target)
+    d = jnp.abs(pred - target.astype(pred.dtype))
+    return _reduce(jnp.where(d < delta, 0.5 * d * d, delta * (d - 0.5 * delta)), reduction)
+
+
 def kl_div(
     input: jax.Array,  # noqa: A002 -- torch's argument name
     target: jax.Array,

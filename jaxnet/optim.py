@@ -334,7 +334,31 @@ def create_optimizer(
         # -lr * (adam + wd * p) == torch's p *= 1 - lr * wd, then p -= lr * adam.
         chain.append(optax.add_decayed_weights(weight_decay))
     chain.append(optax.scale_by_learning_rate(lr))
-    return optax.chain(*chain)
+    tx = optax.chain(*chain)
+    settings = {"optimizer": name, "lr": lr if not callable(lr) else getattr(lr, "__name__", "schedule"),
+                "momentum": momentum, "nesterov": nesterov, "dampening": dampening,
+                "weight_decay": weight_decay, "betas": list(betas), "eps": eps, "alpha": alpha, "rho": rho,
+                "centered": centered, "initial_accumulator_value": initial_accumulator_value,
+                "lr_decay": lr_decay, "amsgrad": amsgrad, "clip_norm": clip_norm, "clip_value": clip_value}
+    _BUILT[id(tx)] = (tx, lr, settings)
+    return tx
+
+
+# The optimizers create_optimizer built: id -> (tx, learning rate or schedule, settings). The
+# transform is held so that its id is never reused; a run builds a handful.
+_BUILT: dict[int, tuple[optax.GradientTransformation, Any, dict[str, Any]]] = {}
+
+
+def learning_rate_of(tx: optax.GradientTransformation) -> Any:
+    """The learning rate (a float or a schedule) :func:`create_optimizer` built ``tx`` with, or ``None``."""
+    built = _BUILT.get(id(tx))
+    return built[1] if built is not None and built[0] is tx else None
+
+
+def describe(tx: optax.GradientTransformation) -> dict[str, Any] | None:
+    """The settings :func:`create_optimizer` built ``tx`` with (JSON), or ``None`` for other transforms."""
+    built = _BUILT.get(id(tx))
+    return dict(built[2]) if built is not None and built[0] is tx else None
 
 
 def _core(name: str, momentum: float, nesterov: bool, dampening: float,

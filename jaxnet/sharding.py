@@ -281,8 +281,9 @@ def make_sharded_eval_step(
     shardings: Any,
     *,
     transform: Transform | None = None,
+    metrics: Any = None,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """``eval_step(state, batch) -> {"outputs", "loss"}`` over a sharded state.
+    """``eval_step(state, batch) -> {"outputs", "loss", "metrics"}`` over a sharded state.
 
     Like :func:`jaxnet.step.make_eval_step`; the batch is replicated (every
     process passes the same whole evaluation batch, of any size) and the
@@ -294,11 +295,12 @@ def make_sharded_eval_step(
         mesh: the device mesh.
         shardings: the state's shardings.
         transform: on-device preprocessing, applied with ``train=False``.
+        metrics: per-example evaluation metrics (see :func:`jaxnet.step.make_eval_step`).
 
     Returns:
         The compiled evaluation step.
     """
-    return jax.jit(eval_step_fn(graphdef, loss_fn, transform=transform),
+    return jax.jit(eval_step_fn(graphdef, loss_fn, transform=transform, metrics=metrics),
                    in_shardings=(shardings, replicated(mesh)), out_shardings=replicated(mesh))
 
 

@@ -67,6 +67,8 @@ def create_train_state(
         0
     """
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    # Buffers of its own: the first donated step must not delete the arrays of the user's model.
+    params, model_state = copy_state(params), copy_state(model_state)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -95,3 +97,19 @@ def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
 def count_params(params: Any) -> int:
     """Number of scalar parameters in a pytree (``sum(p.numel() ...)`` in torch)."""
     return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def copy_state(state: Any) -> Any:
+    """A copy of a state (or any pytree of arrays) with buffers of its own, on the same devices.
+
+    The compiled train steps donate their input state: after
+    ``state, m = step(state, batch)`` the old state's buffers are reused and
+    reading them raises ``Array has been deleted``. To keep a state while
+    stepping on (the best so far, a snapshot to compare), keep a copy::
+
+        best = copy_state(state)      # safe: its own buffers
+        state, metrics = step(state, batch)
+
+    Shardings are kept (the copy of a sharded array is sharded alike).
+    """
+    return jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, state)

@@ -14,6 +14,7 @@ and the state is donated so XLA updates the parameters in place.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,34 +28,110 @@ from jaxnet.errors import ConfigError
 from jaxnet.state import TrainState
 
 Batch = Mapping[str, jax.Array]  # {"image": (B, ...), "label": (B,), optional "mask": (B,)}
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, labels) -> () mean loss
+# (outputs, labels) -> () mean loss; a loss may also take the batch: (outputs, labels, batch).
+LossFn = Callable[..., jax.Array]
+MetricFn = Callable[..., jax.Array]  # (outputs, labels[, batch]) -> () batch mean
 # transform(key, images, train) -> model inputs; runs on device inside the step.
 Transform = Callable[[jax.Array, jax.Array, bool], jax.Array]
 
-OUTPUT_KINDS = ("logits", "log_probs", "regression")
+OUTPUT_KINDS = ("logits", "log_probs", "binary", "regression", "l1", "huber")
+CLASSIFIER_KINDS = ("logits", "log_probs", "binary")  # integer labels, accuracy reported
 
 
 def loss_for_output(output: str) -> LossFn:
-    """The PyTorch tutorials' loss for a model's kind of output.
+    """The PyTorch loss for a model's kind of output.
 
     Args:
         output: ``"logits"`` (``nn.CrossEntropyLoss``), ``"log_probs"``
-            (``nn.NLLLoss``, for models ending in ``log_softmax``) or
-            ``"regression"`` (``nn.MSELoss``).
+            (``nn.NLLLoss``, for models ending in ``log_softmax``), ``"binary"``
+            (one logit per example, ``nn.BCEWithLogitsLoss`` on 0/1 labels),
+            ``"regression"`` (``nn.MSELoss``), ``"l1"`` (``nn.L1Loss``) or
+            ``"huber"`` (``nn.HuberLoss(delta=1)``).
 
     Returns:
-        ``loss_fn(outputs, labels) -> ()`` mean loss over the batch.
+        ``loss_fn(outputs, labels) -> ()`` mean loss over the batch; the
+        regression and binary losses reshape the labels to the outputs' shape
+        (``(B,)`` targets for ``(B, 1)`` outputs).
 
     Raises:
         ConfigError: for any other ``output``.
     """
-    if output == "logits":
-        return losses.cross_entropy
-    if output == "log_probs":
-        return losses.nll_loss
-    if output == "regression":
-        return lambda pred, target: losses.mse_loss(pred, target.reshape(pred.shape))
-    raise ConfigError(f"unknown model output kind {output!r}; expected one of {OUTPUT_KINDS}")
+    def reshaped(loss: Callable[[jax.Array, jax.Array], jax.Array]) -> LossFn:
+        return lambda pred, target: loss(pred, target.reshape(pred.shape).astype(pred.dtype))
+
+    kinds: dict[str, LossFn] = {
+        "logits": losses.cross_entropy,
+        "log_probs": losses.nll_loss,
+        "binary": reshaped(losses.binary_cross_entropy_with_logits),
+        "regression": reshaped(losses.mse_loss),
+        "l1": reshaped(losses.l1_loss),
+        "huber": reshaped(losses.huber_loss),
+    }
+    if output not in kinds:
+        raise ConfigError(f"unknown model output kind {output!r}; expected one of {OUTPUT_KINDS}")
+    return kinds[output]
+
+
+def accuracy_for_output(output: str) -> MetricFn | None:
+    """The batch accuracy of a classifier's outputs (``None`` for regression kinds).
+
+    ``argmax`` of the class axis for ``"logits"``/``"log_probs"``; ``logit > 0``
+    for ``"binary"``.
+    """
+    if output == "binary":
+        return lambda out, y: jnp.mean(((out.reshape(y.shape) > 0).astype(jnp.int32) == y).astype(jnp.float32))
+    if output in CLASSIFIER_KINDS:
+        return lambda out, y: jnp.mean((jnp.argmax(out, -1) == y).astype(jnp.float32))
+    return None
+
+
+def takes_batch(fn: Callable[..., Any]) -> bool:
+    """Whether a loss or metric function takes the batch as its third argument."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return (len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params)
+            or any(p.name == "batch" for p in params))
+
+
+def apply_loss(fn: Callable[..., jax.Array], outputs: jax.Array, labels: jax.Array, batch: Batch) -> jax.Array:
+    """Calls a loss or metric as ``fn(outputs, labels)``, or with the batch when it takes one."""
+    if takes_batch(fn):
+        return fn(outputs, labels, batch)
+    return fn(outputs, labels)
+
+
+def _step_metrics(
+    metrics: Mapping[str, MetricFn] | None, classification: bool
+) -> Mapping[str, MetricFn]:
+    if metrics is not None:
+        return metrics
+    return {"accuracy": accuracy_for_output("logits")} if classification else {}
+
+
+def accepts_rngs(model: nnx.Module) -> bool:
+    """Whether ``model(x, rngs=...)`` is a valid call.
+
+    jaxnet's own models take their dropout key per call (``rngs=``); a model
+    written as the Flax docs write it, ``__call__(self, x)`` with
+    ``nnx.Dropout(rate, rngs=rngs)`` holding its own stream, does not: its
+    random state lives in the model's variables (``nnx.RngKey`` and
+    ``nnx.RngCount``), so it travels in ``TrainState.model_state``.
+    """
+    try:
+        params = inspect.signature(type(model).__call__).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C-level __call__: pass nothing extra
+        return False
+    return any(p.name == "rngs" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def call_model(model: nnx.Module, inputs: jax.Array, dropout_key: jax.Array) -> jax.Array:
+    """Calls a model in training mode, giving it ``dropout_key`` if it takes ``rngs``."""
+    if accepts_rngs(model):
+        return model(inputs, rngs=nnx.Rngs(dropout=dropout_key))
+    return model(inputs)
 
 
 def _prepare(transform: Transform | None, key: jax.Array, images: jax.Array, train: bool) -> jax.Array:
@@ -70,19 +147,26 @@ def train_step_fn(
     *,
     transform: Transform | None = None,
     classification: bool = True,
+    metrics: Mapping[str, MetricFn] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The un-jitted train step; :func:`make_train_step` and :func:`make_scan_epoch` compile it.
 
     Args:
         graphdef: the model's graph definition (from ``create_train_state``).
         tx: the optax transformation that updates the parameters.
-        loss_fn: ``loss_fn(outputs, labels) -> ()``.
+        loss_fn: ``loss_fn(outputs, labels) -> ()``, or ``loss_fn(outputs,
+            labels, batch)`` (see :func:`takes_batch`).
         transform: optional on-device preprocessing ``transform(key, images, train)``.
-        classification: whether to report ``accuracy`` besides ``loss``.
+        classification: whether to report ``accuracy`` besides ``loss``
+            (used when ``metrics`` is None).
+        metrics: batch metrics computed inside the step, ``name -> fn(outputs,
+            labels[, batch]) -> ()``; replaces the default ``accuracy``.
 
     Returns:
         ``train_step(state, batch) -> (state, metrics)``, pure.
     """
+
+    batch_metrics = _step_metrics(metrics, classification)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(state.rng, state.step)  # a fresh key per step, from the state alone
@@ -94,9 +178,9 @@ def train_step_fn(
             # copy=True: fresh Variables at this trace level, so BatchNorm may update them.
             model = nnx.merge(graphdef, params, state.model_state, copy=True)
             model.train()  # model.train() in PyTorch: dropout on, BatchNorm uses batch statistics
-            outputs = model(inputs, rngs=nnx.Rngs(dropout=dropout_key))
+            outputs = call_model(model, inputs, dropout_key)
             _, _, model_state = nnx.split(model, nnx.Param, ...)  # updated running statistics
-            return loss_fn(outputs, labels), (outputs, model_state)
+            return apply_loss(loss_fn, outputs, labels, batch), (outputs, model_state)
 
         (loss, (outputs, model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
             state.params
@@ -106,10 +190,10 @@ def train_step_fn(
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
         )
-        metrics = {"loss": loss}
-        if classification:
-            metrics["accuracy"] = jnp.mean((jnp.argmax(outputs, -1) == labels).astype(jnp.float32))
-        return new_state, metrics
+        values = {"loss": loss}
+        for name, fn in batch_metrics.items():
+            values[name] = jnp.asarray(apply_loss(fn, outputs, labels, batch), jnp.float32)
+        return new_state, values
 
     return train_step
 
@@ -122,6 +206,7 @@ def make_train_step(
     transform: Transform | None = None,
     classification: bool = True,
     donate: bool = True,
+    metrics: Mapping[str, MetricFn] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the jit-compiled ``train_step(state, batch) -> (state, metrics)``.
 
@@ -139,7 +224,10 @@ def make_train_step(
             (normalization, augmentation).
         classification: whether to report ``accuracy`` besides ``loss``.
         donate: donate the input state's buffers (the caller must not reuse
-            the state it passed in, as with any in-place update).
+            the state it passed in, as with any in-place update). To keep a
+            state (e.g. the best so far) while stepping on, keep
+            :func:`jaxnet.state.copy_state` of it.
+        metrics: batch metrics computed in the step (see :func:`train_step_fn`).
 
     Returns:
         The compiled step. A second call with the same shapes does not recompile.
@@ -155,7 +243,8 @@ def make_train_step(
         >>> int(state.step)
         1
     """
-    step = train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification)
+    step = train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification,
+                         metrics=metrics)
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
@@ -167,6 +256,7 @@ def make_scan_epoch(
     transform: Transform | None = None,
     classification: bool = True,
     donate: bool = True,
+    metrics: Mapping[str, MetricFn] | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds a whole training epoch as one compiled ``lax.scan`` over device-resident data.
 
@@ -176,7 +266,7 @@ def make_scan_epoch(
     gives the same parameters as the same batches fed to :func:`make_train_step`.
 
     Args:
-        graphdef, tx, loss_fn, transform, classification, donate: as for
+        graphdef, tx, loss_fn, transform, classification, donate, metrics: as for
             :func:`make_train_step`.
 
     Returns:
@@ -186,7 +276,8 @@ def make_scan_epoch(
         :func:`jaxnet.data.epoch_permutation`), and ``metrics`` holds ``(S,)``
         per-step values.
     """
-    step = train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification)
+    step = train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification,
+                         metrics=metrics)
 
     def train_epoch(state, images, labels, batch_indices):
         def body(state, idx):  # idx: (B,) int32
@@ -231,8 +322,9 @@ def make_eval_step(
     loss_fn: LossFn,
     *,
     transform: Transform | None = None,
+    metrics: Mapping[str, MetricFn] | None = None,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """Builds the jit-compiled ``eval_step(state, batch) -> {"outputs", "loss"}``.
+    """Builds the jit-compiled ``eval_step(state, batch) -> {"outputs", "loss", "metrics"}``.
 
     Evaluation batches keep one shape (a final partial batch is padded, and a
     ``"mask"`` marks the real examples, see :func:`jaxnet.train.evaluate`), so
@@ -242,23 +334,37 @@ def make_eval_step(
         graphdef: the model's graph definition.
         loss_fn: the training loss; it is reported per example.
         transform: on-device preprocessing, applied with ``train=False``.
+        metrics: ``name -> fn(outputs, labels[, batch])``, each also reported
+            per example (so that padded rows can be masked out).
 
     Returns:
-        ``eval_step(state, batch)`` returning the model's ``outputs`` ``(B, K)``
-        and the per-example ``loss`` ``(B,)``.
+        ``eval_step(state, batch)`` returning the model's ``outputs`` ``(B, K)``,
+        the per-example ``loss`` ``(B,)`` and ``metrics`` ``{name: (B,)}``.
     """
-    return jax.jit(eval_step_fn(graphdef, loss_fn, transform=transform))
+    return jax.jit(eval_step_fn(graphdef, loss_fn, transform=transform, metrics=metrics))
 
 
 def eval_step_fn(
-    graphdef: nnx.GraphDef, loss_fn: LossFn, *, transform: Transform | None = None
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    *,
+    transform: Transform | None = None,
+    metrics: Mapping[str, MetricFn] | None = None,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """The un-jitted evaluation step that :func:`make_eval_step` (and the sharded one) compile."""
     predict = make_predict_fn(graphdef, transform=transform)
+    fns = {"loss": loss_fn, **(metrics or {})}
+
+    def per_example(fn: Callable[..., jax.Array], outputs: jax.Array, batch: Batch) -> jax.Array:
+        def one(o: jax.Array, example: Batch) -> jax.Array:
+            example = jax.tree.map(lambda a: a[None], example)
+            return jnp.asarray(apply_loss(fn, o[None], example["label"], example), jnp.float32)
+
+        return jax.vmap(one)(outputs, dict(batch))
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, Any]:
         outputs = predict(state, batch["image"])
-        per_example = jax.vmap(lambda o, y: loss_fn(o[None], y[None]))(outputs, batch["label"])
-        return {"outputs": outputs, "loss": per_example}
+        values = {name: per_example(fn, outputs, batch) for name, fn in fns.items()}
+        return {"outputs": outputs, "loss": values.pop("loss"), "metrics": values}
 
     return eval_step

@@ -1,19 +1,22 @@
-"""The training loop: a short ``fit`` composed of the pure pieces.
+"""The training loop: ``fit``, composed of small pure pieces you can call yourself.
 
-``fit`` is the counterpart of the tutorials' ``for epoch in range(n): for
-x, y in loader: ...`` loop plus their evaluation block. It stays readable on
-one screen; everything it does is a library function you can call yourself
-(``create_train_state``, ``make_train_step``, ``iterate_batches``,
-``evaluate``).
+``fit`` is the counterpart of the tutorials' ``for epoch in range(n): for x, y
+in loader: ...`` loop plus their evaluation block, and of Keras's ``fit`` for
+your own model and data. Its body reads top to bottom on one screen; each
+piece is a named function here (the argument checks, the run's files, one
+epoch of training, evaluation) or a library function (``create_train_state``,
+``make_train_step``, ``iterate_batches``, ``evaluate``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,20 +26,30 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxnet import callbacks as jcallbacks
 from jaxnet import data as jdata
 from jaxnet import metrics as jmetrics
 from jaxnet.compilation import CompileCounter
 from jaxnet.data.dataset import ArrayDataset
+from jaxnet.data.inputs import FitData, Split, as_fit_data, batch_arrays
 from jaxnet.errors import ConfigError, DataError, JaxnetError
-from jaxnet.state import TrainState, count_params, create_train_state
+from jaxnet.state import TrainState, copy_state, count_params, create_train_state
 from jaxnet.step import (
+    CLASSIFIER_KINDS,
+    OUTPUT_KINDS,
+    LossFn,
+    MetricFn,
     Transform,
+    accuracy_for_output,
     loss_for_output,
     make_eval_step,
     make_scan_epoch,
     train_step_fn,
 )
 from jaxnet.tracking import CURVES_FILE, METRICS_FILE, MetricsLogger, plot_curves
+
+# The preprocessing each model object was trained with, for jaxnet.predict(model, x).
+_PREPROCESSING: weakref.WeakKeyDictionary[nnx.Module, Transform | None] = weakref.WeakKeyDictionary()
 
 
 @dataclasses.dataclass
@@ -45,15 +58,30 @@ class FitResult:
 
     Attributes:
         graphdef: the model's static graph definition.
-        state: the final :class:`~jaxnet.state.TrainState`.
-        history: one dict per epoch (train and test metrics, seconds).
-        summary: the run's final numbers (test accuracy, steps, seconds, ...).
+        state: the final :class:`~jaxnet.state.TrainState` (the best one with
+            ``EarlyStopping(restore_best=True)``).
+        history: one dict per epoch: ``train_*``, then ``val_*`` when there is
+            a validation split, else ``test_*`` (the tutorials' per-epoch test
+            evaluation), plus what callbacks logged.
+        summary: the run's final numbers (test metrics, steps, seconds, ...).
+        model: the model object passed to ``fit``, now holding ``state``'s weights.
+        transform: the on-device preprocessing the run used (``None``: none).
+        output: the output kind (``"logits"``, ``"binary"``, ``"regression"``, ...).
     """
 
     graphdef: nnx.GraphDef
     state: TrainState
     history: list[dict[str, Any]]
     summary: dict[str, Any]
+    model: nnx.Module | None = None
+    transform: Transform | None = None
+    output: str = "logits"
+
+    def predict(self, x: Any, *, batch_size: int = 256) -> np.ndarray:
+        """The model's outputs on ``x``, with the run's preprocessing (see :func:`jaxnet.predict`)."""
+        from jaxnet.inference import predict
+
+        return predict(self, x, batch_size=batch_size)
 
 
 def make_image_transform(
@@ -78,44 +106,107 @@ def make_image_transform(
     return transform
 
 
+def _model_output_shape(model: nnx.Module, x: Any, what: str) -> tuple[int, ...]:
+    """The model's output shape on two examples shaped like ``x``'s, without computing anything."""
+    sample = jax.ShapeDtypeStruct((2, *tuple(np.shape(x)[1:])), jnp.float32)
+    try:
+        model.eval()
+        return tuple(jax.eval_shape(lambda m, v: m(v), model, sample).shape)
+    except Exception as exc:  # any shape error from inside the model's layers
+        raise ConfigError(
+            f"the model cannot take {what} inputs of shape {tuple(np.shape(x)[1:])}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Use a model made for this data set "
+            "(e.g. --model cifar_cnn for cifar10, --model mlp or convnet for mnist)"
+        ) from None
+
+
+def resolve_output(model: nnx.Module, data: FitData, output: str | None, sample_x: Any) -> str:
+    """The output kind, checked against the model and the labels (see :data:`jaxnet.step.OUTPUT_KINDS`).
+
+    ``None`` infers it: a registered tutorial model's own kind; otherwise
+    float targets mean ``"regression"`` (MSE), integer labels with a model of
+    one output ``"binary"``, and with more outputs ``"logits"``.
+
+    Raises:
+        ConfigError: a model/data mismatch (classes, shapes, kinds).
+        DataError: labels outside the classes.
+    """
+    if output is not None and output not in OUTPUT_KINDS:
+        raise ConfigError(f"unknown output kind {output!r}; expected one of {', '.join(OUTPUT_KINDS)}")
+    out_shape = _model_output_shape(model, sample_x, data.name)
+    if output is None:
+        spec = spec_of(model)
+        if spec is not None:
+            output = spec.output
+        elif data.num_classes is None:
+            output = "regression"
+        else:
+            output = "binary" if out_shape[-1:] == (1,) or len(out_shape) == 1 else "logits"
+    classifier = output in CLASSIFIER_KINDS
+    if classifier != (data.num_classes is not None):
+        kind = "a classification" if classifier else "a regression"
+        task = "regression targets (float labels)" if data.num_classes is None else f"{data.num_classes} classes"
+        raise ConfigError(
+            f"{kind} model cannot train on {data.name}, which has {task}; use a regression model "
+            "(--model linear) with --dataset linear, and a classifier with mnist, cifar10 or tfds:NAME"
+            " (in Python: integer labels for classifiers, float targets for regression, or pass output=)"
+        )
+    if output == "binary":
+        if data.num_classes > 2:
+            raise ConfigError(f"output='binary' needs 0/1 labels; {data.name} has {data.num_classes} classes")
+        if out_shape[-1:] != (1,) and len(out_shape) != 1:
+            raise ConfigError(f"output='binary' needs one logit per example; the model outputs {out_shape[1:]}")
+    elif classifier and out_shape[-1] != data.num_classes and not (
+            data.mean is None and out_shape[-1] > data.num_classes):
+        raise ConfigError(f"the model outputs {out_shape[-1]} classes but {data.name} has {data.num_classes}")
+    return output
+
+
+def _check_label_range(data: FitData, output: str, num_classes: int) -> None:
+    if output not in CLASSIFIER_KINDS:
+        return
+    for split, part in data.splits().items():
+        lo, hi = int(np.min(part.y)), int(np.max(part.y))
+        if lo < 0 or hi >= num_classes:
+            raise DataError(
+                f"{data.name}: {split} labels range over [{lo}, {hi}] but the data set has "
+                f"{num_classes} classes; labels must be integers in [0, {num_classes - 1}]"
+            )
+
+
 def check_dataset(data: ArrayDataset, model: nnx.Module, *, output: str) -> None:
-    """Validates a data set against a model before anything is compiled.
+    """Validates an :class:`ArrayDataset` against a model before anything is compiled.
 
     Raises:
         DataError: labels outside ``[0, num_classes)``, or empty splits.
         ConfigError: images whose shape the model cannot take.
     """
-    if (output == "regression") != (data.num_classes == 0):
-        kind = "a regression" if output == "regression" else "a classification"
-        task = "regression targets" if data.num_classes == 0 else f"{data.num_classes} classes"
-        raise ConfigError(
-            f"{kind} model cannot train on {data.name}, which has {task}; use a regression model "
-            "(--model linear) with --dataset linear, and a classifier with mnist, cifar10 or tfds:NAME"
-        )
-    for split, labels in (("train", data.train_labels), ("test", data.test_labels)):
-        if len(labels) == 0:
-            raise DataError(f"{data.name}: the {split} split is empty ({data.source})")
-        if output != "regression":
-            lo, hi = int(np.min(labels)), int(np.max(labels))
-            if lo < 0 or hi >= data.num_classes:
-                raise DataError(
-                    f"{data.name}: {split} labels range over [{lo}, {hi}] but the data set has "
-                    f"{data.num_classes} classes; labels must be integers in [0, {data.num_classes - 1}]"
-                )
-    sample = jax.ShapeDtypeStruct((2, *data.image_shape), jnp.float32)
-    try:
-        model.eval()
-        out = jax.eval_shape(lambda m, x: m(x), model, sample)
-    except Exception as exc:  # any shape error from inside the model's layers
-        raise ConfigError(
-            f"the model cannot take {data.name} inputs of shape {data.image_shape}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Use a model made for this data set "
-            "(e.g. --model cifar_cnn for cifar10, --model mlp or convnet for mnist)"
-        ) from None
-    if output != "regression" and out.shape[-1] != data.num_classes:
-        raise ConfigError(
-            f"the model outputs {out.shape[-1]} classes but {data.name} has {data.num_classes}"
-        )
+    fit_data = as_fit_data(data)
+    output = resolve_output(model, fit_data, output, fit_data.train.x)
+    _check_label_range(fit_data, output, data.num_classes)
+
+
+def _check_sizes(data: FitData, *, epochs: int, batch_size: int, devices: int | None,
+                 grad_accum: int = 1) -> int | None:
+    """Epoch and batch arguments against the data; returns the steps per epoch (``None``: streamed)."""
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+    if devices and devices > 1:
+        from jaxnet.sharding import check_batch_divisible
+
+        check_batch_divisible(batch_size, devices)
+    if data.streamed:
+        return None
+    n = len(data.train)
+    if batch_size > n:
+        raise ConfigError(f"batch size {batch_size} is larger than the {n} training examples of "
+                          f"{data.name}; use --batch-size {n} or less")
+    steps = jdata.num_batches(n, batch_size, drop_last=True) // grad_accum
+    if steps == 0:
+        raise ConfigError(f"{n} training examples make {n // batch_size} batches of {batch_size}, fewer than "
+                          f"the {grad_accum} accumulated per step; use a smaller --grad-accum or --batch-size")
+    return steps
 
 
 def _padded_batches(images: Any, labels: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -135,6 +226,12 @@ def _update_metrics(m: jmetrics.ClassificationMetrics, outputs, labels, loss, ma
     return jmetrics.metrics_update(m, outputs, labels, loss=loss, mask=mask)
 
 
+def _binary_scores(outputs: jax.Array) -> jax.Array:
+    """One logit ``z`` as two class scores ``(0, z)``: argmax is ``z > 0``, softmax gives sigmoid(z)."""
+    z = outputs.reshape(outputs.shape[0], -1)[:, :1]
+    return jnp.concatenate([jnp.zeros_like(z), z], axis=1)
+
+
 def evaluate(
     eval_step: Callable,
     state: TrainState,
@@ -143,6 +240,7 @@ def evaluate(
     *,
     batch_size: int = 1000,
     num_classes: int = 10,
+    binary: bool = False,
 ) -> dict[str, float]:
     """Evaluates on a whole split: ``model.eval()`` + ``torch.no_grad()`` + metrics.
 
@@ -153,25 +251,32 @@ def evaluate(
         batch_size: examples per compiled call (the last batch is padded and
             masked, so evaluation compiles once).
         num_classes: classes of the task; 0 for regression (loss only).
+        binary: the model outputs one logit per example (``num_classes`` 2).
 
     Returns:
-        ``loss`` and, for classifiers, ``accuracy``, ``top5_accuracy``,
-        precision/recall/F1 (macro, micro, weighted) and one-vs-rest
-        ``roc_auc`` (omitted when a class is missing from ``labels``).
+        ``loss``, the eval step's own ``metrics`` (means over the split) and,
+        for classifiers, ``accuracy``, ``top5_accuracy``, precision/recall/F1
+        (macro, micro, weighted) and one-vs-rest ``roc_auc`` (omitted when a
+        class is missing from ``labels``).
     """
     batch_size = min(batch_size, len(labels))
     m = jmetrics.metrics_init(max(num_classes, 1), k=min(5, max(num_classes, 1)))
-    loss_sum, scores = jnp.zeros((), jnp.float32), jmetrics.ScoreCollector()
+    sums: dict[str, jax.Array] = {}
+    scores = jmetrics.ScoreCollector()
     for batch in jdata.prefetch_to_device(_padded_batches(images, labels, batch_size)):
         result = eval_step(state, batch)
+        per_example = {"loss": result["loss"], **result.get("metrics", {})}
+        for name, values in per_example.items():
+            total = jnp.sum(jnp.where(batch["mask"], values, 0.0))
+            sums[name] = total if name not in sums else sums[name] + total
         if num_classes:
-            m = _update_metrics(m, result["outputs"], batch["label"], result["loss"], batch["mask"])
-            scores.add(result["outputs"], batch["label"], batch["mask"])
-        else:
-            loss_sum = loss_sum + jnp.sum(jnp.where(batch["mask"], result["loss"], 0.0))
+            outputs = _binary_scores(result["outputs"]) if binary else result["outputs"]
+            m = _update_metrics(m, outputs, batch["label"], result["loss"], batch["mask"])
+            scores.add(outputs, batch["label"], batch["mask"])
+    means = {name: float(total) / len(labels) for name, total in sums.items()}
     if not num_classes:
-        return {"loss": float(loss_sum) / len(labels)}
-    metrics = jmetrics.metrics_compute(m)
+        return means
+    metrics = {**jmetrics.metrics_compute(m), **{k: v for k, v in means.items() if k != "loss"}}
     outputs, true = scores.arrays()
     probs = np.exp(outputs - outputs.max(axis=1, keepdims=True))  # softmax; also right for log-probs
     probs /= probs.sum(axis=1, keepdims=True)
@@ -189,7 +294,7 @@ class _Steps:
     graphdef: nnx.GraphDef
     state: TrainState
     train: Callable  # train_step(state, batch) -> (state, metrics)
-    eval: Callable  # eval_step(state, batch) -> {"outputs", "loss"}
+    eval: Callable  # eval_step(state, batch) -> {"outputs", "loss", "metrics"}
     scan: Callable | None  # train_epoch(state, images, labels, idx) -> (state, metrics)
     batch_sharding: Any  # where training batches are placed (None: default device)
     mesh: Any  # the device mesh, or None on one device
@@ -206,6 +311,9 @@ def build_steps(
     fsdp: bool = False,
     precision: str = "fp32",
     scan: bool = False,
+    loss_fn: LossFn | None = None,
+    train_metrics: Mapping[str, MetricFn] | None = None,
+    eval_metrics: Mapping[str, MetricFn] | None = None,
 ) -> _Steps:
     """Builds the state and the compiled steps for one device or a data-parallel mesh.
 
@@ -213,47 +321,336 @@ def build_steps(
     ``data`` mesh axis with the state replicated, or sharded with ``fsdp``;
     ``precision`` ``bf16``/``fp16`` computes in that dtype with float32
     parameters, and ``fp16`` adds dynamic loss scaling (``GradScaler``).
+    ``loss_fn`` replaces the output kind's loss; ``train_metrics`` are
+    computed in the train step (default: accuracy for classifiers),
+    ``eval_metrics`` per example at evaluation.
     """
     from jaxnet import precision as jprecision
     from jaxnet import sharding as jsharding
 
     policy = jprecision.get_policy(precision)
-    loss_fn = loss_for_output(output)
+    loss = loss_fn if loss_fn is not None else loss_for_output(output)
     if precision != "fp32":
-        transform, loss_fn = jprecision.apply_policy(policy, transform, loss_fn)
+        apply_to_model = getattr(jprecision, "apply_to_model", None)
+        if apply_to_model is not None:
+            model = apply_to_model(model, policy)
+        transform, _ = jprecision.apply_policy(policy, transform, loss)
+        loss = _cast_outputs(loss, policy.output_dtype)
     if policy.needs_loss_scaling:
         tx = jprecision.dynamic_loss_scaling(tx)
     graphdef, state = create_train_state(model, tx, seed=seed)
-    kw = dict(transform=transform, classification=output != "regression")
+    if train_metrics is None:
+        accuracy = accuracy_for_output(output)
+        train_metrics = {"accuracy": accuracy} if accuracy is not None else {}
+    kw = dict(transform=transform, metrics=train_metrics)
     step_fn = (jprecision.loss_scaled_train_step_fn if policy.needs_loss_scaling else train_step_fn)(
-        graphdef, tx, loss_fn, **kw)
+        graphdef, tx, loss, **kw)
     multi = (devices or 1) > 1 or jax.process_count() > 1
     if not multi:
         return _Steps(graphdef, state, jax.jit(step_fn, donate_argnums=0),
-                      make_eval_step(graphdef, loss_fn, transform=transform),
-                      make_scan_epoch(graphdef, tx, loss_fn, **kw) if scan else None, None, None)
+                      make_eval_step(graphdef, loss, transform=transform, metrics=eval_metrics),
+                      make_scan_epoch(graphdef, tx, loss, **kw) if scan else None, None, None)
     if scan:
         raise ConfigError("--scan runs on one device; drop --scan or --devices")
     mesh = jsharding.make_mesh(devices if jax.process_count() == 1 else None)
     shardings = jsharding.state_shardings(state, mesh, fsdp=fsdp)
     state = jsharding.shard_state(state, shardings)
-    train = jsharding.make_sharded_train_step(graphdef, tx, loss_fn, mesh, shardings, step_fn=step_fn)
-    evaluate_step = jsharding.make_sharded_eval_step(graphdef, loss_fn, mesh, shardings, transform=transform)
+    train = jsharding.make_sharded_train_step(graphdef, tx, loss, mesh, shardings, step_fn=step_fn)
+    evaluate_step = jsharding.make_sharded_eval_step(graphdef, loss, mesh, shardings, transform=transform,
+                                                     metrics=eval_metrics)
     return _Steps(graphdef, state, train, evaluate_step, None, jsharding.batch_sharding(mesh), mesh)
 
 
-def _train_batches(data: ArrayDataset, batch_size: int, steps: _Steps, *, seed: int, epoch: int,
+def _cast_outputs(loss: LossFn, dtype: Any) -> LossFn:
+    """The loss on outputs cast to ``dtype`` (float32 under mixed precision), batch-taking or not."""
+    from jaxnet.step import apply_loss
+
+    def cast(outputs: jax.Array, labels: jax.Array, batch: Any) -> jax.Array:
+        return jnp.asarray(apply_loss(loss, outputs.astype(dtype), labels, batch), dtype)
+
+    return cast
+
+
+def _named_metrics(metrics: Any) -> dict[str, MetricFn]:
+    """``metrics=``: a dict ``name -> fn`` or a list of functions (named by ``__name__``)."""
+    if metrics is None:
+        return {}
+    if isinstance(metrics, Mapping):
+        named = dict(metrics)
+    elif isinstance(metrics, Sequence) and not isinstance(metrics, str):
+        named = {getattr(fn, "__name__", f"metric_{i}"): fn for i, fn in enumerate(metrics)}
+    else:
+        raise ConfigError(f"metrics must be a dict of name -> fn(outputs, labels) or a list of functions; "
+                          f"got a {type(metrics).__name__}")
+    for name, fn in named.items():
+        if not callable(fn) or not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"metric {name!r} must be a callable with an identifier name; got {fn!r}")
+        if name in ("loss", "accuracy"):
+            raise ConfigError(f"metric name {name!r} is built in; name yours differently")
+    return named
+
+
+def _user_loss(loss_fn: Any) -> tuple[LossFn | None, str | None]:
+    """``loss_fn=``: a callable, or an output kind's name (``"huber"``); returns (loss, kind)."""
+    if loss_fn is None:
+        return None, None
+    if isinstance(loss_fn, str):
+        aliases = {"cross_entropy": "logits", "nll": "log_probs", "bce": "binary", "mse": "regression"}
+        kind = aliases.get(loss_fn, loss_fn)
+        if kind not in OUTPUT_KINDS:
+            raise ConfigError(f"unknown loss {loss_fn!r}; choose one of "
+                              f"{', '.join(sorted(set(aliases) | set(OUTPUT_KINDS)))} or pass a function")
+        return None, kind
+    if not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be a function (outputs, labels[, batch]) -> scalar; got {loss_fn!r}")
+    return loss_fn, None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything fit decided before compiling: checked once, used by the loop."""
+
+    data: FitData
+    output: str
+    num_classes: int  # 0 for regression kinds; 2 for binary
+    transform: Transform | None
+    steps_per_epoch: int | None  # None: streamed batches (known after the first epoch)
+    eval_split: str | None  # "val", "test" or None: what each epoch evaluates
+    best_metric: str | None
+    best_mode: str
+    keep_best: int
+    sample_x: Any
+
+
+def _input_transform(data: FitData, sample_x: Any, augment: bool) -> Transform | None:
+    """``ToTensor`` (+ ``Normalize``) for pixels; other inputs are used as they are."""
+    if data.mean is not None:
+        return make_image_transform(data.mean, data.std, augment=augment)
+    if np.asarray(sample_x).dtype == np.uint8:
+        channels = np.shape(sample_x)[-1]
+        return make_image_transform((0.0,) * channels, (1.0,) * channels, augment=augment)
+    if augment:
+        raise ConfigError("augment=True (random crop and flip) needs uint8 images; the inputs are "
+                          f"{np.asarray(sample_x).dtype}")
+    return None
+
+
+def _first_batch(data: FitData) -> dict[str, Any]:
+    try:
+        return batch_arrays(next(iter(data.train.make_iterator())))
+    except StopIteration:
+        raise DataError("the training data yields no batches") from None
+
+
+def plan_fit(model: nnx.Module, data: FitData, *, epochs: int, batch_size: int, output: str | None,
+             callbacks: Sequence[jcallbacks.Callback], augment: bool = False, scan: bool = False,
+             devices: int | None = None, grad_accum: int = 1) -> _Plan:
+    """fit's argument checks in one place (the CLI calls it too), before anything is compiled."""
+    steps_per_epoch = _check_sizes(data, epochs=epochs, batch_size=batch_size, devices=devices,
+                                   grad_accum=grad_accum)
+    if data.streamed:
+        if scan or jax.process_count() > 1:
+            raise ConfigError("training from an iterable of batches runs step by step in one process; "
+                              "pass arrays for scan=True or a multi-process run")
+        sample_x = np.asarray(_first_batch(data)["image"][:2])
+    else:
+        sample_x = np.asarray(data.train.x[np.arange(min(2, len(data.train)))])
+        if scan and not isinstance(data.train.x, np.ndarray):
+            raise ConfigError("scan=True keeps the training split on the device; it needs in-memory arrays")
+    output = resolve_output(model, data, output, sample_x)
+    num_classes = 2 if output == "binary" else (data.num_classes or 0)
+    if output in CLASSIFIER_KINDS and output != "binary":
+        num_classes = max(num_classes, _model_output_shape(model, sample_x, data.name)[-1])
+    _check_label_range(data, output, num_classes)
+    eval_split = "val" if data.validation is not None else ("test" if data.test is not None else None)
+    best = next((c for c in callbacks if isinstance(c, jcallbacks.BestCheckpoints)), None)
+    if best is not None:
+        best_metric, best_mode, keep_best = best.monitor, best.mode, best.keep
+    elif eval_split == "val":  # never select by the test split
+        best_metric = "val_accuracy" if output in CLASSIFIER_KINDS else "val_loss"
+        best_mode, keep_best = ("max" if output in CLASSIFIER_KINDS else "min"), 1
+    else:
+        best_metric, best_mode, keep_best = None, "max", 1
+    return _Plan(data, output, num_classes, _input_transform(data, sample_x, augment), steps_per_epoch,
+                 eval_split, best_metric, best_mode, keep_best, sample_x)
+
+
+def spec_of(model: nnx.Module) -> Any:
+    """The registry entry (``jaxnet.models.MODELS``) of a tutorial model's class, or ``None``."""
+    from jaxnet.models import MODELS
+
+    return next((spec for spec in MODELS.values() if type(model) is spec.cls), None)
+
+
+def model_name(model: nnx.Module) -> str:
+    """A tutorial model's registry name (``"mlp"``), else ``"module:QualifiedClassName"``."""
+    spec = spec_of(model)
+    return spec.name if spec is not None else f"{type(model).__module__}:{type(model).__qualname__}"
+
+
+def default_config(model: nnx.Module, data: Any, *, batch_size: int, seed: int, epochs: int,
+                   **settings: Any) -> dict[str, Any]:
+    """What identifies a run in its workdir when the caller gives no ``config``.
+
+    ``settings`` adds the run's other choices (optimizer, precision, ...); a
+    resumed run must match every key but the resumable ones.
+    """
+    data = data if isinstance(data, FitData) else as_fit_data(data)
+    config = {"model": model_name(model), "dataset": data.name, "batch_size": batch_size, "seed": seed,
+              "epochs": epochs}
+    if data.mean is not None:
+        config.update(mean=list(data.mean), std=list(data.std))
+    config.update(settings)
+    return config
+
+
+def _describe_fn(fn: Any) -> str | None:
+    if fn is None or isinstance(fn, str):
+        return fn
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+class _RunFiles:
+    """A run's workdir as one object: config check, checkpoints, logs, the curves plot.
+
+    Used as a context manager by :func:`fit`; with ``workdir=None`` every
+    method does nothing (and ``restore`` returns ``None``).
+    """
+
+    def __init__(self, workdir: str | os.PathLike | None, config: dict[str, Any], plan: _Plan, *,
+                 resume: bool, keep_checkpoints: int):
+        from jaxnet import checkpoint as ckpt_lib
+        from jaxnet import workdir as workdir_lib
+
+        self.workdir, self.resume, self.blocked = workdir, resume, 0.0
+        self.main = jax.process_index() == 0
+        self.ckpt, self.logger = None, None
+        if workdir is not None:
+            if self.main:  # config.json is written once, by process 0
+                workdir_lib.check_workdir(workdir, config, resume=resume,
+                                          mutable_keys=getattr(workdir_lib, "RESUMABLE_KEYS", ("epochs",)))
+            self.ckpt = ckpt_lib.create_checkpoint_manager(
+                workdir_lib.checkpoint_directory(workdir), max_to_keep=keep_checkpoints,
+                best_metric=plan.best_metric, best_mode=plan.best_mode, keep_best=plan.keep_best)
+
+    def restore(self, state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+        from jaxnet import checkpoint as ckpt_lib
+        from jaxnet import workdir as workdir_lib
+
+        restored = ckpt_lib.restore_latest_good(self.ckpt, state) if self.resume else None
+        step = int(restored[0].step) if restored is not None else None
+        if restored is not None and self.main:
+            workdir_lib.rewind_jsonl(os.path.join(self.workdir, METRICS_FILE), step)
+        self.logger = MetricsLogger(self.workdir if self.main else None,
+                                    purge_step=step + 1 if step is not None else None)
+        return restored
+
+    def write_model(self, graphdef: nnx.GraphDef, state: TrainState, plan: _Plan) -> None:
+        """Records how to rebuild the model's forward pass, so that ``jaxnet export`` works for any model."""
+        from jaxnet import export as export_lib
+
+        write = getattr(export_lib, "write_workdir_model", None)
+        if self.workdir is None or not self.main or write is None:
+            return
+        write(self.workdir, graphdef, state.params, state.model_state,
+              input_shape=tuple(np.shape(plan.sample_x)[1:]), input_dtype=np.asarray(plan.sample_x).dtype,
+              transform=plan.transform, output=plan.output)
+
+    def save(self, step: int, state: TrainState, meta: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
+        if self.ckpt is None:
+            return
+        from jaxnet import checkpoint as ckpt_lib
+
+        t = time.perf_counter()
+        self.logger.flush()  # the logs up to this step are on disk before the checkpoint is
+        ckpt_lib.save(self.ckpt, step, state, meta=meta, metrics=metrics)
+        self.blocked += time.perf_counter() - t
+
+    def __enter__(self) -> _RunFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.logger is not None:
+            self.logger.close()
+        if self.ckpt is not None:
+            from jaxnet import checkpoint as ckpt_lib
+
+            t = time.perf_counter()
+            ckpt_lib.close(self.ckpt)  # waits for the last asynchronous save
+            self.blocked += time.perf_counter() - t
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The mutable bookkeeping of a running fit (host side)."""
+
+    run: jcallbacks.Run
+    steps: _Steps
+    files: _RunFiles
+    callbacks: Sequence[jcallbacks.Callback]
+    batch_size: int
+    seed: int
+    log_every: int
+    checkpoint_every: int | None
+    steps_per_epoch: int | None
+    progress: bool
+    sums: dict[str, Any] = dataclasses.field(default_factory=dict)
+    first_batch: int = 0
+
+    def meta(self, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
+        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": self.seed,
+                "history": self.run.history, "sums": {k: float(v) for k, v in self.sums.items()},
+                "steps_per_epoch": self.steps_per_epoch}
+
+    def after_step(self, metrics: dict[str, Any], i: int, epoch: int, bar: Any, last: bool) -> None:
+        """Bookkeeping after one compiled step: sums, logs and callbacks, mid-epoch checkpoints."""
+        self.run.step += 1
+        self.sums = metrics if not self.sums else jax.tree.map(jnp.add, self.sums, metrics)
+        if (i + 1) % self.log_every == 0:  # the only host syncs inside an epoch
+            logs = {"loss": float(metrics["loss"])}
+            jcallbacks.call(self.callbacks, "on_train_batch_end", self.run, self.run.step, logs)
+            self.files.logger.log(self.run.step, "train", logs)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        if self.checkpoint_every and self.run.step % self.checkpoint_every == 0 and not last:
+            self.files.save(self.run.step, self.run.state, self.meta(epoch, i + 1))
+        bar.update(1)
+
+
+def _train_batches(split: Split, batch_size: int, steps: _Steps, *, seed: int, epoch: int,
                    start_batch: int) -> Iterator[Any]:
-    """One epoch of training batches, placed where the step wants them."""
+    """One epoch of training batches from arrays, placed where the step wants them."""
     if jax.process_count() > 1:  # each process reads only its rows of every global batch
         from jaxnet import distributed
 
         local = distributed.iterate_process_batches(
-            data.train_images, data.train_labels, batch_size, seed=seed, epoch=epoch, start_batch=start_batch)
+            split.x, split.y, batch_size, seed=seed, epoch=epoch, start_batch=start_batch)
         return distributed.global_batches(local, steps.mesh)
-    batches = jdata.iterate_batches(data.train_images, data.train_labels, batch_size, shuffle=True,
+    batches = jdata.iterate_batches(split.x, split.y, batch_size, shuffle=True,
                                     seed=seed, epoch=epoch, drop_last=True, start_batch=start_batch)
     return jdata.prefetch_to_device(batches, sharding=steps.batch_sharding)
+
+
+def _streamed_batches(data: FitData, batch_size: int, steps: _Steps, start_batch: int) -> Iterator[Any]:
+    """One epoch of a user's iterable of batches; batches of another size are skipped, and said so."""
+    import itertools
+    import logging
+
+    skipped = 0
+
+    def fixed() -> Iterator[dict[str, Any]]:
+        nonlocal skipped
+        for batch in itertools.islice(data.train.make_iterator(), start_batch, None):
+            batch = batch_arrays(batch)
+            if len(batch["label"]) != batch_size:
+                skipped += 1  # another shape would compile the step anew
+                continue
+            yield batch
+        if skipped:
+            logging.getLogger("jaxnet").warning(
+                "skipped %d training batch(es) whose size is not batch_size=%d (each other size would "
+                "recompile the step); make the loader drop its last batch (drop_last=True)", skipped, batch_size)
+
+    return jdata.prefetch_to_device(fixed(), sharding=steps.batch_sharding)
 
 
 def _dispatch_limiter(steps: _Steps) -> Callable[[Any], None]:
@@ -265,21 +662,88 @@ def _dispatch_limiter(steps: _Steps) -> Callable[[Any], None]:
     return make_dispatch_limiter()
 
 
-def default_config(model: nnx.Module, data: ArrayDataset, *, batch_size: int, seed: int,
-                   epochs: int) -> dict[str, Any]:
-    """What identifies a run in its workdir when the caller gives no ``config``."""
-    return {"model": type(model).__name__, "dataset": data.name, "batch_size": batch_size,
-            "seed": seed, "epochs": epochs, "mean": list(data.mean), "std": list(data.std)}
+def _train_epoch(loop: _Loop, plan: _Plan, epoch: int, scan_data: Any) -> dict[str, float]:
+    """One epoch of training, step by step, streamed, or as one ``lax.scan``; returns train_* means."""
+    skip = loop.first_batch
+    loop.first_batch = 0
+    if not skip:
+        loop.sums = {}
+    bar = tqdm(total=loop.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{loop.run.epochs}",
+               disable=None if loop.progress and loop.files.main else True, leave=False)
+    steps, run = loop.steps, loop.run
+    if scan_data is not None:
+        perm = jdata.epoch_permutation(len(plan.data.train), seed=loop.seed, epoch=epoch, shuffle=True)
+        idx = perm[: loop.steps_per_epoch * loop.batch_size].reshape(loop.steps_per_epoch, loop.batch_size)
+        run.state, per_step = steps.scan(run.state, *scan_data, idx.astype(np.int32))
+        run.step += loop.steps_per_epoch
+        bar.update(loop.steps_per_epoch)
+        loop.sums = {k: jnp.sum(v) for k, v in per_step.items()}
+        count = loop.steps_per_epoch
+    else:
+        throttle = _dispatch_limiter(steps)
+        if plan.data.streamed:
+            batches = _streamed_batches(plan.data, loop.batch_size, steps, skip)
+        else:
+            batches = _train_batches(plan.data.train, loop.batch_size, steps, seed=loop.seed, epoch=epoch,
+                                     start_batch=skip)
+        count = skip
+        for i, batch in enumerate(batches, start=skip):
+            run.state, m = steps.train(run.state, batch)
+            throttle(m)
+            count = i + 1
+            loop.after_step(m, i, epoch, bar, last=loop.steps_per_epoch is not None and count >= loop.steps_per_epoch)
+    bar.close()
+    if loop.steps_per_epoch is None:  # streamed: an epoch is whatever the iterable yielded
+        loop.steps_per_epoch = count
+    if count == 0:
+        raise DataError("the training data yielded no batch of batch_size examples in this epoch")
+    return {k: float(v) / count for k, v in loop.sums.items()}
+
+
+def _evaluate_split(steps: _Steps, state: TrainState, split: Split, plan: _Plan, batch_size: int) -> dict[str, float]:
+    return evaluate(steps.eval, state, split.x, split.y, batch_size=batch_size,
+                    num_classes=plan.num_classes, binary=plan.output == "binary")
+
+
+def _epoch_record(loop: _Loop, plan: _Plan, epoch: int, train: dict[str, float], t0: float,
+                  eval_batch_size: int) -> dict[str, Any]:
+    """The epoch's record: train_* means, then val_* (or the tutorials' per-epoch test_*)."""
+    record: dict[str, Any] = {"epoch": epoch + 1, "step": loop.run.step}
+    record.update({f"train_{k}": v for k, v in train.items()})
+    if plan.eval_split is not None:
+        split = plan.data.validation if plan.eval_split == "val" else plan.data.test
+        scores = _evaluate_split(loop.steps, loop.run.state, split, plan, eval_batch_size)
+        record.update({f"{plan.eval_split}_{k}": v for k, v in scores.items()})
+    record.update(epoch_seconds=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb())
+    return record
+
+
+def _restore_into(loop: _Loop, restored: tuple[TrainState, dict[str, Any]] | None) -> int:
+    """Continues exactly where a checkpoint was taken; returns the first epoch to run."""
+    if restored is None:
+        return 0
+    loop.run.state, meta = restored
+    loop.run.step = int(loop.run.state.step)
+    loop.first_batch = meta["batch_in_epoch"]
+    loop.sums = {k: jnp.asarray(v, jnp.float32) for k, v in meta["sums"].items()}
+    loop.run.history = list(meta["history"])
+    loop.steps_per_epoch = loop.steps_per_epoch or meta.get("steps_per_epoch")
+    return meta["epoch"]
 
 
 def fit(
     model: nnx.Module,
-    data: ArrayDataset,
+    data: Any,
     tx: optax.GradientTransformation,
     *,
     epochs: int,
     batch_size: int,
-    output: str = "logits",
+    validation_split: float | None = None,
+    validation_data: Any = None,
+    loss_fn: LossFn | str | None = None,
+    metrics: Mapping[str, MetricFn] | Sequence[MetricFn] | None = None,
+    callbacks: Sequence[jcallbacks.Callback] = (),
+    output: str | None = None,
     seed: int = 0,
     augment: bool = False,
     scan: bool = False,
@@ -295,31 +759,47 @@ def fit(
     progress: bool = True,
     log_every: int = 50,
 ) -> FitResult:
-    """Trains ``model`` on ``data`` with ``tx`` and evaluates after every epoch.
+    """Trains ``model`` on ``data`` with ``tx``, evaluating after every epoch.
 
     Args:
-        model: an NNX model (e.g. ``jaxnet.models.create_model("mlp")``).
-        data: the data set (``jaxnet.data.load_dataset("mnist")``).
-        tx: the optimizer (``jaxnet.optim.create_optimizer("adam", 1e-3)``).
+        model: any Flax NNX module (``__call__(self, x)``, Dropout with its own
+            ``nnx.Rngs``, BatchNorm, ...), or a jaxnet model. After ``fit`` it
+            holds the trained weights, as a PyTorch module does.
+        data: an ``ArrayDataset``, an ``(x, y)`` tuple, a dict of arrays or of
+            splits, a tfds/grain random-access source, or an iterable of
+            batches (see :mod:`jaxnet.data.inputs`).
+        tx: the optimizer (``jaxnet.optim.create_optimizer("adam", 1e-3)`` or any optax one).
         epochs: passes over the training split.
         batch_size: examples per step (the global batch over all devices);
             the last partial batch of an epoch is dropped (each epoch's
             shuffle drops different examples).
-        output: the model's output kind, which picks the loss (see
-            :func:`jaxnet.step.loss_for_output`).
-        seed: seeds shuffling, dropout and augmentation.
-        augment: random crop + flip on training batches (on device).
-        scan: run each epoch as one compiled ``lax.scan`` over device-resident
-            data instead of one call per step.
+        validation_split: hold out this fraction of the training split
+            (seeded) for validation: epochs then report ``val_*``, the best
+            checkpoint is chosen by ``val_accuracy`` (``val_loss`` for
+            regression) and the test split is evaluated once, at the end.
+        validation_data: a validation split given apart (``(x, y)`` or a dict).
+        loss_fn: ``fn(outputs, labels) -> scalar`` or ``fn(outputs, labels,
+            batch)``, or a loss name (``"cross_entropy"``, ``"nll"``,
+            ``"binary"``, ``"mse"``, ``"l1"``, ``"huber"``); default: the
+            output kind's.
+        metrics: extra metrics, ``{name: fn(outputs, labels[, batch])}`` or a
+            list of functions: computed inside the compiled step (``train_<name>``)
+            and per example at evaluation (``val_<name>``/``test_<name>``).
+        callbacks: :class:`jaxnet.callbacks.Callback` objects, e.g.
+            ``EarlyStopping``, ``BestCheckpoints``, ``LearningRateLogger``.
+        output: the model's output kind (:data:`jaxnet.step.OUTPUT_KINDS`);
+            ``None`` infers it (see :func:`resolve_output`).
+        seed: seeds shuffling, dropout, augmentation and the validation holdout.
+        augment: random crop + flip on training batches (on device; images only).
+        scan: run each epoch as one compiled ``lax.scan`` over device-resident data.
         eval_batch_size: examples per evaluation call.
-        workdir: where ``metrics.jsonl``, TensorBoard files, ``curves.png``,
-            ``config.json`` and checkpoints (one at every epoch end) go;
+        workdir: where ``config.json``, ``metrics.jsonl``, TensorBoard files,
+            ``curves.png`` and checkpoints (one at every epoch end) go;
             ``None`` writes nothing.
         checkpoint_every: also checkpoint every this many steps (mid-epoch).
         resume: continue the run in ``workdir`` from its latest sound
             checkpoint, exactly as if it had never stopped.
-        keep_checkpoints: newest checkpoints kept (plus the best by test
-            accuracy).
+        keep_checkpoints: newest checkpoints kept (plus the best, see ``validation_split``).
         config: JSON description of the run recorded in the workdir; a
             resumed run must match it (default: :func:`default_config`).
         devices: split each batch over this many local devices (data
@@ -328,32 +808,92 @@ def fit(
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` compute (float32 parameters).
         progress: show a progress bar on stderr (epoch summaries are printed
             to stderr either way).
-        log_every: steps between training-loss log records.
+        log_every: steps between training-loss log records (and ``on_train_batch_end``).
 
     Returns:
-        A :class:`FitResult`.
+        A :class:`FitResult`; ``jaxnet.predict(result, x)`` predicts with it.
 
     Raises:
         ConfigError: bad sizes, a model that does not fit the data, a workdir
             that holds another run.
-        DataError: labels out of range or empty splits.
+        DataError: labels out of range, empty or mismatched splits.
     """
-    from jaxnet import checkpoint as ckpt_lib
-    from jaxnet import integrity
-    from jaxnet import workdir as workdir_lib
+    fit_data = as_fit_data(data, validation_split=validation_split, validation_data=validation_data, seed=seed)
+    user_loss, loss_kind = _user_loss(loss_fn)
+    user_metrics = _named_metrics(metrics)
+    callbacks = list(callbacks)
+    plan = plan_fit(model, fit_data, epochs=epochs, batch_size=batch_size, output=output or loss_kind,
+                    callbacks=callbacks, augment=augment, scan=scan, devices=devices)
+    _check_run_args(workdir, resume, fsdp)
+    config = config or default_config(
+        model, fit_data, batch_size=batch_size, seed=seed, epochs=epochs, output=plan.output,
+        validation_split=validation_split, loss_fn=_describe_fn(loss_fn), metrics=sorted(user_metrics),
+        optimizer=_optimizer_config(tx), precision=precision, devices=devices, fsdp=fsdp, augment=augment)
+    if plan.best_metric is not None:
+        config = {**config, "best_metric": plan.best_metric, "best_mode": plan.best_mode}
+    train_metrics = {**({"accuracy": accuracy_for_output(plan.output)} if plan.output in CLASSIFIER_KINDS else {}),
+                     **user_metrics}
+    steps = build_steps(model, tx, output=plan.output, transform=plan.transform, seed=seed, devices=devices,
+                        fsdp=fsdp, precision=precision, scan=scan, loss_fn=user_loss,
+                        train_metrics=train_metrics, eval_metrics=user_metrics)
+    _add_learning_rate_logging(callbacks, tx)
+    run = jcallbacks.Run(steps.graphdef, steps.state, epochs,
+                         workdir=None if workdir is None else os.fspath(workdir))
+    counter = CompileCounter().__enter__()
+    compiles_after_first_epoch, start = None, time.perf_counter()
+    with _RunFiles(workdir, config, plan, resume=resume, keep_checkpoints=keep_checkpoints) as files:
+        loop = _Loop(run, steps, files, callbacks, batch_size, seed, log_every, checkpoint_every,
+                     plan.steps_per_epoch, progress)
+        restored = files.restore(run.state)
+        first_epoch = _restore_into(loop, restored)
+        resumed_step = run.step if restored is not None else None
+        files.write_model(steps.graphdef, run.state, plan)
+        scan_data = jax.device_put((plan.data.train.x, plan.data.train.y)) if scan else None
+        jcallbacks.call(callbacks, "on_fit_start", run)
+        try:
+            for epoch in range(first_epoch, epochs):
+                run.epoch, t0 = epoch, time.perf_counter()
+                jcallbacks.call(callbacks, "on_epoch_start", run, epoch)
+                train = _train_epoch(loop, plan, epoch, scan_data)
+                record = _epoch_record(loop, plan, epoch, train, t0, eval_batch_size)
+                jcallbacks.call(callbacks, "on_epoch_end", run, epoch, record)
+                run.history.append(record)
+                files.logger.log(run.step, "epoch", record)
+                files.logger.histograms(run.step, _param_arrays(_on_host(run.state.params)))
+                loop.sums = {}
+                files.save(run.step, run.state, loop.meta(epoch + 1, 0), _checkpoint_metrics(record))
+                if files.main:
+                    (tqdm.write if progress else print)(_epoch_line(record), file=sys.stderr)
+                if compiles_after_first_epoch is None:
+                    compiles_after_first_epoch = counter.snapshot()[1]
+                if run.stop_training:
+                    break
+            jcallbacks.call(callbacks, "on_fit_end", run, run.history[-1] if run.history else {})
+        finally:
+            counter.__exit__(None, None, None)
+    total_seconds = time.perf_counter() - start
+    if workdir is not None and files.main:
+        plot_curves(run.history, os.path.join(workdir, CURVES_FILE))
+    test = _final_test(loop, plan, eval_batch_size)
+    _give_back(model, run.state, plan.transform)
+    summary = {
+        "model": model_name(model), "dataset": fit_data.name, "dataset_source": fit_data.source,
+        "epochs": epochs, "epochs_run": len(run.history), "steps": run.step, "batch_size": batch_size,
+        "output": plan.output, "params": count_params(run.state.params),
+        "params_sha256": _params_sha256(_on_host(run.state.params)),
+        "train_seconds": round(total_seconds, 3), "checkpoint_seconds": round(files.blocked, 3),
+        "num_devices": 1 if steps.mesh is None else int(steps.mesh.size), "num_processes": jax.process_count(),
+        "precision": precision, "mode": "scan" if scan else "step", "resumed_from_step": resumed_step,
+        "stopped_early": bool(run.stop_training), "compilations": counter.compiles,
+        "steady_state_compilations": counter.compiles - (compiles_after_first_epoch or counter.compiles),
+        **({f"val_{k}": v for k, v in _last_with_prefix(run.history, "val_").items()}),
+        "test_accuracy": None, **{f"test_{k}": v for k, v in test.items()},
+    }
+    return FitResult(graphdef=steps.graphdef, state=run.state, history=run.history, summary=summary,
+                     model=model, transform=plan.transform, output=plan.output)
 
-    if epochs < 1 or batch_size < 1:
-        raise ConfigError(f"epochs ({epochs}) and batch size ({batch_size}) must be at least 1")
-    check_dataset(data, model, output=output)
-    if batch_size > data.num_train:
-        raise ConfigError(
-            f"batch size {batch_size} is larger than the {data.num_train} training examples of "
-            f"{data.name}; use --batch-size {data.num_train} or less"
-        )
-    if devices and devices > 1:
-        from jaxnet.sharding import check_batch_divisible
 
-        check_batch_divisible(batch_size, devices)
+def _check_run_args(workdir: Any, resume: bool, fsdp: bool) -> None:
     if fsdp and workdir is not None and jax.process_count() > 1:
         raise ConfigError(
             "checkpoints of an FSDP-sharded state spread over several processes are not supported; "
@@ -361,132 +901,56 @@ def fit(
         )
     if resume and workdir is None:
         raise ConfigError("resume needs the workdir of the run to continue (--workdir W --resume)")
-    main_process = jax.process_index() == 0
-    config = config or default_config(model, data, batch_size=batch_size, seed=seed, epochs=epochs)
-    ckpt = None
-    if workdir is not None:
-        if main_process:  # config.json is written once, by process 0
-            workdir_lib.check_workdir(workdir, config, resume=resume, mutable_keys=("epochs",))
-        ckpt = ckpt_lib.create_checkpoint_manager(
-            workdir_lib.checkpoint_directory(workdir), max_to_keep=keep_checkpoints,
-            best_metric=ckpt_lib.DEFAULT_BEST_METRIC)
-    regression = output == "regression"
-    transform = None if regression else make_image_transform(data.mean, data.std, augment=augment)
-    steps = build_steps(model, tx, output=output, transform=transform, seed=seed, devices=devices,
-                        fsdp=fsdp, precision=precision, scan=scan)
-    state = steps.state
-    steps_per_epoch = jdata.num_batches(data.num_train, batch_size, drop_last=True)
-    first_epoch, first_batch, sums, history = 0, 0, {}, []
-    restored = ckpt_lib.restore_latest_good(ckpt, state) if resume else None
-    if restored is not None:  # continue exactly where the checkpoint was taken
-        state, meta = restored
-        first_epoch, first_batch = meta["epoch"], meta["batch_in_epoch"]
-        sums = {k: jnp.asarray(v, jnp.float32) for k, v in meta["sums"].items()}
-        history = meta["history"]
-    host_step = int(state.step)
-    resumed_step = host_step if restored is not None else None
-    if workdir is not None and main_process and restored is not None:
-        workdir_lib.rewind_jsonl(os.path.join(workdir, METRICS_FILE), host_step)
-    logger = MetricsLogger(workdir if main_process else None,
-                           purge_step=host_step + 1 if restored is not None else None)
-    if scan:  # uint8 images stay on the device for the whole run
-        train_images, train_labels = jax.device_put((data.train_images, data.train_labels))
 
-    blocked = {"checkpoint": 0.0}  # seconds the training loop waited for saves
 
-    def save(epoch: int, batch_in_epoch: int, metrics: dict[str, float] | None = None) -> None:
-        if ckpt is None:
-            return
-        meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": seed, "history": history,
-                "sums": {k: float(v) for k, v in sums.items()}}
-        t = time.perf_counter()
-        logger.flush()  # the logs up to this step are on disk before the checkpoint is
-        ckpt_lib.save(ckpt, host_step, state, meta=meta, metrics=metrics)
-        blocked["checkpoint"] += time.perf_counter() - t
+def _optimizer_config(tx: optax.GradientTransformation) -> Any:
+    from jaxnet import optim
 
-    throttle = _dispatch_limiter(steps)
-    counter = CompileCounter().__enter__()
-    compiles_after_first_epoch = None
-    start = time.perf_counter()
-    try:
-        for epoch in range(first_epoch, epochs):
-            t0 = time.perf_counter()
-            skip = first_batch if epoch == first_epoch else 0
-            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{epochs}",
-                       disable=None if progress and main_process else True, leave=False)
-            if scan:
-                perm = jdata.epoch_permutation(data.num_train, seed=seed, epoch=epoch, shuffle=True)
-                idx = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-                state, per_step = steps.scan(state, train_images, train_labels, idx.astype(np.int32))
-                host_step += steps_per_epoch
-                bar.update(steps_per_epoch)
-                sums = {k: jnp.sum(v) for k, v in per_step.items()}
-            else:
-                if epoch != first_epoch or not first_batch:
-                    sums = {}
-                for i, batch in enumerate(_train_batches(data, batch_size, steps, seed=seed, epoch=epoch,
-                                                         start_batch=skip), start=skip):
-                    state, m = steps.train(state, batch)
-                    throttle(m)
-                    host_step += 1
-                    sums = m if not sums else jax.tree.map(jnp.add, sums, m)
-                    if (i + 1) % log_every == 0:  # the only host syncs inside an epoch
-                        loss = float(m["loss"])
-                        logger.log(host_step, "train", {"loss": loss})
-                        bar.set_postfix(loss=f"{loss:.4f}")
-                    if checkpoint_every and host_step % checkpoint_every == 0 and i + 1 < steps_per_epoch:
-                        save(epoch, i + 1)
-                    bar.update(1)
-            bar.close()
-            train = {k: float(v) / steps_per_epoch for k, v in sums.items()}
-            test = evaluate(steps.eval, state, data.test_images, data.test_labels,
-                            batch_size=eval_batch_size, num_classes=data.num_classes)
-            record = {"epoch": epoch + 1, "step": host_step,
-                      "epoch_seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
-            record.update({f"train_{k}": v for k, v in train.items()})
-            record.update({f"test_{k}": v for k, v in test.items()})
-            history.append(record)
-            logger.log(host_step, "epoch", record)
-            logger.histograms(host_step, _param_arrays(_on_host(state.params)))
-            sums = {}
-            save(epoch + 1, 0, {k: v for k, v in record.items() if k.startswith("test_")})
-            if main_process:
-                (tqdm.write if progress else print)(_epoch_line(record), file=sys.stderr)
-            if compiles_after_first_epoch is None:
-                compiles_after_first_epoch = counter.snapshot()[1]
-    finally:
-        counter.__exit__(None, None, None)
-        logger.close()
-        if ckpt is not None:
-            t = time.perf_counter()
-            ckpt_lib.close(ckpt)  # waits for the last asynchronous save
-            blocked["checkpoint"] += time.perf_counter() - t
-    total_seconds = time.perf_counter() - start
-    if workdir is not None and main_process:
-        plot_curves(history, os.path.join(workdir, CURVES_FILE))
-    summary = {
-        "model": type(model).__name__,
-        "dataset": data.name,
-        "dataset_source": data.source,
-        "epochs": epochs,
-        "steps": host_step,
-        "batch_size": batch_size,
-        "params": count_params(state.params),
-        "params_sha256": integrity.params_sha256(_on_host(state.params)),
-        "train_seconds": round(total_seconds, 3),
-        "checkpoint_seconds": round(blocked["checkpoint"], 3),
-        "num_devices": 1 if steps.mesh is None else int(steps.mesh.size),
-        "num_processes": jax.process_count(),
-        "precision": precision,
-        "mode": "scan" if scan else "step",
-        "resumed_from_step": resumed_step,
-        "compilations": counter.compiles,
-        "steady_state_compilations": counter.compiles - (compiles_after_first_epoch or counter.compiles),
-        **{k: v for k, v in history[-1].items() if k.startswith("test_")},
-    }
-    if regression:
-        summary["test_accuracy"] = None
-    return FitResult(graphdef=steps.graphdef, state=state, history=history, summary=summary)
+    described = optim.describe(tx)
+    return described if described is not None else "an optax transformation (its settings are not recorded)"
+
+
+def _add_learning_rate_logging(callbacks: list[jcallbacks.Callback], tx: optax.GradientTransformation) -> None:
+    """Gives a ``LearningRateLogger`` without a schedule the one ``create_optimizer`` built ``tx`` with."""
+    from jaxnet import optim
+
+    for callback in callbacks:
+        if isinstance(callback, jcallbacks.LearningRateLogger) and callback.schedule is None:
+            callback.schedule = optim.learning_rate_of(tx)
+
+
+def _checkpoint_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    skip = ("epoch", "step", "epoch_seconds", "peak_rss_mb")
+    return {k: v for k, v in record.items() if k not in skip and isinstance(v, (int, float))}
+
+
+def _last_with_prefix(history: Sequence[Mapping[str, Any]], prefix: str) -> dict[str, Any]:
+    if not history:
+        return {}
+    return {k[len(prefix):]: v for k, v in history[-1].items() if k.startswith(prefix)}
+
+
+def _final_test(loop: _Loop, plan: _Plan, eval_batch_size: int) -> dict[str, Any]:
+    """The test split's metrics for the summary: evaluated once at the end when epochs evaluated validation."""
+    if plan.data.test is None:
+        return {}
+    last = _last_with_prefix(loop.run.history, "test_")
+    if plan.eval_split == "test" and last and int(loop.run.history[-1]["step"]) == int(loop.run.state.step):
+        return last
+    return _evaluate_split(loop.steps, loop.run.state, plan.data.test, plan, eval_batch_size)
+
+
+def _give_back(model: nnx.Module, state: TrainState, transform: Transform | None) -> None:
+    """The user's model object gets the trained weights (buffers of its own: later donation spares it)."""
+    nnx.update(model, copy_state(state.params), copy_state(state.model_state))
+    model.eval()
+    _PREPROCESSING[model] = transform
+
+
+def _params_sha256(params: Any) -> str:
+    from jaxnet import integrity
+
+    return integrity.params_sha256(params)
 
 
 def _on_host(tree: Any) -> Any:
@@ -516,7 +980,7 @@ def _param_arrays(params: nnx.State) -> dict[str, np.ndarray]:
 
 def _epoch_line(record: dict[str, Any]) -> str:
     parts = [f"epoch {record['epoch']}"]
-    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"):
         if key in record:
             parts.append(f"{key} {record[key]:.4f}")
     parts.append(f"{record['epoch_seconds']:.1f}s")
