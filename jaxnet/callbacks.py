@@ -201,7 +201,8 @@ def _schedule_count(opt_state: Any) -> jax.Array | None:
 
 
 def _injected_lr(opt_state: Any) -> jax.Array | None:
-    is_state = lambda x: isinstance(x, optax.InjectHyperparamsState)  # noqa: E731
+    # optax.inject_hyperparams states (InjectHyperparamsState, InjectStatefulHyperparamsState)
+    is_state = lambda x: isinstance(getattr(x, "hyperparams", None), dict)  # noqa: E731
     for x in jax.tree.leaves(opt_state, is_leaf=is_state):
         if is_state(x) and "learning_rate" in x.hyperparams:
             return x.hyperparams["learning_rate"]

@@ -35,6 +35,12 @@ see :mod:`jaxnet.workdir`)::
     <step>/meta/                the JSON record (meta, metrics, digests)
     <step>/jaxnet_sha256.json   SHA-256 of every file
     corrupt/<step>/             damaged steps moved aside by restore_latest_good
+
+Typed PRNG keys in the state (the ``nnx.RngKey`` of an ``nnx.Dropout(rate,
+rngs=rngs)``, dtype ``key<fry>``) have no NumPy form: in either format they
+are stored, recorded and hashed as their key data (``jax.random.key_data``,
+uint32, one more axis), and restored as keys of the target's key type
+(``jax.random.wrap_key_data(data, dtype=target.dtype)``).
 """
 
 from __future__ import annotations
@@ -532,10 +538,10 @@ def save(
             f"checkpoint step {step} already exists in {ckpt.directory}; save each step once "
             "(an epoch-end save replaces the periodic save of the same step)"
         )
-    host = _host_copy(state)
-    if host is state or not ckpt.async_save:
-        # Device arrays (another process's shards, typed keys) must reach
-        # Orbax before this returns: the caller may donate them next.
+    host = _host_copy(integrity.key_data_tree(state))  # typed PRNG keys: their uint32 data
+    if not all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host)) or not ckpt.async_save:
+        # Device arrays (another process's shards) must reach Orbax before
+        # this returns: the caller may donate them next.
         _hand_over(ckpt, step, host, header, tracked)
     else:
         # Digesting and Orbax's synchronous part (~10 ms for the MLP) happen off the training loop.
@@ -574,15 +580,15 @@ def _host_copy(state: Any) -> Any:
     ms per save of the MLP's 6.4 MB state, ``benchmarks/CHECKPOINTS.md``).
     :func:`restore` places the arrays on the target's devices. Arrays spread
     over several processes stay as they are: Orbax writes each process's
-    shards.
+    shards. Typed PRNG keys have no NumPy form: :func:`save` passes
+    :func:`jaxnet.integrity.key_data_tree` of the state, their uint32 data.
     """
     leaves = jax.tree.leaves(state)
     if not all(isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves):
         return state
-    if any(isinstance(x, jax.Array) and (not x.is_fully_addressable
-                                         or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+    if any(isinstance(x, jax.Array) and (not x.is_fully_addressable or integrity.is_prng_key(x))
            for x in leaves):
-        return state  # another process's shards, or typed PRNG keys (no NumPy form)
+        return state  # another process's shards, or typed PRNG keys not converted by the caller
     return jax.tree.map(lambda x: np.array(x, copy=True), state)
 
 
@@ -690,19 +696,20 @@ def restore(
     record = _read_record(ckpt, step)
     names = list(integrity.state_parts(abstract_state))
     _check_shapes(record, abstract_state, step, names)
-    target = jax.tree.map(_restore_target, abstract_state)
+    stored = integrity.key_data_tree(abstract_state)  # what was written: typed keys as their key data
+    target = jax.tree.map(_restore_target, stored)
     where = _step_dir(ckpt, step) / "state"
     if (where / ARRAYS_FILE).is_file():
         where = where / ARRAYS_FILE
         flat = _read_npz(ckpt, step, where)
-        host = _fill(abstract_state, _nest(flat), step, "state")
+        host = _fill(stored, _nest(flat), step, "state")
         _check_digests(record, host, step, names, where)
         state = jax.tree.map(_place, host, target)
     else:  # Orbax's format: a multi-process run's, or any checkpoint from before jaxnet wrote .npz
         with _orbax_errors(f"restoring checkpoint step {step} from {where}"):
             state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         _check_digests(record, state, step, names, where)
-    return state, record["meta"]
+    return _wrap_keys(state, abstract_state), record["meta"]
 
 
 def _read_npz(ckpt: Checkpointer, step: int, where: pathlib.Path) -> dict[str, np.ndarray]:
@@ -712,6 +719,18 @@ def _read_npz(ckpt: Checkpointer, step: int, where: pathlib.Path) -> dict[str, n
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint step {step} is damaged: {where} cannot be read ({first})") from exc
+
+
+def _wrap_keys(restored: Any, abstract: Any) -> Any:
+    """``restored`` with the key data of each leaf that is a typed PRNG key in ``abstract`` wrapped back into a key.
+
+    The key keeps the data's placement; its key type is the target's
+    (``dtype=`` works for a live key and for a ``ShapeDtypeStruct`` alike).
+    """
+    def wrap(data: Any, ref: Any) -> Any:
+        return jax.random.wrap_key_data(data, dtype=ref.dtype) if integrity.is_prng_key(ref) else data
+
+    return jax.tree.map(wrap, restored, abstract)
 
 
 def _place(array: np.ndarray, target: Any) -> Any:
@@ -786,7 +805,9 @@ def restore_variables(
         step: ``None``/``"latest"``, ``"best"`` or a step number.
 
     Returns:
-        ``(params, model_state, meta)`` with numpy arrays as leaves.
+        ``(params, model_state, meta)`` with numpy arrays as leaves; a typed
+        PRNG key of the model (an ``nnx.RngKey``) comes back as a JAX key
+        array on the default device, since keys have no NumPy form.
 
     Raises:
         CheckpointMismatchError, CheckpointError: as :func:`restore`.
@@ -797,6 +818,7 @@ def restore_variables(
     record = _read_record(ckpt, step)
     wanted = {"params": abstract_params, "model_state": abstract_model_state}
     _check_shapes(record, wanted, step, list(wanted))
+    stored = integrity.key_data_tree(wanted)  # typed keys as the key data that was written
     where = _step_dir(ckpt, step) / "state"
     if (where / ARRAYS_FILE).is_file():
         where = where / ARRAYS_FILE
@@ -810,8 +832,9 @@ def restore_variables(
             saved = ckpt.manager.item_metadata(step)["state"]
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
             raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-    restored = {name: _fill(tree, raw.get(name, {}), step, name) for name, tree in wanted.items()}
+    restored = {name: _fill(tree, raw.get(name, {}), step, name) for name, tree in stored.items()}
     _check_digests(record, restored, step, list(wanted), where)
+    restored = _wrap_keys(restored, wanted)
     return restored["params"], restored["model_state"], record["meta"]
 
 

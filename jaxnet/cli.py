@@ -19,99 +19,133 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from jaxnet.errors import ConfigError, JaxnetError
+from jaxnet.runconfig import (
+    LOSS_OF_OUTPUT,
+    LOSSES,
+    RunConfig,
+    fraction,
+    json_object,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    read_config_file,
+)
 
 PROG = "jaxnet"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _model_arg(text: str) -> str:
+    """``--model``: a registered name, or anything naming code (checked, one line, when the run starts)."""
+    from jaxnet.models import MODELS
+
+    if text in MODELS or ":" in text or "." in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(sorted(MODELS))}, or your own model as "
+        "package.module:factory)"
+    )
 
 
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
+# Flags that say where data comes from or how the run is watched and saved: not part of the
+# recorded run config (W/config.json), so they may differ on --resume.
+OPERATIONAL_FLAGS = ("config", "data_dir", "no_download", "workdir", "resume", "checkpoint_every",
+                     "keep_checkpoints", "eval_batch_size", "json", "no_progress")
 
 
-def _positive_float(text: str) -> float:
-    value = _nonnegative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+def _add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from jaxnet.optim import OPTIMIZERS, SCHEDULES
-    from jaxnet.recipes import RECIPES  # one recipe per model; importing it loads no model code
+    from jaxnet.recipes import USER_MODEL_RECIPE
+    from jaxnet.workdir import RESUMABLE_KEYS
 
     p = sub.add_parser(
         "train",
-        help="train a tutorial model and report its test accuracy",
+        help="train a tutorial model or your own, and report its test accuracy",
         description=(
-            "Train a tutorial model with a jit-compiled step and evaluate it after every epoch. "
-            "Hyper-parameters default to the model's tutorial recipe; every flag overrides it."
+            "Train a tutorial model, or your own flax.nnx model, with a jit-compiled step and evaluate "
+            "it after every epoch. Hyper-parameters default to the model's tutorial recipe; a --config "
+            "file overrides the recipe, and every flag overrides both."
+        ),
+        epilog=(
+            "Your own model: --model package.module:factory imports the module (the current directory "
+            "is searched first) and calls factory(rngs=nnx.Rngs(seed)) if it takes rngs, else "
+            "factory(seed=seed) if it takes seed, else factory(), with the keyword arguments of "
+            "--model-kwargs or the config file's [model_kwargs] table; it must return an nnx.Module. "
+            f"It needs --dataset, and trains with {USER_MODEL_RECIPE.source}. "
+            "--config run.toml holds any flags by name (lr = 0.01, batch_size = 128, val_split = 0.1, "
+            "model = \"mypkg.nets:build\"). The workdir records every setting except "
+            f"{', '.join('--' + f.replace('_', '-') for f in OPERATIONAL_FLAGS)}; --resume refuses "
+            f"any other change except {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_KEYS)}."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="mlp", choices=sorted(RECIPES), help="tutorial model to train")
+    p.add_argument("--config", default=None, metavar="FILE.toml",
+                   help="TOML file of flag values (keys are flag names); flags given here override it")
+    p.add_argument("--model", default="mlp", type=_model_arg,
+                   help="tutorial model (mlp, mlp512, mlp128, convnet, cifar_cnn, linear) or your own "
+                        "as package.module:factory")
+    p.add_argument("--model-kwargs", type=json_object, default=None, metavar="JSON",
+                   help="keyword arguments of a factory, e.g. '{\"width\": 128}' (or [model_kwargs] in --config)")
     p.add_argument("--dataset", default=None,
-                   help="mnist, cifar10, linear or tfds:NAME (default: the model's data set)")
+                   help="mnist, cifar10, linear, tfds:NAME, or package.module:function, called with no "
+                        "arguments, returning an "
+                        "ArrayDataset, an (x, y) tuple or a dict of arrays (default: the model's data set; "
+                        "required for your own model)")
     p.add_argument("--data-dir", default=None,
                    help="folder holding mnist/ and cifar10/ in the official formats "
                         "(default: $JAXNET_DATA_DIR, then the user cache, then download)")
     p.add_argument("--no-download", action="store_true", help="never try to download data")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="passes over the training data")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="examples per step")
-    p.add_argument("--eval-batch-size", type=_positive_int, default=1000, help="examples per evaluation call")
+    p.add_argument("--loss", default=None, choices=tuple(LOSSES),
+                   help="training loss (default: the model's: cross_entropy for logits, nll for "
+                        "log-probabilities, mse for regression; your own model: mse for float labels, "
+                        "binary for one output, else cross_entropy)")
+    p.add_argument("--val-split", type=fraction, default=None, metavar="FRACTION",
+                   help="hold out this fraction of the training split for validation")
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training data")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="examples per step")
+    p.add_argument("--eval-batch-size", type=positive_int, default=1000, help="examples per evaluation call")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (PyTorch's rules)")
-    p.add_argument("--lr", type=_nonnegative_float, default=None, help="learning rate")
-    p.add_argument("--momentum", type=_nonnegative_float, default=None, help="SGD/RMSprop momentum")
-    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
-    p.add_argument("--weight-decay", type=_nonnegative_float, default=None,
+    p.add_argument("--lr", type=nonnegative_float, default=None, help="learning rate")
+    p.add_argument("--momentum", type=nonnegative_float, default=None, help="SGD/RMSprop momentum")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum (SGD)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=None,
                    help="weight decay (L2 added to the gradient; decoupled for adamw); default: PyTorch's "
                         "(0, or 0.01 for adamw)")
     p.add_argument("--schedule", default=None, choices=SCHEDULES, help="learning-rate schedule")
-    p.add_argument("--gamma", type=_nonnegative_float, default=None, help="decay factor per epoch (step/exponential schedules)")
-    p.add_argument("--step-size", type=_positive_int, default=None, help="epochs between decays (step schedule)")
-    p.add_argument("--clip-norm", type=_positive_float, default=None, help="clip gradients to this global norm")
-    p.add_argument("--clip-value", type=_positive_float, default=None, help="clip each gradient to [-v, v]")
+    p.add_argument("--gamma", type=nonnegative_float, default=None, help="decay factor per epoch (step/exponential schedules)")
+    p.add_argument("--step-size", type=positive_int, default=None, help="epochs between decays (step schedule)")
+    p.add_argument("--clip-norm", type=positive_float, default=None, help="clip gradients to this global norm")
+    p.add_argument("--clip-value", type=positive_float, default=None, help="clip each gradient to [-v, v]")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="Normalize(mean, std) after scaling to [0, 1]; --no-normalize: ToTensor only "
-                        "(default: the model's tutorial)")
-    p.add_argument("--augment", action="store_true", help="random crop + horizontal flip (on device)")
-    p.add_argument("--scan", action="store_true",
+                        "(default: the model's tutorial; yes for your own model)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="random crop + horizontal flip (on device)")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
                    help="run each epoch as one compiled lax.scan over device-resident data")
     p.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and dropout")
     p.add_argument("--workdir", default=None,
-                   help="folder for metrics.jsonl, TensorBoard events, curves.png and checkpoints "
-                        "(one per epoch end; default: write nothing)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
+                   help="folder for config.json, metrics.jsonl, TensorBoard events, curves.png, the model "
+                        "for 'jaxnet export' and checkpoints (one per epoch end; default: write nothing)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="also checkpoint every N steps (needs --workdir)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --workdir from its latest sound checkpoint, exactly")
-    p.add_argument("--keep-checkpoints", type=_positive_int, default=3,
+                   help="continue the run in --workdir from its latest sound checkpoint, exactly; only "
+                        f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_KEYS)} may change")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=3,
                    help="newest checkpoints to keep, besides the best by test accuracy")
-    p.add_argument("--devices", type=_positive_int, default=None,
+    p.add_argument("--devices", type=positive_int, default=None,
                    help="data parallel over N local devices (default: 1; all of them under 'jaxnet launch')")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over the devices")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
+                   help="shard parameters and optimizer state over the devices")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="compute dtype (parameters stay fp32; fp16 adds dynamic loss scaling)")
-    p.add_argument("--grad-accum", type=_positive_int, default=1, metavar="K",
+    p.add_argument("--grad-accum", type=positive_int, default=1, metavar="K",
                    help="accumulate gradients over K batches per optimizer step")
     p.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object on the last line of stdout")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_train)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,71 +170,200 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs ``jaxnet train``; returns the summary."""
-    from jaxnet import data, models, optim, train
-    from jaxnet.recipes import RECIPES
+def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``train`` subcommand's parser inside :func:`build_parser`'s."""
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices["train"]
 
-    if (args.checkpoint_every or args.resume) and not args.workdir:
-        raise ConfigError("--checkpoint-every and --resume need --workdir W (where the checkpoints live)")
-    recipe = RECIPES[args.model]
-    spec = models.MODELS[args.model]
-    dataset_name = args.dataset or recipe.dataset
-    epochs = args.epochs or recipe.epochs
-    batch_size = args.batch_size or recipe.batch_size
-    dataset = data.load_dataset(dataset_name, data_dir=args.data_dir, download=not args.no_download)
-    normalize = recipe.normalize if args.normalize is None else args.normalize
-    if not normalize and dataset.num_classes:  # ToTensor only: x / 255
-        channels = len(dataset.mean)
-        dataset = dataclasses.replace(dataset, mean=(0.0,) * channels, std=(1.0,) * channels)
-    model = models.create_model(args.model, seed=args.seed)
-    train.check_dataset(dataset, model, output=spec.output)  # before anything is compiled
-    steps_per_epoch = data.num_batches(dataset.num_train, batch_size, drop_last=True) // args.grad_accum
-    if steps_per_epoch == 0:
+
+def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                     args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with a ``--config`` file's values under the flags given on the command line.
+
+    Raises:
+        ConfigError: a bad file, an unknown key or a value of the wrong type.
+    """
+    if getattr(args, "config", None) is None:
+        return args
+    train_parser = _train_parser(parser)
+    values = read_config_file(args.config, train_parser._actions, not_allowed=("config", "func"))
+    train_parser.set_defaults(**values)  # defaults: any flag on the command line still wins
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------
+# jaxnet train
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """What the CLI needs to know of the training data, whatever form it came in."""
+
+    value: Any  # what fit takes: an ArrayDataset, an (x, y) tuple or a dict of arrays
+    name: str  # the --dataset spec
+    num_train: int  # training examples (before a validation split)
+    input_shape: tuple[int, ...]  # one example
+    input_dtype: str  # "uint8" pixels or float features
+    labels: Any  # training labels, or None when they cannot be told apart in a dict
+    num_classes: int | None  # None: not given (an (x, y) tuple or dict)
+    mean: list[float] | None
+    std: list[float] | None
+    source: str
+
+
+def _user_data(spec: str) -> Any:
+    """Calls ``--dataset package.module:function`` (no arguments)."""
+    from jaxnet.models import resolve_factory
+
+    fn = resolve_factory(spec, flag="--dataset")
+    try:
+        return fn()
+    except Exception as exc:  # the user's code, in one line
+        text = str(exc).strip().splitlines()
+        raise ConfigError(f"--dataset {spec}: calling it raised {type(exc).__name__}{': ' + text[0] if text else ''}") from None
+
+
+def _load_data(args: argparse.Namespace, dataset_name: str, normalize: bool) -> _Data:
+    import numpy as np
+
+    from jaxnet import data
+    from jaxnet.data.dataset import ArrayDataset
+
+    if ":" in dataset_name and not dataset_name.startswith(data.TFDS_PREFIX):
+        value = _user_data(dataset_name)
+    else:
+        value = data.load_dataset(dataset_name, data_dir=args.data_dir, download=not args.no_download)
+    if isinstance(value, ArrayDataset):
+        if not normalize and value.num_classes:  # ToTensor only: x / 255
+            channels = len(value.mean)
+            value = dataclasses.replace(value, mean=(0.0,) * channels, std=(1.0,) * channels)
+        return _Data(value, dataset_name, value.num_train, value.image_shape, np.dtype(value.train_images.dtype).name,
+                     value.train_labels, value.num_classes, list(value.mean), list(value.std), value.source)
+    if isinstance(value, tuple) and len(value) == 2:
+        x, y = value
+    elif isinstance(value, dict) and value:
+        x = next((value[k] for k in ("image", "x", "inputs") if k in value), next(iter(value.values())))
+        y = next((value[k] for k in ("label", "y", "targets") if k in value), None)
+    else:
         raise ConfigError(
-            f"batch size {batch_size} is larger than the {dataset.num_train} training examples "
-            f"of {dataset.name}; use --batch-size {dataset.num_train} or less"
+            f"--dataset {dataset_name} returned a {type(value).__name__}; return a jaxnet.data.ArrayDataset, "
+            "an (x, y) tuple of arrays or a dict of arrays"
         )
-    lr = recipe.lr if args.lr is None else args.lr
-    schedule_name = args.schedule or recipe.schedule
-    schedule = optim.create_schedule(
-        schedule_name, lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
-        step_size=args.step_size or recipe.step_size,
-        gamma=recipe.gamma if args.gamma is None else args.gamma,
-    )
-    optimizer = args.optimizer or recipe.optimizer
-    momentum = recipe.momentum if args.momentum is None else args.momentum
-    opt_kwargs: dict[str, Any] = {"weight_decay": args.weight_decay,
-                                  "clip_norm": args.clip_norm, "clip_value": args.clip_value}
-    opt_kwargs = {k: v for k, v in opt_kwargs.items() if v is not None}  # None: PyTorch's default
-    if optimizer in ("sgd", "rmsprop"):
-        opt_kwargs["momentum"] = momentum
+    x = np.asarray(x) if not hasattr(x, "shape") else x
+    return _Data(value, dataset_name, len(x), tuple(x.shape[1:]), np.dtype(x.dtype).name,
+                 None if y is None else np.asarray(y), None, None, None, f"{dataset_name}()")
+
+
+def _default_loss(spec: str, model: Any, d: _Data) -> str:
+    """The model's loss: its registry output kind, else what its labels and output width say."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxnet.models import MODELS
+
+    if spec in MODELS:
+        return LOSS_OF_OUTPUT[MODELS[spec].output]
+    if d.num_classes == 0 or (d.labels is not None and np.issubdtype(d.labels.dtype, np.floating)):
+        return "mse"
+    if d.labels is None:
+        raise ConfigError(f"--dataset {d.name} gives no 'label' or 'y' array to tell the task by; pass --loss")
+    try:
+        model.eval()
+        out = jax.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, *d.input_shape), jnp.float32))
+    except Exception as exc:  # the model's layers reject the input shape
+        raise ConfigError(
+            f"the model {spec} cannot take {d.name} inputs of shape {d.input_shape}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Make its first layer fit them"
+        ) from None
+    finally:
+        model.train()
+    return "binary" if out.shape[-1:] == (1,) else "cross_entropy"
+
+
+def _train_examples(num_train: int, val_split: float | None) -> int:
+    """Training examples left after ``val_split`` is held out (the last fraction, as Keras does)."""
+    return num_train if val_split is None else int(num_train * (1 - val_split))
+
+
+def _create_optimizer(args: argparse.Namespace, recipe: Any, steps_per_epoch: int, epochs: int) -> tuple[Any, dict[str, Any]]:
+    """The optax transform of the flags over the recipe, and its settings for the run config."""
+    from jaxnet import optim
+
+    s = {"optimizer": args.optimizer or recipe.optimizer, "lr": recipe.lr if args.lr is None else args.lr,
+         "schedule": args.schedule or recipe.schedule, "gamma": recipe.gamma if args.gamma is None else args.gamma,
+         "step_size": args.step_size or recipe.step_size,
+         "momentum": recipe.momentum if args.momentum is None else args.momentum,
+         "nesterov": bool(args.nesterov), "weight_decay": args.weight_decay,
+         "clip_norm": args.clip_norm, "clip_value": args.clip_value, "grad_accum": args.grad_accum}
+    schedule = optim.create_schedule(s["schedule"], s["lr"], steps_per_epoch=steps_per_epoch, epochs=epochs,
+                                     step_size=s["step_size"], gamma=s["gamma"])
+    opt_kwargs = {k: s[k] for k in ("weight_decay", "clip_norm", "clip_value") if s[k] is not None}
+    if s["optimizer"] in ("sgd", "rmsprop"):
+        opt_kwargs["momentum"] = s["momentum"]
     elif args.momentum is not None:
-        raise ConfigError(f"--momentum applies to sgd and rmsprop, not {optimizer}; drop it or pick one of those")
-    if args.nesterov:
+        raise ConfigError(f"--momentum applies to sgd and rmsprop, not {s['optimizer']}; drop it or pick one of those")
+    if s["nesterov"]:
         opt_kwargs["nesterov"] = True
-    tx = optim.create_optimizer(optimizer, schedule, **opt_kwargs)
+    tx = optim.create_optimizer(s["optimizer"], schedule, **opt_kwargs)
     if args.grad_accum > 1:
         from jaxnet.accumulation import with_grad_accumulation
 
         tx = with_grad_accumulation(tx, args.grad_accum)
-    config = {"model": args.model, "dataset": dataset.name, "batch_size": batch_size, "epochs": epochs,
-              "optimizer": optimizer, "lr": lr, "schedule": schedule_name, "momentum": momentum,
-              "weight_decay": args.weight_decay, "seed": args.seed, "augment": args.augment,
-              "normalize": normalize, "mean": list(dataset.mean), "std": list(dataset.std),
-              "grad_accum": args.grad_accum, "precision": args.precision}
+    return tx, s
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs ``jaxnet train``; returns the summary."""
+    import jax
+
+    from jaxnet import data, models, train
+    from jaxnet.recipes import recipe_for
+
+    if (args.checkpoint_every or args.resume) and not args.workdir:
+        raise ConfigError("--checkpoint-every and --resume need --workdir W (where the checkpoints live)")
+    if args.model not in models.MODELS:  # your own model
+        if ":" not in args.model:
+            models.resolve_factory(args.model)  # raises: the colon is missing
+        if args.dataset is None:
+            raise ConfigError(
+                f"--model {args.model} is your own model, which has no tutorial data set: name its data "
+                "with --dataset (mnist, cifar10, linear, tfds:NAME, or package.module:function)"
+            )
+    model = models.build_model(args.model, seed=args.seed, kwargs=args.model_kwargs)
+    recipe = recipe_for(args.model)
+    normalize = recipe.normalize if args.normalize is None else args.normalize
+    d = _load_data(args, args.dataset or recipe.dataset, normalize)
+    loss = args.loss or _default_loss(args.model, model, d)
+    epochs, batch_size = args.epochs or recipe.epochs, args.batch_size or recipe.batch_size
+    num_train = _train_examples(d.num_train, args.val_split)
+    steps_per_epoch = data.num_batches(num_train, batch_size, drop_last=True) // args.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch size {batch_size} is larger than the {num_train} training examples "
+            f"of {d.name}; use --batch-size {num_train} or less"
+        )
+    tx, opt = _create_optimizer(args, recipe, steps_per_epoch, epochs)
+    devices = args.devices or (jax.device_count() if jax.process_count() > 1 else 1)
+    config = RunConfig(
+        model=args.model, model_kwargs=dict(args.model_kwargs or {}), loss=loss, output=LOSSES[loss],
+        dataset=d.name, input_shape=list(d.input_shape), input_dtype=d.input_dtype, normalize=normalize,
+        mean=d.mean, std=d.std, augment=bool(args.augment), val_split=args.val_split, **opt,
+        batch_size=batch_size, epochs=epochs, seed=args.seed, precision=args.precision, devices=devices,
+        fsdp=bool(args.fsdp), scan=bool(args.scan))
+    extra = {} if args.val_split is None else {"validation_split": args.val_split}
     result = train.fit(
-        model, dataset, tx,
-        epochs=epochs, batch_size=batch_size, output=spec.output, seed=args.seed,
+        model, d.value, tx,
+        epochs=epochs, batch_size=batch_size, output=config.output, seed=args.seed,
         augment=args.augment, scan=args.scan, eval_batch_size=args.eval_batch_size,
         workdir=args.workdir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        keep_checkpoints=args.keep_checkpoints, config=config, devices=args.devices, fsdp=args.fsdp,
-        precision=args.precision, progress=not args.no_progress,
+        keep_checkpoints=args.keep_checkpoints, config=config.to_json(), devices=args.devices, fsdp=args.fsdp,
+        precision=args.precision, progress=not args.no_progress, **extra,
     )
     summary = dict(result.summary)
-    summary["model"] = args.model
-    summary.update(optimizer=optimizer, lr=lr, schedule=schedule_name, seed=args.seed, normalize=normalize,
-                   grad_accum=args.grad_accum)
+    summary.update(model=args.model, loss=loss, normalize=normalize, seed=args.seed,
+                   **{k: opt[k] for k in ("optimizer", "lr", "schedule", "grad_accum")})
     return summary
 
 
@@ -218,7 +381,7 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if summary.get("test_accuracy") is not None:
         print(f"test accuracy: {100 * summary['test_accuracy']:.2f}%")
     else:
-        print(f"test loss (MSE): {summary['test_loss']:.6f}")
+        print(f"test loss ({summary.get('loss', 'mse')}): {summary['test_loss']:.6f}")
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -283,6 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _limit_malloc_arenas()
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        args = parse_train_args(parser, argv, args)
+    except ConfigError as exc:  # a bad --config file
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with _cli_logging():
         return _run(args)

@@ -44,11 +44,18 @@ def params_sha256(params: Any) -> str:
     each is converted with ``np.asarray`` and contributes its raw bytes in C
     order and native byte order (``np.asarray(x).tobytes()``, little-endian
     on x86 and ARM); the digest is the hex SHA-256 of their concatenation.
+    A typed PRNG key array (dtype ``key<fry>``, e.g. the value of the
+    ``nnx.RngKey`` that an ``nnx.Dropout(rate, rngs=rngs)`` holds) has no
+    NumPy form: it contributes the bytes of its key data,
+    ``np.asarray(jax.random.key_data(x)).tobytes()`` (uint32, shape
+    ``(*x.shape, 2)`` for threefry), which is also what a checkpoint stores
+    (:func:`key_data_tree`), so a state and its saved copy hash alike.
     Shapes and dtypes are not hashed, only the bytes, so two runs agree
     exactly when every parameter is bit-identical.
 
     Args:
-        params: any pytree of arrays, e.g. ``state.params``.
+        params: any pytree of arrays (typed PRNG keys included), e.g.
+            ``state.params`` or a whole ``TrainState``.
 
     Returns:
         64 lowercase hex digits.
@@ -59,9 +66,39 @@ def params_sha256(params: Any) -> str:
         'af5570f5a1810b7a'
     """
     digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
+    for leaf in jax.tree.leaves(key_data_tree(params)):
         digest.update(np.asarray(leaf).tobytes())
     return digest.hexdigest()
+
+
+def is_prng_key(x: Any) -> bool:
+    """Whether ``x`` (an array or a ``jax.ShapeDtypeStruct``) is a typed PRNG key array."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_data(x: Any) -> Any:
+    if not is_prng_key(x):
+        return x
+    if isinstance(x, jax.ShapeDtypeStruct):  # an abstract key: the struct of its data, same placement
+        data = jax.eval_shape(jax.random.key_data, x)
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+    return jax.random.key_data(x)
+
+
+def key_data_tree(tree: Any) -> Any:
+    """``tree`` with each typed PRNG key leaf replaced by its key data; other leaves as they are.
+
+    How a state is stored and hashed: a key array of shape ``S`` (dtype
+    ``key<fry>``) becomes ``jax.random.key_data(key)``, a uint32 array of
+    shape ``(*S, 2)`` on the key's devices (a ``ShapeDtypeStruct`` of a key
+    becomes that of its data). ``jax.random.wrap_key_data(data,
+    dtype=key.dtype)`` turns it back into the same key.
+
+    >>> key_data_tree({"key": jax.random.key(0)})["key"].dtype
+    dtype('uint32')
+    """
+    return jax.tree.map(_key_data, tree)
 
 
 def state_parts(state: Any) -> dict[str, Any]:
@@ -74,8 +111,8 @@ def state_parts(state: Any) -> dict[str, Any]:
 
 
 def tree_shapes(tree: Any) -> list[list[Any]]:
-    """``[[shape, dtype name], ...]`` of a pytree's leaves, in tree order."""
-    return [[list(np.shape(x)), str(np.dtype(x.dtype))] for x in jax.tree.leaves(tree)]
+    """``[[shape, dtype name], ...]`` of a pytree's leaves, in tree order; PRNG keys as their key data."""
+    return [[list(np.shape(x)), str(np.dtype(x.dtype))] for x in jax.tree.leaves(key_data_tree(tree))]
 
 
 def _canonical(obj: Any) -> str:

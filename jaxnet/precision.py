@@ -10,6 +10,12 @@ pass plus ``torch.cuda.amp.GradScaler`` for float16. jaxnet's counterpart:
   float32 before the loss (softmax/log-softmax inside the loss is float32).
   Gradients arrive in float32, since the cast of a float32 parameter
   transposes to a float32 gradient. Apply it with :func:`apply_policy`.
+- :func:`apply_to_model`: Flax's own layers (``nnx.Linear``, ``nnx.Conv``,
+  ...) promote a bfloat16 input and their float32 parameters to float32, so
+  casting the inputs alone would silently leave them in float32. It returns a
+  copy of the model whose Flax layers compute in the compute dtype (their
+  ``dtype`` attribute, ``torch.autocast``'s per-op cast), and refuses a
+  hand-written layer that it cannot make follow the policy.
 - :func:`dynamic_loss_scaling`: an optax wrapper holding the loss scale in the
   optimizer state, and :func:`loss_scaled_train_step_fn`, the train step
   that multiplies the loss by it. float16's range ends at 65504 and its small
@@ -34,6 +40,7 @@ import optax
 from flax import nnx
 
 from jaxnet.errors import ConfigError
+from jaxnet.models import layers
 from jaxnet.state import TrainState
 from jaxnet.step import Batch, LossFn, Transform, train_step_fn
 
@@ -111,6 +118,103 @@ def apply_policy(
         return loss_fn(outputs.astype(policy.output_dtype), labels).astype(policy.output_dtype)
 
     return policy_transform, policy_loss
+
+
+# jaxnet's own layers cast their float32 parameters to the input's dtype: the
+# input cast of apply_policy is all they need.
+_FOLLOWS_INPUT_DTYPE = (layers.Linear, layers.Conv2d, layers.BatchNorm1d, layers.BatchNorm2d)
+# Containers hold parameters on behalf of the module around them.
+_CONTAINERS = (nnx.List, nnx.Dict)
+
+
+def _param_owners(model: nnx.Module) -> dict[tuple[Any, ...], nnx.Module]:
+    """``{path: module}`` of the modules that hold ``nnx.Param`` variables themselves (not via a sub-module)."""
+    modules = dict(nnx.iter_modules(model))
+    owners = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            owner = next((path[:i] for i in range(len(path) - 1, 0, -1)
+                          if path[:i] in modules and not isinstance(modules[path[:i]], _CONTAINERS)), ())
+            owners[owner] = modules[owner]
+    return owners
+
+
+def _layer_name(path: tuple[Any, ...]) -> str:
+    return "model." + ".".join(str(part) for part in path) if path else "the model itself"
+
+
+def apply_to_model(model: nnx.Module, policy: Policy) -> nnx.Module:
+    """A copy of ``model`` whose layers compute in ``policy.compute_dtype``; ``model`` is unchanged.
+
+    Counterpart of ``torch.autocast``'s per-layer casts, for the Flax layers
+    that :func:`apply_policy`'s input cast does not reach: ``nnx.Linear``,
+    ``nnx.Conv`` and the rest promote a bfloat16 input and their float32
+    parameters to float32. Every sub-module that has a ``dtype`` attribute
+    (``Linear``, ``Conv``, ``ConvTranspose``, ``LinearGeneral``, ``Einsum``,
+    ``Embed``, ``MultiHeadAttention``, ``PReLU``, the recurrent cells, the
+    normalization layers, and any user module following that convention)
+    gets ``dtype = policy.compute_dtype``: it casts its input and parameters
+    to it, so its matmuls and convolutions run in it and it returns it. Its
+    ``param_dtype`` (initialization only) and its parameters stay float32;
+    the cast of a float32 parameter transposes to a float32 gradient.
+
+    Flax's normalization layers (``BatchNorm``, ``LayerNorm``, ``RMSNorm``,
+    ``GroupNorm``, ``InstanceNorm``) compute the mean and variance of their
+    input in float32 (``flax.nnx.nn.normalization._compute_stats`` promotes
+    to at least float32), normalize in float32 with them, and return the
+    compute dtype. ``BatchNorm``'s running statistics stay float32 and are
+    updated in float32; in evaluation mode it casts them to the compute
+    dtype and normalizes in it. Mixing a bfloat16 input with float32
+    statistics relies on JAX's standard dtype promotion (the default): under
+    ``jax_numpy_dtype_promotion="strict"`` Flax's own normalization code
+    raises ``TypePromotionError``.
+
+    ``dtype`` is a static attribute, so it lives in the copy's graph
+    definition: ``nnx.split(copy, nnx.Param, ...)`` gives a different
+    ``graphdef`` but variables of the same structure, shapes and float32
+    dtypes as the original's, and ``nnx.update(model, params, model_state)``
+    puts the trained variables back into the user's float32 model.
+
+    Args:
+        model: an NNX model; never modified.
+        policy: from :func:`get_policy`.
+
+    Returns:
+        A copy (``nnx.clone``: new Variables sharing the arrays) of ``model``;
+        for a float32 policy, a plain copy.
+
+    Raises:
+        ConfigError: a module that holds ``nnx.Param`` variables itself and
+            has no ``dtype`` attribute (a hand-written layer computing
+            ``x @ self.w``), other than jaxnet's own layers (which compute in
+            their input's dtype); the message names its path and type.
+
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> apply_to_model(model, get_policy("bf16"))(jnp.ones((1, 3))).dtype
+    dtype(bfloat16)
+    >>> model.kernel[...].dtype, model.dtype is None
+    (dtype('float32'), True)
+    """
+    copy = nnx.clone(model)
+    if jnp.dtype(policy.compute_dtype) == jnp.dtype(jnp.float32):
+        return copy
+    refused = [f"{_layer_name(path)} ({type(module).__name__})"
+               for path, module in sorted(_param_owners(copy).items(), key=lambda item: [str(p) for p in item[0]])
+               if not hasattr(module, "dtype") and not isinstance(module, _FOLLOWS_INPUT_DTYPE)]
+    if refused:
+        name = jnp.dtype(policy.compute_dtype).name
+        holds, it = ("holds", "it") if len(refused) == 1 else ("each hold", "each")
+        raise ConfigError(
+            f"cannot compute in {name}: {', '.join(refused)} {holds} nnx.Param variables and no "
+            f"dtype attribute, so would silently compute in float32. Give {it} a dtype attribute that "
+            "its __call__ honours, as nnx.Linear does (self.dtype = dtype in __init__; then "
+            "x, w = flax.nnx.nn.dtypes.promote_dtype((x, self.w[...]), dtype=self.dtype)), "
+            "or train with precision='fp32'"
+        )
+    for _, module in nnx.iter_modules(copy):
+        if hasattr(module, "dtype"):
+            module.dtype = policy.compute_dtype
+    return copy
 
 
 class DynamicScaleState(NamedTuple):

@@ -48,3 +48,17 @@ RECIPES: dict[str, Recipe] = {
     # Tutorial "autograd": Linear(1, 1), MSELoss, SGD(lr=0.01), 100 full-batch epochs on y = 2x.
     "linear": Recipe("linear", "sgd", 1e-2, 4, 100, source="autograd tutorial: SGD lr 0.01, 100 epochs"),
 }
+
+# A model of your own (--model package.module:factory) has no tutorial: Adam at PyTorch's default
+# rate with a constant schedule, the first tutorial's batch size, and --dataset must be given.
+USER_MODEL_RECIPE = Recipe("", "adam", 1e-3, 64, 5,
+                           source="your own model: Adam lr 1e-3 (constant), batch 64, 5 epochs, Normalize(mean, std)")
+
+
+def recipe_for(model: str) -> Recipe:
+    """The recipe ``jaxnet train --model MODEL`` starts from: the tutorial's, or :data:`USER_MODEL_RECIPE`.
+
+    >>> recipe_for("mypkg.nets:build").optimizer, recipe_for("convnet").optimizer
+    ('adam', 'adadelta')
+    """
+    return RECIPES.get(model, USER_MODEL_RECIPE)

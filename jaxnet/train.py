@@ -452,7 +452,11 @@ def plan_fit(model: nnx.Module, data: FitData, *, epochs: int, batch_size: int, 
         if scan or jax.process_count() > 1:
             raise ConfigError("training from an iterable of batches runs step by step in one process; "
                               "pass arrays for scan=True or a multi-process run")
-        sample_x = np.asarray(_first_batch(data)["image"][:2])
+        first = _first_batch(data)
+        sample_x = np.asarray(first["image"][:2])
+        if data.num_classes is None and np.issubdtype(np.asarray(first["label"]).dtype, np.integer):
+            width = _model_output_shape(model, sample_x, data.name)[-1]  # classes: the model's outputs
+            data = dataclasses.replace(data, num_classes=2 if width == 1 else width)
     else:
         sample_x = np.asarray(data.train.x[np.arange(min(2, len(data.train)))])
         if scan and not isinstance(data.train.x, np.ndarray):

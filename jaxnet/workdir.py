@@ -3,6 +3,7 @@
 ``jaxnet train --workdir W`` keeps everything about one run in ``W``::
 
     W/config.json      the run's config, written by check_workdir
+    W/model/           the model's lowered forward function, for jaxnet export (jaxnet.export)
     W/checkpoints/     jaxnet.checkpoint's folder (checkpoint_directory)
     W/metrics.jsonl    the metrics log (jaxnet.tracking), rewound on --resume
     W/tensorboard/     TensorBoard event files
@@ -15,6 +16,7 @@ changed when the check fails.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Collection, Mapping
@@ -22,13 +24,28 @@ from typing import Any
 
 from jaxnet.errors import ConfigError, DataError
 
+logger = logging.getLogger("jaxnet.workdir")
+
 CHECKPOINT_DIR = "checkpoints"  # under a run's workdir
 CONFIG_FILE = "config.json"  # the run's config, under its workdir
+# Config keys a resumed run may change (the new values are recorded): fit's mutable_keys, and
+# what `jaxnet train --help` and the refusal of any other change name.
+RESUMABLE_KEYS = ("epochs",)
 
 
 def checkpoint_directory(workdir: str | os.PathLike) -> pathlib.Path:
     """Where a run's checkpoints live: ``workdir/checkpoints``."""
     return pathlib.Path(workdir) / CHECKPOINT_DIR
+
+
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
+    """Whether ``workdir/checkpoints`` holds a finished step (a folder named by its step number).
+
+    Unfinished saves (Orbax's temporary folders) and damaged steps moved to
+    ``corrupt/`` do not count.
+    """
+    folder = checkpoint_directory(workdir)
+    return folder.is_dir() and any(p.name.isdigit() and p.is_dir() for p in folder.iterdir())
 
 
 def read_config(workdir: str | os.PathLike) -> dict[str, Any]:
@@ -98,10 +115,16 @@ def check_workdir(
     Returns:
         The workdir's path.
 
+    A workdir whose run stopped before its first checkpoint (``config.json``
+    and no finished step) is refused to a fresh run with a message that says
+    so; ``resume`` with the same config starts that run over from step 0
+    (logged on ``jaxnet.workdir``).
+
     Raises:
         ConfigError: the workdir is a file, cannot be written, holds another
-            run (the differing keys are named), already holds this run and
-            ``resume`` is False, or does not exist and ``resume`` is True.
+            run (the differing keys are named, and the keys that may change),
+            already holds this run and ``resume`` is False, or does not exist
+            and ``resume`` is True.
     """
     path = pathlib.Path(workdir)
     try:
@@ -111,40 +134,66 @@ def check_workdir(
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--workdir {path} is a file, not a folder; choose another --workdir")
     has_run = (path / CONFIG_FILE).is_file()
-    if resume:
-        if not path.is_dir():
-            raise ConfigError(
-                f"cannot resume: the workdir {path} does not exist; start the run without "
-                "--resume, or pass the --workdir of an earlier run"
-            )
-        if not has_run:
-            raise ConfigError(
-                f"cannot resume: {path} holds no jaxnet run ({CONFIG_FILE} is missing); start "
-                "the run without --resume"
-            )
-        diff = _differences(read_config(path), current, mutable_keys)
-        if diff:
-            raise ConfigError(
-                f"cannot resume the run in {path} with other settings ({'; '.join(diff)}); "
-                "rerun with the saved run's flags, or use another --workdir"
-            )
-    elif has_run:
-        diff = _differences(read_config(path), current, ())
-        if diff:
-            raise ConfigError(
-                f"the workdir {path} holds another run ({'; '.join(diff)}); use another "
-                "--workdir, or --resume with that run's flags to continue it"
-            )
+    if resume and not path.is_dir():
         raise ConfigError(
-            f"the workdir {path} already holds this run; pass --resume to continue it, or use "
-            "another --workdir to start afresh"
+            f"cannot resume: the workdir {path} does not exist; start the run without "
+            "--resume, or pass the --workdir of an earlier run"
         )
-    elif checkpoint_directory(path).is_dir() and any(checkpoint_directory(path).iterdir()):
+    if resume and not has_run:
+        raise ConfigError(
+            f"cannot resume: {path} holds no jaxnet run ({CONFIG_FILE} is missing); start "
+            "the run without --resume"
+        )
+    if has_run:
+        _check_existing_run(path, current, resume=resume, mutable_keys=mutable_keys)
+    elif has_checkpoint(path):
         raise ConfigError(
             f"the workdir {path} holds checkpoints but no {CONFIG_FILE}; use another --workdir"
         )
     _write_config(path, current)
     return path
+
+
+def _check_existing_run(path: pathlib.Path, current: dict[str, Any], *, resume: bool,
+                        mutable_keys: Collection[str]) -> None:
+    """Raises unless ``current`` may continue (``resume``) the run recorded in ``path``."""
+    saved = read_config(path)
+    started = has_checkpoint(path)
+    stopped = (f"the run in {path} stopped before its first checkpoint (or is still in its first "
+               f"steps): {CONFIG_FILE} is there, no checkpoint")
+    if resume:
+        diff = _differences(saved, current, mutable_keys)
+        may = f"only {', '.join(mutable_keys)} may change on resume" if mutable_keys else "nothing may change on resume"
+        if diff and started:
+            raise ConfigError(
+                f"cannot resume the run in {path} with other settings ({'; '.join(diff)}); {may}. "
+                "Rerun with the saved run's flags, or use another --workdir"
+            )
+        if diff:
+            raise ConfigError(
+                f"cannot resume: {stopped}, and it had other settings ({'; '.join(diff)}). Rerun with "
+                "its flags and --resume to start it over there, or remove the folder (nothing was "
+                "saved) or choose another --workdir for the new settings"
+            )
+        if not started:
+            logger.info("%s; nothing to restore, so it starts over from step 0", stopped)
+        return
+    diff = _differences(saved, current, ())
+    if not started:
+        other = f", with other settings ({'; '.join(diff)})" if diff else ""
+        raise ConfigError(
+            f"{stopped}{other}. Pass --resume (with its flags) to start it over there, or remove the "
+            "folder or choose another --workdir"
+        )
+    if diff:
+        raise ConfigError(
+            f"the workdir {path} holds another run ({'; '.join(diff)}); use another "
+            "--workdir, or --resume with that run's flags to continue it"
+        )
+    raise ConfigError(
+        f"the workdir {path} already holds this run; pass --resume to continue it, or use "
+        "another --workdir to start afresh"
+    )
 
 
 def rewind_jsonl(path: str | os.PathLike, step: int) -> int:
