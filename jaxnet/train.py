@@ -872,13 +872,14 @@ def fit(
                     compiles_after_first_epoch = counter.snapshot()[1]
                 if run.stop_training:
                     break
+            trained = run.state
             jcallbacks.call(callbacks, "on_fit_end", run, run.history[-1] if run.history else {})
         finally:
             counter.__exit__(None, None, None)
     total_seconds = time.perf_counter() - start
     if workdir is not None and files.main:
         plot_curves(run.history, os.path.join(workdir, CURVES_FILE))
-    test = _final_test(loop, plan, eval_batch_size)
+    val, test = _final_scores(loop, plan, eval_batch_size, replaced=run.state is not trained)
     _give_back(model, run.state, plan.transform)
     summary = {
         "model": model_name(model), "dataset": fit_data.name, "dataset_source": fit_data.source,
@@ -890,7 +891,7 @@ def fit(
         "precision": precision, "mode": "scan" if scan else "step", "resumed_from_step": resumed_step,
         "stopped_early": bool(run.stop_training), "compilations": counter.compiles,
         "steady_state_compilations": counter.compiles - (compiles_after_first_epoch or counter.compiles),
-        **({f"val_{k}": v for k, v in _last_with_prefix(run.history, "val_").items()}),
+        **{f"val_{k}": v for k, v in val.items()},
         "test_accuracy": None, **{f"test_{k}": v for k, v in test.items()},
     }
     return FitResult(graphdef=steps.graphdef, state=run.state, history=run.history, summary=summary,
@@ -934,14 +935,22 @@ def _last_with_prefix(history: Sequence[Mapping[str, Any]], prefix: str) -> dict
     return {k[len(prefix):]: v for k, v in history[-1].items() if k.startswith(prefix)}
 
 
-def _final_test(loop: _Loop, plan: _Plan, eval_batch_size: int) -> dict[str, Any]:
-    """The test split's metrics for the summary: evaluated once at the end when epochs evaluated validation."""
+def _final_scores(loop: _Loop, plan: _Plan, eval_batch_size: int, *,
+                  replaced: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The summary's validation and test metrics, of the final state.
+
+    The last epoch's record when it evaluated the final state; evaluated
+    anew when a callback replaced the state (``restore_best``). The test
+    split is evaluated once, here, when epochs evaluated validation.
+    """
+    val = {} if replaced else _last_with_prefix(loop.run.history, "val_")
+    if replaced and plan.data.validation is not None:
+        val = _evaluate_split(loop.steps, loop.run.state, plan.data.validation, plan, eval_batch_size)
     if plan.data.test is None:
-        return {}
-    last = _last_with_prefix(loop.run.history, "test_")
-    if plan.eval_split == "test" and last and int(loop.run.history[-1]["step"]) == int(loop.run.state.step):
-        return last
-    return _evaluate_split(loop.steps, loop.run.state, plan.data.test, plan, eval_batch_size)
+        return val, {}
+    if plan.eval_split == "test" and not replaced and loop.run.history:
+        return val, _last_with_prefix(loop.run.history, "test_")
+    return val, _evaluate_split(loop.steps, loop.run.state, plan.data.test, plan, eval_batch_size)
 
 
 def _give_back(model: nnx.Module, state: TrainState, transform: Transform | None) -> None:

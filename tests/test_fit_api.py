@@ -350,3 +350,12 @@ def test_predict_batches_and_errors():
         jaxnet.predict(result, x, batch_size=0)
     with pytest.raises(ConfigError, match="model"):
         jaxnet.predict("model.bin", x)
+
+
+def test_grain_map_dataset_source():
+    grain = pytest.importorskip("grain")
+    x, y = tabular(96)
+    source = grain.MapDataset.source([{"image": x[i], "label": y[i]} for i in range(96)])
+    from_grain = fit(source, batch_size=16)
+    from_arrays = fit((x, y), batch_size=16)
+    assert from_grain.summary["params_sha256"] == from_arrays.summary["params_sha256"]
