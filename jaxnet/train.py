@@ -32,7 +32,7 @@ from jaxnet import metrics as jmetrics
 from jaxnet.compilation import CompileCounter
 from jaxnet.data.dataset import ArrayDataset
 from jaxnet.data.inputs import FitData, Split, as_fit_data, batch_arrays
-from jaxnet.errors import ConfigError, DataError, JaxnetError
+from jaxnet.errors import ConfigError, DataError, Interrupted, JaxnetError, TrainingDiverged
 from jaxnet.state import TrainState, copy_state, count_params, create_train_state
 from jaxnet.step import (
     CLASSIFIER_KINDS,
@@ -527,6 +527,7 @@ class _RunFiles:
         from jaxnet import workdir as workdir_lib
 
         self.workdir, self.resume, self.blocked = workdir, resume, 0.0
+        self.last_saved: int | None = None  # the newest checkpoint step of this run (restored or written)
         self.main = jax.process_index() == 0
         self.ckpt, self.logger = None, None
         if workdir is not None:
@@ -543,6 +544,7 @@ class _RunFiles:
 
         restored = ckpt_lib.restore_latest_good(self.ckpt, state) if self.resume else None
         step = int(restored[0].step) if restored is not None else None
+        self.last_saved = step
         if restored is not None and self.main:
             workdir_lib.rewind_jsonl(os.path.join(self.workdir, METRICS_FILE), step)
         self.logger = MetricsLogger(self.workdir if self.main else None,
@@ -569,6 +571,14 @@ class _RunFiles:
         self.logger.flush()  # the logs up to this step are on disk before the checkpoint is
         ckpt_lib.save(self.ckpt, step, state, meta=meta, metrics=metrics)
         self.blocked += time.perf_counter() - t
+        self.last_saved = step
+
+    def wait(self) -> None:
+        """Blocks until every checkpoint handed over is on disk (durable)."""
+        if self.ckpt is not None:
+            from jaxnet import checkpoint as ckpt_lib
+
+            ckpt_lib.wait(self.ckpt)
 
     def __enter__(self) -> _RunFiles:
         return self
@@ -582,6 +592,82 @@ class _RunFiles:
             t = time.perf_counter()
             ckpt_lib.close(self.ckpt)  # waits for the last asynchronous save
             self.blocked += time.perf_counter() - t
+
+
+NO_STEP = np.iinfo(np.int32).max  # "no non-finite step yet"
+
+
+@jax.jit
+def _accumulate(sums: dict[str, jax.Array], metrics: dict[str, jax.Array], bad: jax.Array,
+                step: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Running sums of the step's metrics, and the first step whose loss was not finite (one dispatch)."""
+    sums = jax.tree.map(jnp.add, sums, metrics)
+    bad = jnp.where((bad == NO_STEP) & ~jnp.isfinite(metrics["loss"]), step, bad)
+    return sums, bad
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree)
+              if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+
+
+class _StopSignals:
+    """SIGTERM and the first SIGINT ask the loop to stop after the current step (a context manager).
+
+    Schedulers (SLURM, Kubernetes, cloud preemption) send SIGTERM and wait a
+    grace period: the loop finishes its step, saves a checkpoint and waits
+    for it to be durable, then :func:`fit` raises :class:`~jaxnet.errors.Interrupted`.
+    Further signals while that happens are noted, not obeyed. Handlers are
+    installed only from the main thread, and the previous ones put back.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.signum, self._previous = enabled, None, {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.signum is None:
+            self.signum = signum
+            return
+        print(f"jaxnet: {signal.Signals(signum).name} again: already stopping after the current step and "
+              "its checkpoint; send SIGKILL to abandon them", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _StopSignals:
+        import signal
+        import threading
+
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, step: int, *, every_step: bool = False) -> bool:
+        """Whether to stop now; processes of a multi-process run agree (every 10 steps, or now)."""
+        if jax.process_count() == 1:
+            return self.signum is not None
+        if step % 10 and not every_step:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray([self.signum or 0], np.int32))
+        if self.signum is None and np.any(flags):
+            self.signum = int(np.max(flags))
+        return bool(np.any(flags))
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name
 
 
 @dataclasses.dataclass
@@ -598,8 +684,27 @@ class _Loop:
     checkpoint_every: int | None
     steps_per_epoch: int | None
     progress: bool
+    signals: _StopSignals
+    on_nan: str = "stop"
     sums: dict[str, Any] = dataclasses.field(default_factory=dict)
     first_batch: int = 0
+    bad: Any = None  # device scalar: the first step with a non-finite loss, or NO_STEP
+    stopped_mid_epoch: int | None = None  # batches done when a signal stopped the epoch
+
+    def check_finite(self) -> None:
+        """Raises :class:`TrainingDiverged` (``on_nan="stop"``) once a loss was not finite."""
+        step = int(self.bad)
+        if step == NO_STEP or self.on_nan == "continue":
+            if step != NO_STEP and not getattr(self, "_warned", False):
+                self._warned = True
+                import logging
+
+                logging.getLogger("jaxnet").warning(
+                    "the loss is not finite from step %d on; training goes on (on_nan='continue'), and "
+                    "checkpoints of non-finite states are not written", step)
+            return
+        loss = float(self.sums.get("loss", float("nan")))
+        raise TrainingDiverged(step, loss if not np.isfinite(loss) else None, self.files.last_saved)
 
     def meta(self, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
         return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": self.seed,
@@ -609,15 +714,29 @@ class _Loop:
     def after_step(self, metrics: dict[str, Any], i: int, epoch: int, bar: Any, last: bool) -> None:
         """Bookkeeping after one compiled step: sums, logs and callbacks, mid-epoch checkpoints."""
         self.run.step += 1
-        self.sums = metrics if not self.sums else jax.tree.map(jnp.add, self.sums, metrics)
+        if not self.sums:
+            self.sums = jax.tree.map(jnp.zeros_like, metrics)
+        self.sums, self.bad = _accumulate(self.sums, metrics, self.bad, np.int32(self.run.step))
         if (i + 1) % self.log_every == 0:  # the only host syncs inside an epoch
+            self.check_finite()
             logs = {"loss": float(metrics["loss"])}
             jcallbacks.call(self.callbacks, "on_train_batch_end", self.run, self.run.step, logs)
             self.files.logger.log(self.run.step, "train", logs)
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
         if self.checkpoint_every and self.run.step % self.checkpoint_every == 0 and not last:
-            self.files.save(self.run.step, self.run.state, self.meta(epoch, i + 1))
+            self.save(epoch, i + 1)
         bar.update(1)
+
+    def save(self, epoch: int, batch_in_epoch: int, metrics: dict[str, Any] | None = None) -> None:
+        """A checkpoint of the current state, only ever of a finite one."""
+        if self.files.ckpt is None:
+            return
+        self.check_finite()
+        if not bool(_all_finite(self.run.state)):
+            if self.on_nan == "continue":
+                return
+            raise TrainingDiverged(self.run.step, None, self.files.last_saved)
+        self.files.save(self.run.step, self.run.state, self.meta(epoch, batch_in_epoch), metrics)
 
 
 def _train_batches(split: Split, batch_size: int, steps: _Steps, *, seed: int, epoch: int,
@@ -682,6 +801,9 @@ def _train_epoch(loop: _Loop, plan: _Plan, epoch: int, scan_data: Any) -> dict[s
         run.step += loop.steps_per_epoch
         bar.update(loop.steps_per_epoch)
         loop.sums = {k: jnp.sum(v) for k, v in per_step.items()}
+        finite = jnp.isfinite(per_step["loss"])
+        first = jnp.argmin(finite) + run.step - loop.steps_per_epoch + 1
+        loop.bad = jnp.where((loop.bad == NO_STEP) & ~jnp.all(finite), first, loop.bad)
         count = loop.steps_per_epoch
     else:
         throttle = _dispatch_limiter(steps)
@@ -695,8 +817,15 @@ def _train_epoch(loop: _Loop, plan: _Plan, epoch: int, scan_data: Any) -> dict[s
             run.state, m = steps.train(run.state, batch)
             throttle(m)
             count = i + 1
-            loop.after_step(m, i, epoch, bar, last=loop.steps_per_epoch is not None and count >= loop.steps_per_epoch)
+            last = loop.steps_per_epoch is not None and count >= loop.steps_per_epoch
+            loop.after_step(m, i, epoch, bar, last=last)
+            if not last and loop.signals.requested(run.step):
+                loop.stopped_mid_epoch = count
+                break
     bar.close()
+    if loop.stopped_mid_epoch is not None:
+        return {}
+    loop.check_finite()
     if loop.steps_per_epoch is None:  # streamed: an epoch is whatever the iterable yielded
         loop.steps_per_epoch = count
     if count == 0:
@@ -762,6 +891,8 @@ def fit(
     precision: str = "fp32",
     progress: bool = True,
     log_every: int = 50,
+    on_nan: str = "stop",
+    handle_signals: bool = True,
 ) -> FitResult:
     """Trains ``model`` on ``data`` with ``tx``, evaluating after every epoch.
 
@@ -813,6 +944,16 @@ def fit(
         progress: show a progress bar on stderr (epoch summaries are printed
             to stderr either way).
         log_every: steps between training-loss log records (and ``on_train_batch_end``).
+        on_nan: ``"stop"`` (default): a non-finite loss or state ends the run
+            with :class:`~jaxnet.errors.TrainingDiverged`, naming the first bad
+            step and the last (finite) checkpoint; ``"continue"`` trains on.
+            Either way, no checkpoint is ever written from a non-finite state.
+        handle_signals: on SIGTERM (what schedulers send before killing a job)
+            and the first SIGINT (Ctrl-C), finish the current step, write a
+            checkpoint (with a ``workdir``), wait until it is durable and raise
+            :class:`~jaxnet.errors.Interrupted`; ``resume=True`` continues
+            exactly. ``False`` leaves the process's signal handlers alone (for
+            applications that embed ``fit`` and handle signals themselves).
 
     Returns:
         A :class:`FitResult`; ``jaxnet.predict(result, x)`` predicts with it.
@@ -821,7 +962,11 @@ def fit(
         ConfigError: bad sizes, a model that does not fit the data, a workdir
             that holds another run.
         DataError: labels out of range, empty or mismatched splits.
+        TrainingDiverged: the loss or the state became non-finite (``on_nan="stop"``).
+        Interrupted: SIGTERM or SIGINT stopped the run (``handle_signals=True``).
     """
+    if on_nan not in ("stop", "continue"):
+        raise ConfigError(f"on_nan must be 'stop' or 'continue'; got {on_nan!r}")
     fit_data = as_fit_data(data, validation_split=validation_split, validation_data=validation_data, seed=seed)
     user_loss, loss_kind = _user_loss(loss_fn)
     user_metrics = _named_metrics(metrics)
@@ -845,9 +990,10 @@ def fit(
                          workdir=None if workdir is None else os.fspath(workdir))
     counter = CompileCounter().__enter__()
     compiles_after_first_epoch, start = None, time.perf_counter()
-    with _RunFiles(workdir, config, plan, resume=resume, keep_checkpoints=keep_checkpoints) as files:
+    with (_RunFiles(workdir, config, plan, resume=resume, keep_checkpoints=keep_checkpoints) as files,
+          _StopSignals(handle_signals) as signals):
         loop = _Loop(run, steps, files, callbacks, batch_size, seed, log_every, checkpoint_every,
-                     plan.steps_per_epoch, progress)
+                     plan.steps_per_epoch, progress, signals, on_nan, bad=jnp.asarray(NO_STEP, jnp.int32))
         restored = files.restore(run.state)
         first_epoch = _restore_into(loop, restored)
         resumed_step = run.step if restored is not None else None
@@ -859,17 +1005,22 @@ def fit(
                 run.epoch, t0 = epoch, time.perf_counter()
                 jcallbacks.call(callbacks, "on_epoch_start", run, epoch)
                 train = _train_epoch(loop, plan, epoch, scan_data)
+                if loop.stopped_mid_epoch is not None:  # SIGTERM/SIGINT: save where we are, then stop
+                    loop.save(epoch, loop.stopped_mid_epoch)
+                    _stop_for_signal(loop)
                 record = _epoch_record(loop, plan, epoch, train, t0, eval_batch_size)
                 jcallbacks.call(callbacks, "on_epoch_end", run, epoch, record)
                 run.history.append(record)
                 files.logger.log(run.step, "epoch", record)
                 files.logger.histograms(run.step, _param_arrays(_on_host(run.state.params)))
                 loop.sums = {}
-                files.save(run.step, run.state, loop.meta(epoch + 1, 0), _checkpoint_metrics(record))
+                loop.save(epoch + 1, 0, _checkpoint_metrics(record))
                 if files.main:
                     (tqdm.write if progress else print)(_epoch_line(record), file=sys.stderr)
                 if compiles_after_first_epoch is None:
                     compiles_after_first_epoch = counter.snapshot()[1]
+                if signals.requested(run.step, every_step=True):
+                    _stop_for_signal(loop)
                 if run.stop_training:
                     break
             trained = run.state
@@ -896,6 +1047,12 @@ def fit(
     }
     return FitResult(graphdef=steps.graphdef, state=run.state, history=run.history, summary=summary,
                      model=model, transform=plan.transform, output=plan.output)
+
+
+def _stop_for_signal(loop: _Loop) -> None:
+    """After the stopping signal's checkpoint: wait until it is durable, then raise Interrupted."""
+    loop.files.wait()
+    raise Interrupted(loop.signals.name, loop.signals.signum, loop.run.step, loop.files.last_saved)
 
 
 def _check_run_args(workdir: Any, resume: bool, fsdp: bool) -> None:

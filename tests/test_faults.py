@@ -1,0 +1,134 @@
+"""Fault injection: preemption, divergence, non-finite checkpoints, as a training job meets them."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxnet
+from jaxnet import callbacks as jcb
+from jaxnet import checkpoint, workdir
+from jaxnet.errors import ConfigError, Interrupted, TrainingDiverged
+from jaxnet.optim import create_optimizer
+
+
+class Net(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(6, 16, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(self.drop(nnx.relu(self.fc1(x))))
+
+
+def tabular(n: int = 320) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    return x, np.digitize(x[:, 0], [-0.5, 0.5]).astype(np.int32)
+
+
+def fit(tx=None, **kw):
+    x, y = tabular()
+    kw = {"epochs": 3, "batch_size": 16, "progress": False, "log_every": 5, **kw}
+    return jaxnet.fit(Net(rngs=nnx.Rngs(0)), (x, y), tx or create_optimizer("adam", 1e-2), **kw)
+
+
+class SendSignal(jcb.Callback):
+    def __init__(self, sig: int, at_step: int, times: int = 1):
+        self.sig, self.at_step, self.times = sig, at_step, times
+
+    def on_train_batch_end(self, run, step, logs):
+        if step == self.at_step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.sig)
+
+
+def steps_in(path) -> list[int]:
+    ckpt = checkpoint.create_checkpoint_manager(workdir.checkpoint_directory(path), read_only=True)
+    try:
+        return checkpoint.steps(ckpt)
+    finally:
+        checkpoint.close(ckpt)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_epoch_saves_and_resume_is_exact(tmp_path, sig, status):
+    w = tmp_path / "w"
+    with pytest.raises(Interrupted) as info:
+        fit(workdir=w, callbacks=[SendSignal(sig, at_step=25)])
+    assert info.value.exit_status == status and info.value.step == 25 and info.value.checkpoint_step == 25
+    assert str(info.value) == f"stopped by {signal.Signals(sig).name} at step 25; checkpoint saved; continue with --resume"
+    assert 25 in steps_in(w)  # mid-epoch: epoch 2, batch 5; durable before the exception
+    resumed = fit(workdir=w, resume=True)
+    assert resumed.summary["resumed_from_step"] == 25
+    assert resumed.summary["params_sha256"] == fit().summary["params_sha256"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+
+
+def test_second_signal_during_the_stop_is_noted_not_obeyed(tmp_path, capfd):
+    with pytest.raises(Interrupted):
+        fit(workdir=tmp_path / "w", callbacks=[SendSignal(signal.SIGTERM, at_step=10, times=2)])
+    assert "already stopping" in capfd.readouterr().err
+    assert 10 in steps_in(tmp_path / "w")
+
+
+def test_signals_left_alone_when_switched_off():
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda *a: seen.append(1))
+    try:
+        old_term = signal.getsignal(signal.SIGTERM)
+        fit(epochs=1, handle_signals=False,
+            callbacks=[type("Probe", (jcb.Callback,), {"on_epoch_end": lambda self, run, e, logs: seen.append(
+                signal.getsignal(signal.SIGTERM) is old_term)})()])
+        assert seen == [True]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_divergence_stops_with_the_first_bad_step_and_writes_no_nan_checkpoint(tmp_path):
+    w = tmp_path / "w"
+    with pytest.raises(TrainingDiverged) as info:
+        fit(optax.sgd(1e6), workdir=w)
+    assert info.value.last_finite_checkpoint is None and info.value.step >= 1
+    assert str(info.value).startswith(f"training diverged at step {info.value.step} (loss ")
+    assert steps_in(w) == []
+
+
+def test_divergence_in_epoch_two_keeps_epoch_one(tmp_path):
+    w = tmp_path / "w"
+    steps_per_epoch = 320 // 16
+    # finite through epoch 1, then the learning rate explodes
+    schedule = lambda count: jax_where(count < steps_per_epoch, 1e-2, 1e6)  # noqa: E731
+    with pytest.raises(TrainingDiverged) as info:
+        fit(optax.sgd(schedule), workdir=w, epochs=4)
+    assert info.value.last_finite_checkpoint == steps_per_epoch
+    assert info.value.step > steps_per_epoch
+    assert steps_in(w) == [steps_per_epoch]  # nothing after the divergence
+    resumed_from = checkpoint.create_checkpoint_manager(workdir.checkpoint_directory(w), read_only=True)
+    try:
+        assert checkpoint.resolve_step(resumed_from, "latest") == steps_per_epoch
+    finally:
+        checkpoint.close(resumed_from)
+
+
+def jax_where(cond, a, b):
+    import jax.numpy as jnp
+
+    return jnp.where(cond, a, b)
+
+
+def test_on_nan_continue_trains_on_without_nan_checkpoints(tmp_path, caplog):
+    w = tmp_path / "w"
+    result = fit(optax.sgd(1e6), workdir=w, on_nan="continue")
+    assert result.summary["steps"] == 3 * 20
+    assert not np.isfinite(result.history[-1]["train_loss"])
+    assert steps_in(w) == []
+    assert "not finite" in caplog.text
+    with pytest.raises(ConfigError, match="on_nan"):
+        fit(on_nan="ignore")
