@@ -177,7 +177,8 @@ def metrics_update(
 
     Args:
         m: the running metrics.
-        logits: ``(B, C)`` (or ``(..., C)``) scores; the prediction is their argmax.
+        logits: ``(B, C)`` (or ``(..., C)``) scores; the prediction is their
+            argmax. A row holding NaN counts as wrong (top-k included).
         labels: ``(B,)`` integer classes.
         loss: optional per-example losses ``(B,)``, or a scalar taken as the
             mean over the batch's unmasked examples.
@@ -198,8 +199,11 @@ def metrics_update(
                           f"initialized for {num_classes}; use metrics_init({logits.shape[-1]})")
     valid = _valid(labels, num_classes, mask)
     n_valid = jnp.sum(valid, dtype=jnp.int32)
-    preds = jnp.argmax(logits, axis=-1)
-    hits = _topk_hits(logits, labels, m.k) & valid
+    # A row of scores holding NaN (a diverged model) is a wrong prediction for every metric: NaN
+    # compares false, which would otherwise rank the label first. It is booked as the next class.
+    nan_row = jnp.any(jnp.isnan(logits), axis=-1)
+    preds = jnp.where(nan_row, (labels + 1) % num_classes, jnp.argmax(logits, axis=-1))
+    hits = _topk_hits(logits, labels, m.k) & valid & ~nan_row
     loss_sum, loss_count = m.loss_sum, m.loss_count
     if loss is not None:
         loss = jnp.asarray(loss, jnp.float32)

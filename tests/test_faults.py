@@ -132,3 +132,16 @@ def test_on_nan_continue_trains_on_without_nan_checkpoints(tmp_path, caplog):
     assert "not finite" in caplog.text
     with pytest.raises(ConfigError, match="on_nan"):
         fit(on_nan="ignore")
+
+
+def test_metrics_count_nan_outputs_as_wrong():
+    import jax.numpy as jnp
+
+    from jaxnet import metrics
+
+    logits = jnp.array([[jnp.nan] * 10, [0.0] * 9 + [jnp.nan], [5.0] + [0.0] * 9])
+    labels = jnp.array([3, 9, 0])
+    m = metrics.metrics_update(metrics.metrics_init(10, k=5), logits, labels)
+    out = metrics.metrics_compute(m)
+    assert out["accuracy"] == pytest.approx(1 / 3) and out["top5_accuracy"] == pytest.approx(1 / 3)
+    assert int(np.asarray(m.confusion).sum()) == 3
