@@ -513,7 +513,8 @@ def save(
         ckpt: from :func:`create_checkpoint_manager`.
         step: the checkpoint's number, normally ``int(state.step)``; at most
             one save per step.
-        state: a pytree of arrays, normally a :class:`~jaxnet.state.TrainState`.
+        state: a pytree of arrays, normally a :class:`~jaxnet.state.TrainState`;
+            typed PRNG keys are stored as their key data.
         meta: JSON-serializable dict with everything else needed to resume,
             e.g. ``{"epoch": 1, "batch_in_epoch": 7, "seed": 0, "config":
             {...}, "train_sums": {"loss": 12.5}}`` (floats round-trip exactly).

@@ -331,9 +331,7 @@ def build_steps(
     policy = jprecision.get_policy(precision)
     loss = loss_fn if loss_fn is not None else loss_for_output(output)
     if precision != "fp32":
-        apply_to_model = getattr(jprecision, "apply_to_model", None)
-        if apply_to_model is not None:
-            model = apply_to_model(model, policy)
+        model = jprecision.apply_to_model(model, policy)  # Flax layers compute in the policy's dtype
         transform, _ = jprecision.apply_policy(policy, transform, loss)
         loss = _cast_outputs(loss, policy.output_dtype)
     if policy.needs_loss_scaling:
@@ -528,6 +526,7 @@ class _RunFiles:
 
         self.workdir, self.resume, self.blocked = workdir, resume, 0.0
         self.last_saved: int | None = None  # the newest checkpoint step of this run (restored or written)
+        self.resumed_from: int | None = None
         self.main = jax.process_index() == 0
         self.ckpt, self.logger = None, None
         if workdir is not None:
@@ -544,7 +543,7 @@ class _RunFiles:
 
         restored = ckpt_lib.restore_latest_good(self.ckpt, state) if self.resume else None
         step = int(restored[0].step) if restored is not None else None
-        self.last_saved = step
+        self.last_saved = self.resumed_from = step
         if restored is not None and self.main:
             workdir_lib.rewind_jsonl(os.path.join(self.workdir, METRICS_FILE), step)
         self.logger = MetricsLogger(self.workdir if self.main else None,
@@ -690,6 +689,8 @@ class _Loop:
     first_batch: int = 0
     bad: Any = None  # device scalar: the first step with a non-finite loss, or NO_STEP
     stopped_mid_epoch: int | None = None  # batches done when a signal stopped the epoch
+    compiles_after_first_epoch: int | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def check_finite(self) -> None:
         """Raises :class:`TrainingDiverged` (``on_nan="stop"``) once a loss was not finite."""
@@ -965,83 +966,100 @@ def fit(
         TrainingDiverged: the loss or the state became non-finite (``on_nan="stop"``).
         Interrupted: SIGTERM or SIGINT stopped the run (``handle_signals=True``).
     """
-    if on_nan not in ("stop", "continue"):
-        raise ConfigError(f"on_nan must be 'stop' or 'continue'; got {on_nan!r}")
     fit_data = as_fit_data(data, validation_split=validation_split, validation_data=validation_data, seed=seed)
     user_loss, loss_kind = _user_loss(loss_fn)
-    user_metrics = _named_metrics(metrics)
-    callbacks = list(callbacks)
+    user_metrics, callbacks = _named_metrics(metrics), list(callbacks)
     plan = plan_fit(model, fit_data, epochs=epochs, batch_size=batch_size, output=output or loss_kind,
                     callbacks=callbacks, augment=augment, scan=scan, devices=devices)
-    _check_run_args(workdir, resume, fsdp)
-    config = config or default_config(
-        model, fit_data, batch_size=batch_size, seed=seed, epochs=epochs, output=plan.output,
-        validation_split=validation_split, loss_fn=_describe_fn(loss_fn), metrics=sorted(user_metrics),
-        optimizer=_optimizer_config(tx), precision=precision, devices=devices, fsdp=fsdp, augment=augment)
-    if plan.best_metric is not None:
-        config = {**config, "best_metric": plan.best_metric, "best_mode": plan.best_mode}
-    train_metrics = {**({"accuracy": accuracy_for_output(plan.output)} if plan.output in CLASSIFIER_KINDS else {}),
-                     **user_metrics}
+    _check_run_args(workdir, resume, fsdp, on_nan)
+    config = _run_config(config, model, fit_data, plan, tx, batch_size=batch_size, seed=seed, epochs=epochs,
+                         validation_split=validation_split, loss_fn=loss_fn, metrics=user_metrics,
+                         precision=precision, devices=devices, fsdp=fsdp, augment=augment)
     steps = build_steps(model, tx, output=plan.output, transform=plan.transform, seed=seed, devices=devices,
                         fsdp=fsdp, precision=precision, scan=scan, loss_fn=user_loss,
-                        train_metrics=train_metrics, eval_metrics=user_metrics)
+                        train_metrics=_train_metrics(plan, user_metrics), eval_metrics=user_metrics)
     _add_learning_rate_logging(callbacks, tx)
-    run = jcallbacks.Run(steps.graphdef, steps.state, epochs,
-                         workdir=None if workdir is None else os.fspath(workdir))
-    counter = CompileCounter().__enter__()
-    compiles_after_first_epoch, start = None, time.perf_counter()
-    with (_RunFiles(workdir, config, plan, resume=resume, keep_checkpoints=keep_checkpoints) as files,
+    run = jcallbacks.Run(steps.graphdef, steps.state, epochs, workdir=None if workdir is None else os.fspath(workdir))
+    with (CompileCounter() as counter,
+          _RunFiles(workdir, config, plan, resume=resume, keep_checkpoints=keep_checkpoints) as files,
           _StopSignals(handle_signals) as signals):
         loop = _Loop(run, steps, files, callbacks, batch_size, seed, log_every, checkpoint_every,
                      plan.steps_per_epoch, progress, signals, on_nan, bad=jnp.asarray(NO_STEP, jnp.int32))
-        restored = files.restore(run.state)
-        first_epoch = _restore_into(loop, restored)
-        resumed_step = run.step if restored is not None else None
+        first_epoch = _restore_into(loop, files.restore(run.state))
         files.write_model(steps.graphdef, run.state, plan)
         scan_data = jax.device_put((plan.data.train.x, plan.data.train.y)) if scan else None
         jcallbacks.call(callbacks, "on_fit_start", run)
-        try:
-            for epoch in range(first_epoch, epochs):
-                run.epoch, t0 = epoch, time.perf_counter()
-                jcallbacks.call(callbacks, "on_epoch_start", run, epoch)
-                train = _train_epoch(loop, plan, epoch, scan_data)
-                if loop.stopped_mid_epoch is not None:  # SIGTERM/SIGINT: save where we are, then stop
-                    loop.save(epoch, loop.stopped_mid_epoch)
-                    _stop_for_signal(loop)
-                record = _epoch_record(loop, plan, epoch, train, t0, eval_batch_size)
-                jcallbacks.call(callbacks, "on_epoch_end", run, epoch, record)
-                run.history.append(record)
-                files.logger.log(run.step, "epoch", record)
-                files.logger.histograms(run.step, _param_arrays(_on_host(run.state.params)))
-                loop.sums = {}
-                loop.save(epoch + 1, 0, _checkpoint_metrics(record))
-                if files.main:
-                    (tqdm.write if progress else print)(_epoch_line(record), file=sys.stderr)
-                if compiles_after_first_epoch is None:
-                    compiles_after_first_epoch = counter.snapshot()[1]
-                if signals.requested(run.step, every_step=True):
-                    _stop_for_signal(loop)
-                if run.stop_training:
-                    break
-            trained = run.state
-            jcallbacks.call(callbacks, "on_fit_end", run, run.history[-1] if run.history else {})
-        finally:
-            counter.__exit__(None, None, None)
-    total_seconds = time.perf_counter() - start
-    if workdir is not None and files.main:
-        plot_curves(run.history, os.path.join(workdir, CURVES_FILE))
-    val, test = _final_scores(loop, plan, eval_batch_size, replaced=run.state is not trained)
+        for epoch in range(first_epoch, epochs):
+            run.epoch, t0 = epoch, time.perf_counter()
+            jcallbacks.call(callbacks, "on_epoch_start", run, epoch)
+            train = _train_epoch(loop, plan, epoch, scan_data)
+            if loop.stopped_mid_epoch is not None:  # SIGTERM/SIGINT: save where we are, then stop
+                loop.save(epoch, loop.stopped_mid_epoch)
+                _stop_for_signal(loop)
+            record = _epoch_record(loop, plan, epoch, train, t0, eval_batch_size)
+            jcallbacks.call(callbacks, "on_epoch_end", run, epoch, record)
+            _end_epoch(loop, epoch, record)
+            loop.compiles_after_first_epoch = loop.compiles_after_first_epoch or counter.snapshot()[1]
+            if signals.requested(run.step, every_step=True):
+                _stop_for_signal(loop)
+            if run.stop_training:
+                break
+        trained = run.state
+        jcallbacks.call(callbacks, "on_fit_end", run, run.history[-1] if run.history else {})
+    return _finish(model, loop, plan, counter, replaced=run.state is not trained, precision=precision,
+                   eval_batch_size=eval_batch_size)
+
+
+def _run_config(config: dict[str, Any] | None, model: nnx.Module, data: FitData, plan: _Plan,
+                tx: optax.GradientTransformation, *, loss_fn: Any, metrics: Mapping[str, Any],
+                **settings: Any) -> dict[str, Any]:
+    """The config recorded in the workdir: the caller's, or the run's own; plus how to pick the best."""
+    if config is None:
+        config = default_config(model, data, output=plan.output, loss_fn=_describe_fn(loss_fn),
+                                metrics=sorted(metrics), optimizer=_optimizer_config(tx), **settings)
+    if plan.best_metric is not None:
+        config = {**config, "best_metric": plan.best_metric, "best_mode": plan.best_mode}
+    return config
+
+
+def _train_metrics(plan: _Plan, user_metrics: Mapping[str, MetricFn]) -> dict[str, MetricFn]:
+    accuracy = accuracy_for_output(plan.output)
+    return {**({"accuracy": accuracy} if accuracy is not None else {}), **user_metrics}
+
+
+def _end_epoch(loop: _Loop, epoch: int, record: dict[str, Any]) -> None:
+    """An epoch's record into the history and the logs, its checkpoint, and its line on stderr."""
+    run, files = loop.run, loop.files
+    run.history.append(record)
+    files.logger.log(run.step, "epoch", record)
+    files.logger.histograms(run.step, _param_arrays(_on_host(run.state.params)))
+    loop.sums = {}
+    loop.save(epoch + 1, 0, _checkpoint_metrics(record))
+    if files.main:
+        (tqdm.write if loop.progress else print)(_epoch_line(record), file=sys.stderr)
+
+
+def _finish(model: nnx.Module, loop: _Loop, plan: _Plan, counter: CompileCounter, *, replaced: bool,
+            precision: str, eval_batch_size: int) -> FitResult:
+    """After the loop: the curves plot, the final scores, the user's model updated, the summary."""
+    run, files, steps = loop.run, loop.files, loop.steps
+    seconds = time.perf_counter() - loop.started  # saves included: the last one was waited for
+    if files.workdir is not None and files.main:
+        plot_curves(run.history, os.path.join(files.workdir, CURVES_FILE))
+    val, test = _final_scores(loop, plan, eval_batch_size, replaced=replaced)
     _give_back(model, run.state, plan.transform)
+    first = loop.compiles_after_first_epoch
     summary = {
-        "model": model_name(model), "dataset": fit_data.name, "dataset_source": fit_data.source,
-        "epochs": epochs, "epochs_run": len(run.history), "steps": run.step, "batch_size": batch_size,
+        "model": model_name(model), "dataset": plan.data.name, "dataset_source": plan.data.source,
+        "epochs": run.epochs, "epochs_run": len(run.history), "steps": run.step, "batch_size": loop.batch_size,
         "output": plan.output, "params": count_params(run.state.params),
         "params_sha256": _params_sha256(_on_host(run.state.params)),
-        "train_seconds": round(total_seconds, 3), "checkpoint_seconds": round(files.blocked, 3),
+        "train_seconds": round(seconds, 3), "checkpoint_seconds": round(files.blocked, 3),
         "num_devices": 1 if steps.mesh is None else int(steps.mesh.size), "num_processes": jax.process_count(),
-        "precision": precision, "mode": "scan" if scan else "step", "resumed_from_step": resumed_step,
-        "stopped_early": bool(run.stop_training), "compilations": counter.compiles,
-        "steady_state_compilations": counter.compiles - (compiles_after_first_epoch or counter.compiles),
+        "precision": precision, "mode": "scan" if steps.scan is not None else "step",
+        "resumed_from_step": files.resumed_from, "stopped_early": bool(run.stop_training),
+        "compilations": counter.compiles,
+        "steady_state_compilations": counter.compiles - (first if first is not None else counter.compiles),
         **{f"val_{k}": v for k, v in val.items()},
         "test_accuracy": None, **{f"test_{k}": v for k, v in test.items()},
     }
@@ -1055,7 +1073,9 @@ def _stop_for_signal(loop: _Loop) -> None:
     raise Interrupted(loop.signals.name, loop.signals.signum, loop.run.step, loop.files.last_saved)
 
 
-def _check_run_args(workdir: Any, resume: bool, fsdp: bool) -> None:
+def _check_run_args(workdir: Any, resume: bool, fsdp: bool, on_nan: str) -> None:
+    if on_nan not in ("stop", "continue"):
+        raise ConfigError(f"on_nan must be 'stop' or 'continue'; got {on_nan!r}")
     if fsdp and workdir is not None and jax.process_count() > 1:
         raise ConfigError(
             "checkpoints of an FSDP-sharded state spread over several processes are not supported; "
