@@ -109,6 +109,7 @@ def test_one_shot_iterator_over_several_epochs_is_refused():
     ((np.zeros((4, 2)), np.zeros(3)), "4 inputs but 3 labels"),
     ((np.zeros((4, 2)), np.array(["a", "b", "c", "d"])), "labels must be numbers"),
     (42, "cannot train on a int"),
+    (np.zeros((4, 2)), "single ndarray, with no labels"),
 ])
 def test_bad_data_forms_get_one_clear_error(data, message):
     with pytest.raises((ConfigError, DataError), match=message):
@@ -359,3 +360,15 @@ def test_grain_map_dataset_source():
     from_grain = fit(source, batch_size=16)
     from_arrays = fit((x, y), batch_size=16)
     assert from_grain.summary["params_sha256"] == from_arrays.summary["params_sha256"]
+
+
+def test_tfds_data_source_splits(monkeypatch, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from test_data_tfds import mocked, write_metadata
+
+    write_metadata(tmp_path, "mnist", {"train": 60000, "test": 10000})
+    with mocked(monkeypatch, tmp_path, num_examples=64):
+        source = tfds.data_source("mnist", data_dir=str(tmp_path))  # {"train": ..., "test": ...}
+        result = jaxnet.fit(jaxnet.create_model("mlp128"), dict(source), create_optimizer("adam", 1e-3),
+                            epochs=1, batch_size=16, progress=False)
+    assert result.summary["steps"] == 4 and "test_accuracy" in result.history[0]

@@ -328,6 +328,8 @@ def as_fit_data(
     elif _is_source(data):
         splits, stream = {"train": _split(data, "the training data")}, None
         name, source, num_classes = type(data).__name__, f"records from a {type(data).__name__}", None
+    elif hasattr(data, "shape") or isinstance(data, (str, bytes)):
+        raise ConfigError(f"data is a single {type(data).__name__}, with no labels; pass (x, y), or {FORMS}")
     elif isinstance(data, Iterable) or callable(data):
         splits, stream = {}, _stream(data)
         name, source, num_classes = "batches", stream.description, None
