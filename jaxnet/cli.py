@@ -1,5 +1,12 @@
 """Command line: ``python -m jaxnet train ...`` (also installed as ``jaxnet``).
 
+``jaxnet train`` trains a tutorial model or your own (``--model
+package.module:factory``) on a named data set or your own
+(``--dataset package.module:function``); a ``--config`` TOML file holds any
+of its flags (:mod:`jaxnet.runconfig`). The resolved settings,
+:class:`~jaxnet.runconfig.RunConfig`, are what ``fit`` records in the
+workdir and what ``--resume`` checks.
+
 Every user mistake (unknown names, bad values, missing or corrupt files) ends
 in one line on stderr, ``jaxnet: error: ...``, and exit status 2, never a
 traceback through JAX internals.
@@ -70,7 +77,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
             "is searched first) and calls factory(rngs=nnx.Rngs(seed)) if it takes rngs, else "
             "factory(seed=seed) if it takes seed, else factory(), with the keyword arguments of "
             "--model-kwargs or the config file's [model_kwargs] table; it must return an nnx.Module. "
-            f"It needs --dataset, and trains with {USER_MODEL_RECIPE.source}. "
+            f"It needs --dataset, and trains with {USER_MODEL_RECIPE.source} unless flags say otherwise. "
             "--config run.toml holds any flags by name (lr = 0.01, batch_size = 128, val_split = 0.1, "
             "model = \"mypkg.nets:build\"). The workdir records every setting except "
             f"{', '.join('--' + f.replace('_', '-') for f in OPERATIONAL_FLAGS)}; --resume refuses "
@@ -187,29 +194,17 @@ def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
         return args
     train_parser = _train_parser(parser)
     values = read_config_file(args.config, train_parser._actions, not_allowed=("config", "func"))
-    train_parser.set_defaults(**values)  # defaults: any flag on the command line still wins
-    return parser.parse_args(argv)
+    saved = {dest: train_parser.get_default(dest) for dest in values}
+    train_parser.set_defaults(**values)  # as defaults: any flag on the command line still wins
+    try:
+        return parser.parse_args(argv)
+    finally:
+        train_parser.set_defaults(**saved)  # the parser stays as built
 
 
 # ---------------------------------------------------------------------------
 # jaxnet train
 # ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Data:
-    """What the CLI needs to know of the training data, whatever form it came in."""
-
-    value: Any  # what fit takes: an ArrayDataset, an (x, y) tuple or a dict of arrays
-    name: str  # the --dataset spec
-    num_train: int  # training examples (before a validation split)
-    input_shape: tuple[int, ...]  # one example
-    input_dtype: str  # "uint8" pixels or float features
-    labels: Any  # training labels, or None when they cannot be told apart in a dict
-    num_classes: int | None  # None: not given (an (x, y) tuple or dict)
-    mean: list[float] | None
-    std: list[float] | None
-    source: str
 
 
 def _user_data(spec: str) -> Any:
@@ -224,70 +219,24 @@ def _user_data(spec: str) -> Any:
         raise ConfigError(f"--dataset {spec}: calling it raised {type(exc).__name__}{': ' + text[0] if text else ''}") from None
 
 
-def _load_data(args: argparse.Namespace, dataset_name: str, normalize: bool) -> _Data:
-    import numpy as np
-
+def _load_data(args: argparse.Namespace, name: str, normalize: bool) -> Any:
+    """The training data in a form fit takes: a jaxnet data set, or what a user function returned."""
     from jaxnet import data
     from jaxnet.data.dataset import ArrayDataset
+    from jaxnet.data.registry import TFDS_PREFIX
 
-    if ":" in dataset_name and not dataset_name.startswith(data.TFDS_PREFIX):
-        value = _user_data(dataset_name)
+    if ":" in name and not name.startswith(TFDS_PREFIX):
+        value = _user_data(name)
     else:
-        value = data.load_dataset(dataset_name, data_dir=args.data_dir, download=not args.no_download)
-    if isinstance(value, ArrayDataset):
-        if not normalize and value.num_classes:  # ToTensor only: x / 255
-            channels = len(value.mean)
-            value = dataclasses.replace(value, mean=(0.0,) * channels, std=(1.0,) * channels)
-        return _Data(value, dataset_name, value.num_train, value.image_shape, np.dtype(value.train_images.dtype).name,
-                     value.train_labels, value.num_classes, list(value.mean), list(value.std), value.source)
-    if isinstance(value, tuple) and len(value) == 2:
-        x, y = value
-    elif isinstance(value, dict) and value:
-        x = next((value[k] for k in ("image", "x", "inputs") if k in value), next(iter(value.values())))
-        y = next((value[k] for k in ("label", "y", "targets") if k in value), None)
-    else:
-        raise ConfigError(
-            f"--dataset {dataset_name} returned a {type(value).__name__}; return a jaxnet.data.ArrayDataset, "
-            "an (x, y) tuple of arrays or a dict of arrays"
-        )
-    x = np.asarray(x) if not hasattr(x, "shape") else x
-    return _Data(value, dataset_name, len(x), tuple(x.shape[1:]), np.dtype(x.dtype).name,
-                 None if y is None else np.asarray(y), None, None, None, f"{dataset_name}()")
+        value = data.load_dataset(name, data_dir=args.data_dir, download=not args.no_download)
+    if isinstance(value, ArrayDataset) and not normalize and value.num_classes:  # ToTensor only: x / 255
+        channels = len(value.mean)
+        value = dataclasses.replace(value, mean=(0.0,) * channels, std=(1.0,) * channels)
+    return value
 
 
-def _default_loss(spec: str, model: Any, d: _Data) -> str:
-    """The model's loss: its registry output kind, else what its labels and output width say."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from jaxnet.models import MODELS
-
-    if spec in MODELS:
-        return LOSS_OF_OUTPUT[MODELS[spec].output]
-    if d.num_classes == 0 or (d.labels is not None and np.issubdtype(d.labels.dtype, np.floating)):
-        return "mse"
-    if d.labels is None:
-        raise ConfigError(f"--dataset {d.name} gives no 'label' or 'y' array to tell the task by; pass --loss")
-    try:
-        model.eval()
-        out = jax.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, *d.input_shape), jnp.float32))
-    except Exception as exc:  # the model's layers reject the input shape
-        raise ConfigError(
-            f"the model {spec} cannot take {d.name} inputs of shape {d.input_shape}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}. Make its first layer fit them"
-        ) from None
-    finally:
-        model.train()
-    return "binary" if out.shape[-1:] == (1,) else "cross_entropy"
-
-
-def _train_examples(num_train: int, val_split: float | None) -> int:
-    """Training examples left after ``val_split`` is held out (the last fraction, as Keras does)."""
-    return num_train if val_split is None else int(num_train * (1 - val_split))
-
-
-def _create_optimizer(args: argparse.Namespace, recipe: Any, steps_per_epoch: int, epochs: int) -> tuple[Any, dict[str, Any]]:
+def _create_optimizer(args: argparse.Namespace, recipe: Any, steps_per_epoch: int | None,
+                      epochs: int) -> tuple[Any, dict[str, Any]]:
     """The optax transform of the flags over the recipe, and its settings for the run config."""
     from jaxnet import optim
 
@@ -297,7 +246,10 @@ def _create_optimizer(args: argparse.Namespace, recipe: Any, steps_per_epoch: in
          "momentum": recipe.momentum if args.momentum is None else args.momentum,
          "nesterov": bool(args.nesterov), "weight_decay": args.weight_decay,
          "clip_norm": args.clip_norm, "clip_value": args.clip_value, "grad_accum": args.grad_accum}
-    schedule = optim.create_schedule(s["schedule"], s["lr"], steps_per_epoch=steps_per_epoch, epochs=epochs,
+    if steps_per_epoch is None and s["schedule"] != "constant":
+        raise ConfigError(f"--schedule {s['schedule']} needs the steps per epoch, unknown for data given as "
+                          "batches; return arrays from --dataset, or use --schedule constant")
+    schedule = optim.create_schedule(s["schedule"], s["lr"], steps_per_epoch=steps_per_epoch or 1, epochs=epochs,
                                      step_size=s["step_size"], gamma=s["gamma"])
     opt_kwargs = {k: s[k] for k in ("weight_decay", "clip_norm", "clip_value") if s[k] is not None}
     if s["optimizer"] in ("sgd", "rmsprop"):
@@ -318,7 +270,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """Runs ``jaxnet train``; returns the summary."""
     import jax
 
-    from jaxnet import data, models, train
+    from jaxnet import models, train
+    from jaxnet.data.inputs import as_fit_data
     from jaxnet.recipes import recipe_for
 
     if (args.checkpoint_every or args.resume) and not args.workdir:
@@ -334,35 +287,33 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     model = models.build_model(args.model, seed=args.seed, kwargs=args.model_kwargs)
     recipe = recipe_for(args.model)
     normalize = recipe.normalize if args.normalize is None else args.normalize
-    d = _load_data(args, args.dataset or recipe.dataset, normalize)
-    loss = args.loss or _default_loss(args.model, model, d)
+    dataset = args.dataset or recipe.dataset
+    data = _load_data(args, dataset, normalize)
     epochs, batch_size = args.epochs or recipe.epochs, args.batch_size or recipe.batch_size
-    num_train = _train_examples(d.num_train, args.val_split)
-    steps_per_epoch = data.num_batches(num_train, batch_size, drop_last=True) // args.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"batch size {batch_size} is larger than the {num_train} training examples "
-            f"of {d.name}; use --batch-size {num_train} or less"
-        )
-    tx, opt = _create_optimizer(args, recipe, steps_per_epoch, epochs)
-    devices = args.devices or (jax.device_count() if jax.process_count() > 1 else 1)
+    # fit's own checks, before anything is compiled: sizes, the model against the data, the loss.
+    plan = train.plan_fit(model, as_fit_data(data, validation_split=args.val_split, seed=args.seed),
+                          epochs=epochs, batch_size=batch_size, output=LOSSES.get(args.loss), callbacks=(),
+                          augment=args.augment, scan=args.scan, devices=args.devices, grad_accum=args.grad_accum)
+    tx, opt = _create_optimizer(args, recipe, plan.steps_per_epoch, epochs)
+    sample = plan.sample_x  # (2, *input_shape)
     config = RunConfig(
-        model=args.model, model_kwargs=dict(args.model_kwargs or {}), loss=loss, output=LOSSES[loss],
-        dataset=d.name, input_shape=list(d.input_shape), input_dtype=d.input_dtype, normalize=normalize,
-        mean=d.mean, std=d.std, augment=bool(args.augment), val_split=args.val_split, **opt,
-        batch_size=batch_size, epochs=epochs, seed=args.seed, precision=args.precision, devices=devices,
+        model=args.model, model_kwargs=dict(args.model_kwargs or {}), loss=LOSS_OF_OUTPUT[plan.output],
+        output=plan.output, dataset=dataset, input_shape=list(sample.shape[1:]), input_dtype=sample.dtype.name,
+        normalize=normalize, mean=None if plan.data.mean is None else list(plan.data.mean),
+        std=None if plan.data.std is None else list(plan.data.std), augment=bool(args.augment),
+        val_split=args.val_split, **opt, batch_size=batch_size, epochs=epochs, seed=args.seed,
+        precision=args.precision, devices=args.devices or (jax.device_count() if jax.process_count() > 1 else 1),
         fsdp=bool(args.fsdp), scan=bool(args.scan))
-    extra = {} if args.val_split is None else {"validation_split": args.val_split}
     result = train.fit(
-        model, d.value, tx,
-        epochs=epochs, batch_size=batch_size, output=config.output, seed=args.seed,
-        augment=args.augment, scan=args.scan, eval_batch_size=args.eval_batch_size,
+        model, data, tx,
+        epochs=epochs, batch_size=batch_size, validation_split=args.val_split, output=plan.output,
+        seed=args.seed, augment=args.augment, scan=args.scan, eval_batch_size=args.eval_batch_size,
         workdir=args.workdir, checkpoint_every=args.checkpoint_every, resume=args.resume,
         keep_checkpoints=args.keep_checkpoints, config=config.to_json(), devices=args.devices, fsdp=args.fsdp,
-        precision=args.precision, progress=not args.no_progress, **extra,
+        precision=args.precision, progress=not args.no_progress,
     )
     summary = dict(result.summary)
-    summary.update(model=args.model, loss=loss, normalize=normalize, seed=args.seed,
+    summary.update(model=args.model, dataset=dataset, loss=config.loss, normalize=normalize, seed=args.seed,
                    **{k: opt[k] for k in ("optimizer", "lr", "schedule", "grad_accum")})
     return summary
 
@@ -378,10 +329,17 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         share = summary["checkpoint_seconds"] / max(summary["train_seconds"], 1e-9)
         print(f"checkpoints: the training loop waited {summary['checkpoint_seconds']:.2f} s for saves "
               f"({100 * share:.1f}% of its time)")
-    if summary.get("test_accuracy") is not None:
-        print(f"test accuracy: {100 * summary['test_accuracy']:.2f}%")
-    else:
-        print(f"test loss ({summary.get('loss', 'mse')}): {summary['test_loss']:.6f}")
+    shown = False
+    for split, name in (("val", "validation"), ("test", "test")):
+        if summary.get(f"{split}_accuracy") is not None:
+            print(f"{name} accuracy: {100 * summary[f'{split}_accuracy']:.2f}%")
+        elif summary.get(f"{split}_loss") is not None:
+            print(f"{name} loss ({summary.get('loss', 'mse')}): {summary[f'{split}_loss']:.6f}")
+        else:
+            continue
+        shown = True
+    if not shown:
+        print("no validation or test split was evaluated (pass --val-split, or return a test split from --dataset)")
 
 
 class _StderrHandler(logging.StreamHandler):

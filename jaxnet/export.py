@@ -19,32 +19,56 @@ weights out of the module keeps the computation identical to the live
 Inputs are raw pixels: ``uint8`` arrays ``(N, H, W, C)`` in 0..255, as read
 from a PNG or an MNIST/CIFAR file; the normalization the model was trained
 with is inside the exported function. (Models without preprocessing, such as
-the linear regression, take ``float32``.)
+the linear regression or a model of tabular features, take ``float32``.)
+Outputs are read by kind: class scores (``logits``, ``log_probs``, or one
+``binary`` logit) or values (``regression``, ``l1``, ``huber``).
+
+Any run can be exported, whatever model it trained: :func:`jaxnet.fit`
+calls :func:`write_workdir_model` at the start of a run, which lowers the
+forward function without its weights into ``W/model/`` (``forward.exported``
+and ``model.json``: the weights' names, and the shapes and dtypes of every
+variable a checkpoint holds). ``jaxnet export --workdir W`` restores the
+chosen checkpoint's arrays in that order and writes the same
+``model.jaxexport``. A workdir without ``model/`` (or an export for other
+platforms) rebuilds the model from ``W/config.json`` instead: a jaxnet model
+by name, or ``package.module:factory`` with its ``model_kwargs``, as
+``jaxnet train`` built it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import io
 import json
+import logging
 import os
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxnet.errors import ConfigError, DataError
+from jaxnet.runconfig import CLASSIFIER_OUTPUTS, LOSSES, VALUE_OUTPUTS
 
 EXPORT_FORMAT = 1
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-_OUTPUTS = ("logits", "log_probs", "regression")
+_OUTPUTS = (*CLASSIFIER_OUTPUTS, *VALUE_OUTPUTS)
+MODEL_DIR = "model"  # under a run's workdir: its forward function, written by write_workdir_model
+_MODEL_INFO = "model.json"  # W/model/: input, output kind, weight names and the run's variables
+_MODEL_MODULE = "forward.exported"  # W/model/: the serialized jax.export.Exported
+_KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")  # jax.random's key implementations
+_CONFIG_FILE = "config.json"  # jaxnet.workdir.CONFIG_FILE (not imported: the loader stays light)
+
+logger = logging.getLogger("jaxnet.export")
 
 
 # ---------------------------------------------------------------------------
-# Export
+# Export: the forward function, lowered; the file
 # ---------------------------------------------------------------------------
 
 
@@ -58,6 +82,172 @@ def _check_export_args(input_shape: Sequence[int], platforms: Sequence[str], out
     if output not in _OUTPUTS:
         raise ConfigError(f"unknown model output kind {output!r}; expected one of {_OUTPUTS}")
     return shape
+
+
+def _key_name(key: Any) -> str | int:
+    """A path element as a plain name: a dict key, an attribute or an index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            value = getattr(key, attr)
+            return value if isinstance(value, int) and not isinstance(value, bool) else str(value)
+    return str(key)
+
+
+def _is_key(dtype: Any) -> bool:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(dtype_name: str) -> tuple[str, Any]:
+    """``(implementation name, dtype)`` of the PRNG key dtype named ``dtype_name`` (e.g. ``key<fry>``)."""
+    for impl in _KEY_IMPLS:
+        dtype = jax.eval_shape(lambda i=impl: jax.random.key(0, impl=i)).dtype
+        if str(dtype) == dtype_name:
+            return impl, dtype
+    raise DataError(f"unknown PRNG key dtype {dtype_name!r}; this jax knows {', '.join(_KEY_IMPLS)}")
+
+
+def _variables(params: Any, model_state: Any) -> list[dict[str, Any]]:
+    """Every leaf of ``(params, model_state)``: its part, path, shape and dtype name (JSON)."""
+    out = []
+    for part, tree in (("params", params), ("model_state", model_state)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            out.append({"part": part, "path": [_key_name(k) for k in path],
+                        "shape": [int(d) for d in np.shape(leaf)], "dtype": str(leaf.dtype)})
+    return out
+
+
+def _weight_name(part: str, path: Sequence[Any]) -> str:
+    return "/".join([part, *(str(_key_name(k)) for k in path)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """A model's evaluation-mode forward function, its weights taken as arguments.
+
+    Attributes:
+        fn: ``fn(weights, inputs) -> outputs``; ``weights`` is a list in the
+            order of ``names``, ``inputs`` raw ``(B, *input_shape)`` examples
+            (the preprocessing is inside).
+        names: each weight's name, ``params/fc1/kernel/value`` style: the
+            part (``params`` or ``model_state``) and the path in it, as in a
+            checkpoint's ``arrays.npz``.
+        specs: each weight's shape and dtype.
+        variables: every leaf of ``(params, model_state)`` (see
+            :func:`_variables`), RNG variables included: what a checkpoint of
+            the run holds.
+    """
+
+    fn: Callable[[list[jax.Array], jax.Array], jax.Array]
+    names: tuple[str, ...]
+    specs: tuple[jax.ShapeDtypeStruct, ...]
+    variables: tuple[dict[str, Any], ...]
+
+
+def make_forward(
+    graphdef: Any, params: Any, model_state: Any, *,
+    transform: Callable[[jax.Array, jax.Array, bool], jax.Array] | None = None,
+) -> Forward:
+    """The eval-mode predict function of a model, its preprocessing included (nothing is compiled).
+
+    RNG variables (``nnx.RngKey``/``nnx.RngCount``, which Flax's
+    ``nnx.Dropout(rate, rngs=rngs)`` keeps in the model state) are not
+    weights: evaluation mode draws no random numbers, so inside ``fn`` they
+    are placeholders of their shape and dtype, and typed key arrays never
+    cross the exported function's boundary.
+
+    Args:
+        graphdef: the model's graph definition (``nnx.split``).
+        params: its ``nnx.Param`` state; arrays or ``ShapeDtypeStruct`` leaves
+            (only shapes and dtypes are read, so sharded states are fine).
+        model_state: every other variable (BatchNorm statistics, RNG state).
+        transform: the run's on-device preprocessing, applied with ``train=False``.
+
+    Returns:
+        A :class:`Forward`.
+    """
+    from flax import nnx  # only exporting needs the model's framework
+
+    rng_state, kept = nnx.split_state(model_state, nnx.RngState, ...)
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path((params, kept))
+    names = tuple(_weight_name(("params", "model_state")[_key_name(path[0])], path[1:]) for path, _ in leaves_with_paths)
+    specs = tuple(jax.ShapeDtypeStruct(np.shape(w), w.dtype) for _, w in leaves_with_paths)
+    rng_leaves, rng_treedef = jax.tree.flatten(rng_state)
+    rng_specs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in rng_leaves]
+
+    def placeholder(spec: jax.ShapeDtypeStruct) -> jax.Array:
+        if not _is_key(spec.dtype):
+            return jnp.zeros(spec.shape, spec.dtype)
+        data = jax.eval_shape(jax.random.key_data, spec)
+        return jax.random.wrap_key_data(jnp.zeros(data.shape, data.dtype), impl=_key_impl(str(spec.dtype))[0])
+
+    def fn(weights: list[jax.Array], inputs: jax.Array) -> jax.Array:  # inputs: (b, *input_shape)
+        params_, kept_ = jax.tree.unflatten(treedef, weights)
+        rngs = jax.tree.unflatten(rng_treedef, [placeholder(s) for s in rng_specs])
+        model = nnx.merge(graphdef, params_, kept_, rngs)
+        model.eval()  # model.eval(): dropout off, BatchNorm on running statistics
+        if transform is not None:  # transforms ignore the key when train=False
+            inputs = transform(jax.random.PRNGKey(0), inputs, False)
+        return model(inputs)
+
+    return Forward(fn, names, specs, tuple(_variables(params, model_state)))
+
+
+def lower_forward(
+    forward: Forward, *, input_shape: Sequence[int], input_dtype: str,
+    platforms: Sequence[str] = ("cpu", "cuda"),
+) -> Any:
+    """Lowers a :class:`Forward` with ``jax.export`` for a symbolic batch size ``b``.
+
+    Returns:
+        The ``jax.export.Exported``.
+
+    Raises:
+        ConfigError: the model cannot take ``(b, *input_shape)`` inputs (the
+            first line of the model's error is shown).
+    """
+    shape, dtype = tuple(input_shape), np.dtype(input_dtype)
+    (batch,) = jax.export.symbolic_shape("b")
+    specs = (list(forward.specs), jax.ShapeDtypeStruct((batch, *shape), dtype))
+    try:
+        return jax.export.export(jax.jit(forward.fn), platforms=tuple(platforms))(*specs)
+    except Exception as exc:  # shape errors from inside the model's layers
+        raise ConfigError(
+            f"cannot export the model for inputs (b, {', '.join(map(str, shape))}) {dtype}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+
+
+def _pack(exported: Any, weights: Sequence[np.ndarray], *, names: Sequence[str], input_shape: Sequence[int],
+          input_dtype: str, output: str, metadata: Mapping[str, Any] | None) -> bytes:
+    """The bytes of a ``model.jaxexport`` file (see the module docstring)."""
+    out = exported.out_avals[0]
+    info = {
+        "format": EXPORT_FORMAT,
+        "input_shape": list(input_shape),
+        "input_dtype": np.dtype(input_dtype).name,
+        "output": output,
+        "num_outputs": int(out.shape[-1]) if len(out.shape) > 1 else 1,
+        "platforms": list(exported.platforms),
+        "jax_version": jax.__version__,
+        "weights": list(names),
+        "metadata": dict(metadata or {}),
+    }
+    try:
+        info_bytes = json.dumps(info).encode()
+    except TypeError as exc:
+        raise ConfigError(f"export metadata must be JSON: {exc}") from None
+    arrays = {"module": np.frombuffer(bytes(exported.serialize()), np.uint8),
+              "info": np.frombuffer(info_bytes, np.uint8)}
+    arrays.update({f"w{i:04d}": np.asarray(w) for i, w in enumerate(weights)})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _default_dtype(input_dtype: Any, transform: Any) -> str:
+    if input_dtype is None:  # (not `or`: an np.dtype is falsy)
+        input_dtype = "uint8" if transform is not None else "float32"
+    return np.dtype(input_dtype).name
 
 
 def export_model(
@@ -86,8 +276,10 @@ def export_model(
             ``train=False`` inside the exported function.
         input_dtype: dtype the exported function takes; default ``"uint8"``
             (raw pixels) with a ``transform``, ``"float32"`` without.
-        output: ``"logits"``, ``"log_probs"`` or ``"regression"``: what the
-            model returns (decides how :func:`predict_files` reads it).
+        output: what the model returns, which decides how
+            :func:`predict_files` reads it: ``"logits"``, ``"log_probs"``,
+            ``"binary"`` (one logit: probability ``sigmoid``), or values
+            (``"regression"``, ``"l1"``, ``"huber"``).
         platforms: lower for these platforms together.
         metadata: JSON-serializable facts stored in the file (model name,
             data set, step, ``params_sha256``...).
@@ -98,52 +290,134 @@ def export_model(
     Raises:
         ConfigError: bad arguments, or a model that cannot take ``input_shape``.
     """
-    from flax import nnx  # only exporting needs the model's framework
-
     shape = _check_export_args(input_shape, platforms, output)
-    dtype = np.dtype(input_dtype or ("uint8" if transform is not None else "float32"))
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path((state.params, state.model_state))
-    weights = [np.asarray(leaf) for _, leaf in leaves_with_paths]
-    key = jax.random.PRNGKey(0)  # transforms ignore the key when train=False
+    dtype = _default_dtype(input_dtype, transform)
+    forward = make_forward(graphdef, state.params, state.model_state, transform=transform)
+    exported = lower_forward(forward, input_shape=shape, input_dtype=dtype, platforms=platforms)
+    weights = _named_arrays(state.params, state.model_state)
+    return _pack(exported, [weights[n] for n in forward.names], names=forward.names, input_shape=shape,
+                 input_dtype=dtype, output=output, metadata=metadata)
 
-    def predict(weights: list[jax.Array], images: jax.Array) -> jax.Array:  # images: (b, *shape)
-        params, model_state = jax.tree.unflatten(treedef, weights)
-        model = nnx.merge(graphdef, params, model_state)
-        model.eval()  # model.eval(): dropout off, BatchNorm on running statistics
-        return model(images if transform is None else transform(key, images, False))
 
-    (batch,) = jax.export.symbolic_shape("b")
-    specs = ([jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights],
-             jax.ShapeDtypeStruct((batch, *shape), dtype))
+def _named_arrays(params: Any, model_state: Any) -> dict[str, np.ndarray]:
+    """``{weight name: host array}`` of ``(params, model_state)``, RNG leaves left out."""
+    arrays = {}
+    for part, tree in (("params", params), ("model_state", model_state)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if not _is_key(leaf.dtype):
+                arrays[_weight_name(part, path)] = np.asarray(leaf)
+    return arrays
+
+
+# ---------------------------------------------------------------------------
+# The workdir's model: any model fit trained can be exported from its checkpoints
+# ---------------------------------------------------------------------------
+
+
+def write_workdir_model(
+    workdir: str | os.PathLike,
+    graphdef: Any,
+    params: Any,
+    model_state: Any,
+    *,
+    input_shape: Sequence[int],
+    input_dtype: str | np.dtype | None = None,
+    transform: Callable[[jax.Array, jax.Array, bool], jax.Array] | None = None,
+    output: str = "logits",
+    platforms: Sequence[str] = ("cpu", "cuda"),
+) -> pathlib.Path | None:
+    """Records how to run the model in ``workdir/model/``, so ``jaxnet export`` needs none of its code.
+
+    What :func:`jaxnet.fit` calls at the start of a run with a workdir (in
+    process 0 only). It lowers the forward function (:func:`make_forward`,
+    eval mode, preprocessing included, symbolic batch size) without its
+    weights and writes it with the names, shapes and dtypes of the run's
+    variables; ``jaxnet export --workdir W`` then restores any checkpoint's
+    arrays into it. Only shapes and dtypes are read, so nothing is copied off
+    the devices; it costs one lowering, no compilation (tens of
+    milliseconds for the tutorial models). Files are replaced atomically.
+
+    Args:
+        workdir: the run's workdir.
+        graphdef, params, model_state: ``nnx.split(model, nnx.Param, ...)``
+            (``TrainState.params``/``model_state``, sharded or not).
+        input_shape: one example's shape, e.g. ``(28, 28, 1)``.
+        input_dtype: the stored examples' dtype (``"uint8"`` pixels); default
+            ``"uint8"`` with a ``transform``, ``"float32"`` without.
+        transform: the run's preprocessing (``train=False`` is applied).
+        output: the model's output kind, as for :func:`export_model`.
+        platforms: platforms to lower for.
+
+    Returns:
+        The ``workdir/model`` folder, or ``None`` when the model cannot be
+        lowered (logged as a warning; the run goes on, and ``jaxnet export``
+        then rebuilds registered and ``module:factory`` models from the config).
+
+    Raises:
+        ConfigError: bad arguments (shape, platforms, output kind), or the
+            folder cannot be written.
+    """
+    shape = _check_export_args(input_shape, platforms, output)
+    dtype = _default_dtype(input_dtype, transform)
+    folder = pathlib.Path(workdir) / MODEL_DIR
     try:
-        exported = jax.export.export(jax.jit(predict), platforms=tuple(platforms))(*specs)
-    except Exception as exc:  # shape errors from inside the model's layers
-        raise ConfigError(
-            f"cannot export the model for inputs (b, {', '.join(map(str, shape))}) {dtype}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from None
-    out = exported.out_avals[0]
-    info = {
-        "format": EXPORT_FORMAT,
-        "input_shape": list(shape),
-        "input_dtype": dtype.name,
-        "output": output,
-        "num_outputs": int(out.shape[-1]) if len(out.shape) > 1 else 1,
-        "platforms": list(exported.platforms),
-        "jax_version": jax.__version__,
-        "weights": [jax.tree_util.keystr(path) for path, _ in leaves_with_paths],
-        "metadata": dict(metadata or {}),
-    }
+        forward = make_forward(graphdef, params, model_state, transform=transform)
+        exported = lower_forward(forward, input_shape=shape, input_dtype=dtype, platforms=platforms)
+    except ConfigError as exc:
+        (folder / _MODEL_INFO).unlink(missing_ok=True)  # an earlier run's model is not this one
+        logger.warning("cannot record the model for 'jaxnet export' (%s); training goes on", exc)
+        return None
+    module = bytes(exported.serialize())
+    info = {"format": EXPORT_FORMAT, "input_shape": list(shape), "input_dtype": dtype, "output": output,
+            "platforms": list(exported.platforms), "jax_version": jax.__version__,
+            "module_sha256": hashlib.sha256(module).hexdigest(),
+            "weights": list(forward.names), "variables": list(forward.variables)}
     try:
-        info_bytes = json.dumps(info).encode()
-    except TypeError as exc:
-        raise ConfigError(f"export metadata must be JSON: {exc}") from None
-    arrays = {"module": np.frombuffer(bytes(exported.serialize()), np.uint8),
-              "info": np.frombuffer(info_bytes, np.uint8)}
-    arrays.update({f"w{i:04d}": w for i, w in enumerate(weights)})
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in ((_MODEL_MODULE, module), (_MODEL_INFO, json.dumps(info).encode())):
+            tmp = folder / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, folder / name)  # model.json last: it names the module's digest
+    except OSError as exc:
+        raise ConfigError(f"cannot write {folder}: {exc.strerror or exc}; choose a writable --workdir") from None
+    return folder
+
+
+def read_workdir_model(workdir: str | os.PathLike) -> tuple[Any, dict[str, Any]] | None:
+    """The lowered forward function and its description from ``workdir/model/``, or ``None`` if absent.
+
+    Raises:
+        DataError: the files are damaged (the module's SHA-256 differs, or
+            either cannot be read).
+    """
+    folder = pathlib.Path(workdir) / MODEL_DIR
+    if not (folder / _MODEL_INFO).is_file():
+        return None
+    try:
+        info = json.loads((folder / _MODEL_INFO).read_text(encoding="utf-8"))
+        module = (folder / _MODEL_MODULE).read_bytes()
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{folder} is damaged ({type(exc).__name__}: {exc}); rerun the training to rewrite it") from None
+    if hashlib.sha256(module).hexdigest() != info.get("module_sha256"):
+        raise DataError(f"{folder / _MODEL_MODULE} is damaged (SHA-256 mismatch); rerun the training to rewrite it")
+    try:
+        exported = jax.export.deserialize(bytearray(module))
+    except Exception as exc:
+        raise DataError(f"{folder / _MODEL_MODULE} cannot be read ({type(exc).__name__}: {exc})") from None
+    return exported, info
+
+
+def _abstract_variables(variables: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Nested dicts of ``ShapeDtypeStruct`` shaped like the run's ``(params, model_state)``."""
+    trees: dict[str, dict[str, Any]] = {"params": {}, "model_state": {}}
+    for v in variables:
+        dtype = _key_impl(v["dtype"])[1] if v["dtype"].startswith("key<") else jnp.dtype(v["dtype"])
+        node = trees[v["part"]]
+        *parents, last = v["path"]
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = jax.ShapeDtypeStruct(tuple(v["shape"]), dtype)
+    return trees["params"], trees["model_state"]
 
 
 # ---------------------------------------------------------------------------
@@ -313,36 +587,27 @@ def read_inputs(file: str | os.PathLike, input_shape: Sequence[int]) -> tuple[np
     return array.reshape((1, *shape)), False
 
 
-def _softmax(outputs: np.ndarray) -> np.ndarray:
-    # Also right for log-probabilities: softmax(log_softmax(z)) == softmax(z).
-    z = outputs.astype(np.float64)
+def probabilities(outputs: np.ndarray, output: str) -> np.ndarray:
+    """Class probabilities ``(N, K)`` from a classifier's outputs.
+
+    Softmax of logits or log-probabilities (``softmax(log_softmax(z)) ==
+    softmax(z)``); for ``"binary"`` (one logit per example) ``[1 - p, p]``
+    with ``p = sigmoid(z)``, the counterpart of ``torch.sigmoid`` after
+    ``BCEWithLogitsLoss``.
+
+    >>> probabilities(np.zeros((1, 1)), "binary").tolist()
+    [[0.5, 0.5]]
+    """
+    z = np.asarray(outputs, np.float64)
+    if output == "binary":
+        p = 1.0 / (1.0 + np.exp(-z.reshape(len(z), -1)[:, 0]))
+        return np.stack([1.0 - p, p], axis=-1)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def predict_files(
-    model: str | os.PathLike | ExportedModel, files: Sequence[str | os.PathLike]
-) -> list[tuple[str, int, np.ndarray]]:
-    """Classifies images stored as ``.npy`` arrays or image files with an exported model.
-
-    Args:
-        model: a ``model.jaxexport`` path or a loaded :class:`ExportedModel`.
-        files: ``.npy`` files (one example or a batch ``(N, ...)``) and image
-            files (PNG...). A batch file gives one result per example, named
-            ``file[i]``.
-
-    Returns:
-        ``(name, predicted class, class probabilities)`` per example.
-
-    Raises:
-        ConfigError: the model is a regression model.
-        DataError: unreadable or ill-shaped inputs (see :func:`read_inputs`).
-    """
-    if not isinstance(model, ExportedModel):
-        model = load_exported(model)
-    if model.info["output"] == "regression":
-        raise ConfigError(f"{model.path} is a regression model, not a classifier; call load_exported(path)(x) for its values")
-    results = []
+def _read_batches(model: ExportedModel, files: Sequence[str | os.PathLike]) -> Iterator[tuple[list[str], np.ndarray]]:
+    """``(names, outputs)`` per file: ``file`` for one example, ``file[i]`` for a batch's."""
     for file in files:
         batch, batched = read_inputs(file, model.input_shape)
         if model.input_dtype == np.uint8 and batch.dtype != np.uint8:
@@ -350,11 +615,56 @@ def predict_files(
                 f"{file}: holds {batch.dtype} values, the model takes raw uint8 pixels (0..255); "
                 "save (x * 255).round().astype(np.uint8) for images in [0, 1]"
             )
-        probs = _softmax(model(batch))
-        for i, p in enumerate(probs):
-            name = f"{file}[{i}]" if batched else str(file)
+        names = [f"{file}[{i}]" for i in range(len(batch))] if batched else [str(file)]
+        yield names, model(batch)
+
+
+def predict_files(
+    model: str | os.PathLike | ExportedModel, files: Sequence[str | os.PathLike]
+) -> list[tuple[str, int, np.ndarray]]:
+    """Classifies examples stored as ``.npy`` arrays or image files with an exported model.
+
+    Args:
+        model: a ``model.jaxexport`` path or a loaded :class:`ExportedModel`.
+        files: ``.npy`` files (one example or a batch ``(N, ...)``: images,
+            or feature vectors for a model of float inputs) and image files
+            (PNG...). A batch file gives one result per example, named
+            ``file[i]``.
+
+    Returns:
+        ``(name, predicted class, class probabilities)`` per example.
+
+    Raises:
+        ConfigError: the model predicts values, not classes (use :func:`predict_values`).
+        DataError: unreadable or ill-shaped inputs (see :func:`read_inputs`).
+    """
+    if not isinstance(model, ExportedModel):
+        model = load_exported(model)
+    if model.info["output"] not in CLASSIFIER_OUTPUTS:
+        raise ConfigError(f"{model.path} is a regression model, not a classifier; call load_exported(path)(x) "
+                          "or predict_values for its values")
+    results = []
+    for names, outputs in _read_batches(model, files):
+        for name, p in zip(names, probabilities(outputs, model.info["output"])):
             results.append((name, int(np.argmax(p)), p))
     return results
+
+
+def predict_values(
+    model: str | os.PathLike | ExportedModel, files: Sequence[str | os.PathLike]
+) -> list[tuple[str, np.ndarray]]:
+    """A regression model's outputs for the examples in ``.npy`` (or image) files.
+
+    Returns:
+        ``(name, values)`` per example, named as :func:`predict_files` names them.
+
+    Raises:
+        DataError: unreadable or ill-shaped inputs (see :func:`read_inputs`).
+    """
+    if not isinstance(model, ExportedModel):
+        model = load_exported(model)
+    return [(name, np.asarray(v).reshape(-1)) for names, outputs in _read_batches(model, files)
+            for name, v in zip(names, outputs)]
 
 
 # ---------------------------------------------------------------------------
@@ -391,7 +701,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="serialize a trained run's model for deployment (jax.export)",
         description="Restore a run's checkpoint and write its predict function, preprocessing "
-                    "and weights included, as one file that runs without jaxnet's model code.",
+                    "and weights included, as one file that runs without jaxnet's model code. Works "
+                    "for any run, from jaxnet train or jaxnet.fit: the function recorded in W/model/, "
+                    "else the model rebuilt from W/config.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--workdir", required=True, help="the run's --workdir (config.json and checkpoints/)")
@@ -405,7 +717,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "predict",
         help="classify .npy or PNG files with an exported model",
         description="Load a model.jaxexport (no model code needed) and print, per example, "
-                    "the file, the predicted class and its probability.",
+                    "the file, the predicted class and its probability (a regression model: its "
+                    "values). .npy files hold images or, for a model of float inputs, feature rows.",
     )
     q.add_argument("--model", required=True, help="the exported model file")
     q.add_argument("files", nargs="+", help=".npy arrays (one example or a batch) or image files")
@@ -413,46 +726,127 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     q.set_defaults(func=run_predict)
 
 
-def run_export(args: argparse.Namespace) -> None:
-    """``jaxnet export``: restores ``--step`` of ``--workdir`` and writes ``--out``."""
-    import jax.numpy as jnp
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """An export's function and what its weights are restored into."""
+
+    exported: Any  # the lowered forward function (jax.export.Exported)
+    names: tuple[str, ...]  # its weights, in argument order
+    abstract: tuple[Any, Any]  # (params, model_state) shaped like the run's checkpoints
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    output: str
+    how: str  # "recorded" (W/model) or "rebuilt" (from config.json)
+
+
+def _recorded_source(recorded: tuple[Any, dict[str, Any]]) -> _Source:
+    exported, info = recorded
+    return _Source(exported, tuple(info["weights"]), _abstract_variables(info["variables"]),
+                   tuple(info["input_shape"]), info["input_dtype"], info["output"], "recorded")
+
+
+def _rebuilt_source(workdir: str | os.PathLike, config: Mapping[str, Any], platforms: Sequence[str]) -> _Source | None:
+    """The model rebuilt as ``jaxnet train`` builds it, or ``None`` when the config names no code jaxnet can find."""
     from flax import nnx
 
-    from jaxnet import checkpoint, workdir
-    from jaxnet.models import MODELS, create_model
-    from jaxnet.state import TrainState
+    from jaxnet import models, workdir as workdir_lib
     from jaxnet.train import make_image_transform
 
-    config = workdir.read_config(args.workdir)
     name = config.get("model")
-    if name not in MODELS:
-        raise ConfigError(f"{args.workdir}/{workdir.CONFIG_FILE} names the model {name!r}, which jaxnet does not know; expected one of {sorted(MODELS)}")
-    spec = MODELS[name]
+    if not isinstance(name, str):
+        return None
+    by_class = {spec.cls.__name__: key for key, spec in models.MODELS.items()}  # jaxnet.fit records the class
+    registered = name if name in models.MODELS else by_class.get(name)
+    if registered is None and ":" not in name:
+        return None
+    spec = models.MODELS.get(registered)
+    where = f"{workdir}/{workdir_lib.CONFIG_FILE}"
+    output = config.get("output") or LOSSES.get(config.get("loss")) or (spec.output if spec else "logits")
+    shape = tuple(config.get("input_shape") or (spec.input_shape if spec else ()))
+    if not shape:
+        raise ConfigError(f"{where} records no input_shape")
+    dtype = config.get("input_dtype") or ("float32" if output in VALUE_OUTPUTS else "uint8")
     transform = None
-    if spec.output != "regression":
-        if "mean" not in config or "std" not in config:
-            raise ConfigError(f"{args.workdir}/{workdir.CONFIG_FILE} lacks the input normalization ('mean' and 'std'); it was not written by jaxnet train")
+    if dtype == "uint8":
+        if not config.get("mean") or not config.get("std"):
+            raise ConfigError(f"{where} lacks the input normalization ('mean' and 'std'); it was not written by jaxnet train")
         transform = make_image_transform(tuple(config["mean"]), tuple(config["std"]))
-    graphdef, params, model_state = nnx.split(create_model(name, seed=0), nnx.Param, ...)
+    model = models.build_model(registered or name, seed=int(config.get("seed", 0)), kwargs=config.get("model_kwargs"))
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    forward = make_forward(graphdef, params, model_state, transform=transform)
+    exported = lower_forward(forward, input_shape=shape, input_dtype=dtype, platforms=platforms)
+    return _Source(exported, forward.names, (params, model_state), shape, dtype, output, "rebuilt")
+
+
+def _export_source(workdir: str | os.PathLike, config: Mapping[str, Any], platforms: Sequence[str]) -> _Source:
+    """``W/model`` when it covers ``platforms`` (any model), else the model rebuilt from ``config.json``."""
+    recorded = read_workdir_model(workdir)
+    if recorded is not None and set(platforms) <= set(recorded[1]["platforms"]):
+        return _recorded_source(recorded)
+    name = config.get("model")
+    try:
+        rebuilt = _rebuilt_source(workdir, config, platforms)
+        why = "it names no jaxnet model or package.module:factory"
+    except ConfigError as exc:
+        rebuilt, why = None, str(exc)
+    if rebuilt is not None:
+        return rebuilt
+    if recorded is not None:
+        have = ",".join(recorded[1]["platforms"])
+        raise ConfigError(
+            f"{workdir}/{MODEL_DIR} was lowered for {have}, and the model {name!r} cannot be rebuilt for "
+            f"{','.join(platforms)} ({why}); export with --platforms {have}"
+        )
+    raise ConfigError(
+        f"{workdir} has no {MODEL_DIR}/ folder (jaxnet.fit writes one at the start of a run), and its model "
+        f"{name!r} cannot be rebuilt from {os.path.basename(_CONFIG_FILE)} ({why}); rerun the training with this "
+        "jaxnet, or export from Python with jaxnet.export.export_model(result.graphdef, result.state, ...)"
+    )
+
+
+def _restore_weights(workdir: str | os.PathLike, config: Mapping[str, Any], step: str | int,
+                     source: _Source) -> tuple[int, list[np.ndarray], str]:
+    """``(step, weights in the source's order, params_sha256)`` of the chosen checkpoint."""
+    from jaxnet import checkpoint, workdir as workdir_lib
+
     ckpt = checkpoint.create_checkpoint_manager(
-        workdir.checkpoint_directory(args.workdir), read_only=True,
+        workdir_lib.checkpoint_directory(workdir), read_only=True,
         best_metric=config.get("best_metric", checkpoint.DEFAULT_BEST_METRIC),
         best_mode=config.get("best_mode", "max"),
     )
     try:
-        step = args.step
         if step == "best" and checkpoint.best(ckpt) is None:
             step = "latest"  # no epoch-end checkpoint ranked yet
         step = checkpoint.resolve_step(ckpt, step)
-        params, model_state, _ = checkpoint.restore_variables(ckpt, params, model_state, step=step)
+        params, model_state, _ = checkpoint.restore_variables(ckpt, *source.abstract, step=step)
     finally:
         checkpoint.close(ckpt)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=(),
-                       model_state=model_state, rng=jax.random.PRNGKey(0))
-    metadata = {"model": name, "dataset": config.get("dataset"), "step": step,
-                "params_sha256": checkpoint.params_sha256(params)}
-    data = export_model(graphdef, state, input_shape=spec.input_shape, transform=transform,
-                        output=spec.output, platforms=args.platforms, metadata=metadata)
+    arrays = _named_arrays(params, model_state)
+    missing = [n for n in source.names if n not in arrays]
+    if missing:
+        raise ConfigError(f"checkpoint step {step} of {workdir} lacks the weights {missing[:3]}; it belongs to another model")
+    return step, [arrays[n] for n in source.names], checkpoint.params_sha256(params)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    """``jaxnet export``: restores ``--step`` of ``--workdir`` and writes ``--out``.
+
+    The function comes from ``W/model/`` (any model :func:`jaxnet.fit`
+    trained, recorded by :func:`write_workdir_model`) when it was lowered
+    for ``--platforms``; else the model is rebuilt from ``W/config.json``
+    (a jaxnet model, or ``package.module:factory`` with its
+    ``model_kwargs``), as ``jaxnet train`` built it.
+    """
+    from jaxnet import workdir
+
+    config = workdir.read_config(args.workdir)
+    source = _export_source(args.workdir, config, args.platforms)
+    step, weights, sha256 = _restore_weights(args.workdir, config, args.step, source)
+    name = config.get("model")
+    metadata = {"model": name, "dataset": config.get("dataset"), "step": step, "params_sha256": sha256,
+                "function": source.how}
+    data = _pack(source.exported, weights, names=source.names, input_shape=source.input_shape,
+                 input_dtype=source.input_dtype, output=source.output, metadata=metadata)
     out = pathlib.Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
@@ -460,14 +854,27 @@ def run_export(args: argparse.Namespace) -> None:
         os.replace(tmp, out)
     except OSError as exc:
         raise ConfigError(f"cannot write --out {out}: {exc.strerror or exc}; choose a writable path") from None
-    shape = ", ".join(map(str, spec.input_shape))
+    shape = ", ".join(map(str, source.input_shape))
     print(f"exported {name} (checkpoint step {step}) to {out}: {len(data)} bytes, platforms "
-          f"{', '.join(args.platforms)}, input {'uint8' if transform else 'float32'} (N, {shape})")
+          f"{', '.join(source.exported.platforms)}, input {source.input_dtype} (N, {shape}), output {source.output}")
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    """``jaxnet predict``: prints ``file<TAB>class<TAB>probability`` per example (or JSON)."""
-    results = predict_files(args.model, args.files)
+    """``jaxnet predict``: prints ``file<TAB>class<TAB>probability`` per example (or JSON).
+
+    A regression model prints ``file<TAB>value[,value...]`` instead.
+    """
+    model = load_exported(args.model)
+    if model.info["output"] not in CLASSIFIER_OUTPUTS:
+        values = predict_values(model, args.files)
+        if args.json:
+            print(json.dumps({"model": str(args.model), "predictions": [
+                {"file": name, "values": [float(x) for x in v]} for name, v in values]}))
+            return
+        for name, v in values:
+            print(f"{name}\t{','.join(f'{float(x):.6g}' for x in v)}")
+        return
+    results = predict_files(model, args.files)
     if args.json:
         print(json.dumps({"model": str(args.model), "predictions": [
             {"file": name, "class": cls, "probability": float(p[cls]), "probabilities": [float(v) for v in p]}

@@ -52,7 +52,7 @@ RECIPES: dict[str, Recipe] = {
 # A model of your own (--model package.module:factory) has no tutorial: Adam at PyTorch's default
 # rate with a constant schedule, the first tutorial's batch size, and --dataset must be given.
 USER_MODEL_RECIPE = Recipe("", "adam", 1e-3, 64, 5,
-                           source="your own model: Adam lr 1e-3 (constant), batch 64, 5 epochs, Normalize(mean, std)")
+                           source="Adam lr 1e-3 (constant), batch 64, 5 epochs, Normalize(mean, std)")
 
 
 def recipe_for(model: str) -> Recipe:

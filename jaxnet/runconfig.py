@@ -18,7 +18,7 @@ import dataclasses
 import json
 import pathlib
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from jaxnet.errors import ConfigError
@@ -37,8 +37,8 @@ LOSSES: dict[str, str] = {
     "l1": "l1",  # L1Loss on values
     "huber": "huber",  # HuberLoss (delta 1) on values
 }
-# A registered model's output kind (MODELS[name].output) -> its default --loss.
-LOSS_OF_OUTPUT: dict[str, str] = {"logits": "cross_entropy", "log_probs": "nll", "regression": "mse"}
+# fit's output kind -> the --loss that names it (a registered model's default is LOSS_OF_OUTPUT[spec.output]).
+LOSS_OF_OUTPUT: dict[str, str] = {output: loss for loss, output in LOSSES.items()}
 CLASSIFIER_OUTPUTS = ("logits", "log_probs", "binary")  # outputs read as class scores
 VALUE_OUTPUTS = ("regression", "l1", "huber")  # outputs read as predicted values
 
@@ -245,7 +245,3 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def unknown_keys(config: Mapping[str, Any]) -> list[str]:
-    """Keys of a saved config that :class:`RunConfig` does not have (another writer's config)."""
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    return sorted(set(config) - names)

@@ -88,3 +88,47 @@ def test_rewind_jsonl(tmp_path):
     assert [json.loads(line) for line in log.read_text().splitlines()] == records[:2]
     assert W.rewind_jsonl(log, 10) == 0
     assert W.rewind_jsonl(tmp_path / "absent.jsonl", 3) == 0
+
+
+def test_resumable_keys_are_named_when_another_change_is_refused(tmp_path):
+    assert W.RESUMABLE_KEYS == ("epochs",)
+    workdir = tmp_path / "run"
+    W.check_workdir(workdir, CONFIG, resume=False)
+    (workdir / "checkpoints" / "7").mkdir(parents=True)
+    with pytest.raises(ConfigError) as info:
+        W.check_workdir(workdir, {**CONFIG, "lr": 0.01, "seed": 1}, resume=True, mutable_keys=W.RESUMABLE_KEYS)
+    message = str(info.value)
+    assert "lr: 0.001 in the saved run, 0.01 now" in message and "seed: 0 in the saved run, 1 now" in message
+    assert "only epochs may change on resume" in message and "\n" not in message
+    W.check_workdir(workdir, {**CONFIG, "epochs": 5}, resume=True, mutable_keys=W.RESUMABLE_KEYS)
+
+
+def test_has_checkpoint_counts_finished_steps_only(tmp_path):
+    assert not W.has_checkpoint(tmp_path)
+    folder = tmp_path / "checkpoints"
+    (folder / "7.orbax-checkpoint-tmp-123").mkdir(parents=True)  # a save cut short
+    (folder / "corrupt" / "5").mkdir(parents=True)  # a damaged step moved aside
+    assert not W.has_checkpoint(tmp_path)
+    (folder / "14").mkdir()
+    assert W.has_checkpoint(tmp_path)
+
+
+def test_run_stopped_before_its_first_checkpoint(tmp_path, caplog):
+    workdir = tmp_path / "run"
+    W.check_workdir(workdir, CONFIG, resume=False)  # the run crashed here, before saving anything
+    (workdir / "checkpoints" / "7.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    before = _all_files(workdir)
+    for config in (CONFIG, {**CONFIG, "lr": 0.1}):  # a fresh run, the same or another
+        with pytest.raises(ConfigError) as info:
+            W.check_workdir(workdir, config, resume=False)
+        message = str(info.value)
+        assert "stopped before its first checkpoint" in message and "--resume" in message
+        assert "remove the folder or choose another --workdir" in message and "\n" not in message
+        assert ("lr: 0.001 in the saved run, 0.1 now" in message) == (config is not CONFIG)
+    with pytest.raises(ConfigError, match=r"stopped before its first checkpoint.*and it had other settings "
+                                          r"\(lr: 0.001 in the saved run, 0.1 now\).*remove the folder"):
+        W.check_workdir(workdir, {**CONFIG, "lr": 0.1}, resume=True, mutable_keys=W.RESUMABLE_KEYS)
+    assert _all_files(workdir) == before
+    with caplog.at_level("INFO", logger="jaxnet.workdir"):
+        W.check_workdir(workdir, CONFIG, resume=True, mutable_keys=W.RESUMABLE_KEYS)  # starts it over
+    assert "nothing to restore, so it starts over from step 0" in caplog.text

@@ -137,9 +137,10 @@ def resolve_factory(spec: str, *, flag: str = "--model") -> Callable[..., Any]:
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
+        example = f"{module_name or 'mypkg.nets'}:{attr or 'build'}" if sep else f"{spec}:build"
         raise ConfigError(
-            f"{flag} {spec!r} is neither a jaxnet name nor package.module:factory; write the module "
-            f"and the function or class with a colon, e.g. {flag} mypkg.nets:build"
+            f"{flag} {spec} is neither a jaxnet name nor package.module:factory; write the module "
+            f"and the function or class that builds it with a colon, e.g. {flag} {example}"
         )
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
