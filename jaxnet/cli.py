@@ -55,7 +55,7 @@ def _model_arg(text: str) -> str:
 
 # Flags that say where data comes from or how the run is watched and saved: not part of the
 # recorded run config (W/config.json), so they may differ on --resume.
-OPERATIONAL_FLAGS = ("config", "data_dir", "no_download", "workdir", "resume", "checkpoint_every",
+OPERATIONAL_FLAGS = ("config", "data_dir", "no_download", "workdir", "resume", "resume_or_start", "checkpoint_every",
                      "keep_checkpoints", "eval_batch_size", "json", "no_progress")
 
 
@@ -137,9 +137,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="also checkpoint every N steps (needs --workdir)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --workdir from its latest sound checkpoint, exactly; only "
-                        f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_KEYS)} may change")
+                        f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_KEYS)} may change; "
+                        "an error when there is no checkpoint to continue from")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="--resume if --workdir holds a checkpoint of this run, else start it (a run that "
+                        "stopped before its first checkpoint starts over, its logs cleared)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=3,
-                   help="newest checkpoints to keep, besides the best by test accuracy")
+                   help="newest checkpoints to keep, besides the best by validation accuracy (validation "
+                        "loss for regression) when there is a validation split")
     p.add_argument("--devices", type=positive_int, default=None,
                    help="data parallel over N local devices (default: 1; all of them under 'jaxnet launch')")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
@@ -274,8 +279,11 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from jaxnet.data.inputs import as_fit_data
     from jaxnet.recipes import recipe_for
 
-    if (args.checkpoint_every or args.resume) and not args.workdir:
-        raise ConfigError("--checkpoint-every and --resume need --workdir W (where the checkpoints live)")
+    if (args.checkpoint_every or args.resume or args.resume_or_start) and not args.workdir:
+        raise ConfigError("--checkpoint-every, --resume and --resume-or-start need --workdir W (where the "
+                          "checkpoints live)")
+    if args.resume and args.resume_or_start:
+        raise ConfigError("give --resume or --resume-or-start, not both")
     if args.model not in models.MODELS:  # your own model
         if ":" not in args.model:
             models.resolve_factory(args.model)  # raises: the colon is missing
@@ -308,7 +316,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         model, data, tx,
         epochs=epochs, batch_size=batch_size, validation_split=args.val_split, output=plan.output,
         seed=args.seed, augment=args.augment, scan=args.scan, eval_batch_size=args.eval_batch_size,
-        workdir=args.workdir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        workdir=args.workdir, checkpoint_every=args.checkpoint_every,
+        resume="auto" if args.resume_or_start else args.resume,
         keep_checkpoints=args.keep_checkpoints, config=config.to_json(), devices=args.devices, fsdp=args.fsdp,
         precision=args.precision, progress=not args.no_progress,
     )

@@ -884,7 +884,7 @@ def fit(
     eval_batch_size: int = 1000,
     workdir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     keep_checkpoints: int = 3,
     config: dict[str, Any] | None = None,
     devices: int | None = None,
@@ -933,8 +933,10 @@ def fit(
             ``curves.png`` and checkpoints (one at every epoch end) go;
             ``None`` writes nothing.
         checkpoint_every: also checkpoint every this many steps (mid-epoch).
-        resume: continue the run in ``workdir`` from its latest sound
-            checkpoint, exactly as if it had never stopped.
+        resume: ``True``: continue the run in ``workdir`` from its latest
+            sound checkpoint, exactly as if it had never stopped (an error when
+            there is none); ``"auto"``: continue if there is a checkpoint, else
+            start (a script that can simply be rerun after a preemption).
         keep_checkpoints: newest checkpoints kept (plus the best, see ``validation_split``).
         config: JSON description of the run recorded in the workdir; a
             resumed run must match it (default: :func:`default_config`).
@@ -975,14 +977,13 @@ def fit(
     config = _run_config(config, model, fit_data, plan, tx, batch_size=batch_size, seed=seed, epochs=epochs,
                          validation_split=validation_split, loss_fn=loss_fn, metrics=user_metrics,
                          precision=precision, devices=devices, fsdp=fsdp, augment=augment)
-    steps = build_steps(model, tx, output=plan.output, transform=plan.transform, seed=seed, devices=devices,
-                        fsdp=fsdp, precision=precision, scan=scan, loss_fn=user_loss,
-                        train_metrics=_train_metrics(plan, user_metrics), eval_metrics=user_metrics)
-    _add_learning_rate_logging(callbacks, tx)
-    run = jcallbacks.Run(steps.graphdef, steps.state, epochs, workdir=None if workdir is None else os.fspath(workdir))
-    with (CompileCounter() as counter,
-          _RunFiles(workdir, config, plan, resume=resume, keep_checkpoints=keep_checkpoints) as files,
-          _StopSignals(handle_signals) as signals):
+    with (_RunFiles(workdir, config, plan, resume=resume, keep_checkpoints=keep_checkpoints) as files,
+          CompileCounter() as counter, _StopSignals(handle_signals) as signals):
+        steps = build_steps(model, tx, output=plan.output, transform=plan.transform, seed=seed, devices=devices,
+                            fsdp=fsdp, precision=precision, scan=scan, loss_fn=user_loss,
+                            train_metrics=_train_metrics(plan, user_metrics), eval_metrics=user_metrics)
+        _add_learning_rate_logging(callbacks, tx)
+        run = jcallbacks.Run(steps.graphdef, steps.state, epochs, workdir=files.workdir)
         loop = _Loop(run, steps, files, callbacks, batch_size, seed, log_every, checkpoint_every,
                      plan.steps_per_epoch, progress, signals, on_nan, bad=jnp.asarray(NO_STEP, jnp.int32))
         first_epoch = _restore_into(loop, files.restore(run.state))
@@ -1016,6 +1017,8 @@ def _run_config(config: dict[str, Any] | None, model: nnx.Module, data: FitData,
     """The config recorded in the workdir: the caller's, or the run's own; plus how to pick the best."""
     if config is None:
         config = default_config(model, data, output=plan.output, loss_fn=_describe_fn(loss_fn),
+                                input_shape=list(np.shape(plan.sample_x)[1:]),
+                                input_dtype=str(np.asarray(plan.sample_x).dtype),
                                 metrics=sorted(metrics), optimizer=_optimizer_config(tx), **settings)
     if plan.best_metric is not None:
         config = {**config, "best_metric": plan.best_metric, "best_mode": plan.best_mode}

@@ -94,7 +94,7 @@ def check_workdir(
     workdir: str | os.PathLike,
     config: Mapping[str, Any],
     *,
-    resume: bool,
+    resume: bool | str,
     mutable_keys: Collection[str] = (),
 ) -> pathlib.Path:
     """Validates a run's working directory and records the run's config in it.
@@ -108,7 +108,11 @@ def check_workdir(
         config: JSON-serializable description of the run, at least what makes
             runs incompatible: ``model``, ``dataset``, hyper-parameters, seed,
             and for ``jaxnet export`` the input ``mean``/``std``.
-        resume: whether this run continues the one in ``workdir``.
+        resume: whether this run continues the one in ``workdir``: ``True``
+            (there must be a checkpoint to continue from), ``False`` (a new
+            run), or ``"auto"`` (``--resume-or-start``: continue if there is a
+            checkpoint, else start the run, clearing the logs of an attempt
+            that stopped before its first checkpoint).
         mutable_keys: config keys that may change on resume (e.g.
             ``("epochs",)`` to extend a run); the new values are recorded.
 
@@ -116,9 +120,9 @@ def check_workdir(
         The workdir's path.
 
     A workdir whose run stopped before its first checkpoint (``config.json``
-    and no finished step) is refused to a fresh run with a message that says
-    so; ``resume`` with the same config starts that run over from step 0
-    (logged on ``jaxnet.workdir``).
+    and no finished step) is refused to a fresh run and to ``resume=True``
+    with a message that says so; ``resume="auto"`` with the same config
+    starts that run over from step 0 after removing its stale logs.
 
     Raises:
         ConfigError: the workdir is a file, cannot be written, holds another
@@ -126,6 +130,8 @@ def check_workdir(
             already holds this run and ``resume`` is False, or does not exist
             and ``resume`` is True.
     """
+    if resume not in (True, False, "auto"):
+        raise ConfigError(f"resume must be True, False or 'auto'; got {resume!r}")
     path = pathlib.Path(workdir)
     try:
         current = json.loads(json.dumps(dict(config)))
@@ -134,6 +140,18 @@ def check_workdir(
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--workdir {path} is a file, not a folder; choose another --workdir")
     has_run = (path / CONFIG_FILE).is_file()
+    if resume == "auto":
+        if not has_run:
+            resume = False  # nothing there yet: start
+        elif not has_checkpoint(path):
+            _check_existing_run(path, current, resume=True, mutable_keys=mutable_keys, start_over=True)
+            clear_logs(path)
+            logger.info("the run in %s stopped before its first checkpoint; starting it over from step 0 "
+                        "(its logs were cleared)", path)
+            _write_config(path, current)
+            return path
+        else:
+            resume = True
     if resume and not path.is_dir():
         raise ConfigError(
             f"cannot resume: the workdir {path} does not exist; start the run without "
@@ -155,7 +173,7 @@ def check_workdir(
 
 
 def _check_existing_run(path: pathlib.Path, current: dict[str, Any], *, resume: bool,
-                        mutable_keys: Collection[str]) -> None:
+                        mutable_keys: Collection[str], start_over: bool = False) -> None:
     """Raises unless ``current`` may continue (``resume``) the run recorded in ``path``."""
     saved = read_config(path)
     started = has_checkpoint(path)
@@ -172,18 +190,21 @@ def _check_existing_run(path: pathlib.Path, current: dict[str, Any], *, resume: 
         if diff:
             raise ConfigError(
                 f"cannot resume: {stopped}, and it had other settings ({'; '.join(diff)}). Rerun with "
-                "its flags and --resume to start it over there, or remove the folder (nothing was "
-                "saved) or choose another --workdir for the new settings"
+                "its flags and --resume-or-start to start it over there, or remove the folder (nothing "
+                "was saved) or choose another --workdir for the new settings"
             )
-        if not started:
-            logger.info("%s; nothing to restore, so it starts over from step 0", stopped)
+        if not started and not start_over:
+            raise ConfigError(
+                f"cannot resume: {stopped}, so there is nothing to resume from. Start it over with "
+                "--resume-or-start (its logs are cleared), or remove the folder or choose another --workdir"
+            )
         return
     diff = _differences(saved, current, ())
     if not started:
         other = f", with other settings ({'; '.join(diff)})" if diff else ""
         raise ConfigError(
-            f"{stopped}{other}. Pass --resume (with its flags) to start it over there, or remove the "
-            "folder or choose another --workdir"
+            f"{stopped}{other}. Pass --resume-or-start (with its flags) to start it over there, or remove "
+            "the folder or choose another --workdir"
         )
     if diff:
         raise ConfigError(
@@ -194,6 +215,16 @@ def _check_existing_run(path: pathlib.Path, current: dict[str, Any], *, resume: 
         f"the workdir {path} already holds this run; pass --resume to continue it, or use "
         "another --workdir to start afresh"
     )
+
+
+def clear_logs(workdir: str | os.PathLike) -> None:
+    """Removes a run's logs (``metrics.jsonl``, TensorBoard events, ``curves.png``), for a run started over."""
+    import shutil
+
+    path = pathlib.Path(workdir)
+    for name in ("metrics.jsonl", "curves.png"):
+        (path / name).unlink(missing_ok=True)
+    shutil.rmtree(path / "tensorboard", ignore_errors=True)
 
 
 def rewind_jsonl(path: str | os.PathLike, step: int) -> int:

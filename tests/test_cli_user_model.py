@@ -233,8 +233,16 @@ def test_workdir_without_a_checkpoint_says_what_happened(trained, tmp_path, caps
     shutil.copy(workdir / W.CONFIG_FILE, crashed / W.CONFIG_FILE)  # a run killed before its first save
     argv = [a if a != str(workdir) else str(crashed) for a in argv]
     code, _, err = _main(capsys, *argv)
-    _one_line_error(code, err, "stopped before its first checkpoint", "--resume", "choose another --workdir")
+    _one_line_error(code, err, "stopped before its first checkpoint", "--resume-or-start", "choose another --workdir")
     assert sorted(p.name for p in crashed.iterdir()) == [W.CONFIG_FILE]
+    code, _, err = _main(capsys, *argv, "--resume")  # nothing to resume from: said, not a silent restart
+    _one_line_error(code, err, "nothing to resume from", "--resume-or-start")
+    (crashed / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 9.0}\n')
+    code, summary, err = _main(capsys, *argv, "--resume-or-start")
+    assert code == 0, err[-3000:]
+    assert summary["resumed_from_step"] is None
+    records = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("loss") != 9.0 for r in records)  # the stale attempt's log is gone, not duplicated
 
 
 @pytest.mark.parametrize(

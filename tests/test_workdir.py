@@ -22,6 +22,7 @@ def test_fresh_workdir_records_the_config(tmp_path):
     workdir = tmp_path / "run"
     assert W.check_workdir(workdir, CONFIG, resume=False) == workdir
     assert W.read_config(workdir) == CONFIG
+    (workdir / "checkpoints" / "7").mkdir(parents=True)  # its first checkpoint
     W.check_workdir(workdir, CONFIG, resume=True)  # the same run continues
 
 
@@ -46,6 +47,7 @@ def test_another_run_in_the_same_workdir_is_refused(tmp_path):
 def test_mutable_keys_may_change_on_resume(tmp_path):
     workdir = tmp_path / "run"
     W.check_workdir(workdir, CONFIG, resume=False)
+    (workdir / "checkpoints" / "7").mkdir(parents=True)
     longer = {**CONFIG, "epochs": 4}
     with pytest.raises(ConfigError, match="epochs: 2 in the saved run, 4 now"):
         W.check_workdir(workdir, longer, resume=True)
@@ -128,7 +130,14 @@ def test_run_stopped_before_its_first_checkpoint(tmp_path, caplog):
     with pytest.raises(ConfigError, match=r"stopped before its first checkpoint.*and it had other settings "
                                           r"\(lr: 0.001 in the saved run, 0.1 now\).*remove the folder"):
         W.check_workdir(workdir, {**CONFIG, "lr": 0.1}, resume=True, mutable_keys=W.RESUMABLE_KEYS)
+    with pytest.raises(ConfigError, match=r"nothing to resume from\. Start it over with --resume-or-start"):
+        W.check_workdir(workdir, CONFIG, resume=True, mutable_keys=W.RESUMABLE_KEYS)
     assert _all_files(workdir) == before
+    (workdir / "metrics.jsonl").write_text('{"step": 3}\n')  # the stale logs of the attempt
+    (workdir / "tensorboard").mkdir()
     with caplog.at_level("INFO", logger="jaxnet.workdir"):
-        W.check_workdir(workdir, CONFIG, resume=True, mutable_keys=W.RESUMABLE_KEYS)  # starts it over
-    assert "nothing to restore, so it starts over from step 0" in caplog.text
+        W.check_workdir(workdir, CONFIG, resume="auto", mutable_keys=W.RESUMABLE_KEYS)  # starts it over
+    assert "starting it over from step 0" in caplog.text
+    assert not (workdir / "metrics.jsonl").exists() and not (workdir / "tensorboard").exists()
+    with pytest.raises(ConfigError, match="resume must be"):
+        W.check_workdir(workdir, CONFIG, resume="yes")
