@@ -25,7 +25,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from jaxnet.errors import ConfigError, JaxnetError
+from jaxnet.errors import ConfigError, Interrupted, JaxnetError, TrainingDiverged
 from jaxnet.runconfig import (
     LOSS_OF_OUTPUT,
     LOSSES,
@@ -55,7 +55,8 @@ def _model_arg(text: str) -> str:
 
 # Flags that say where data comes from or how the run is watched and saved: not part of the
 # recorded run config (W/config.json), so they may differ on --resume.
-OPERATIONAL_FLAGS = ("config", "data_dir", "no_download", "workdir", "resume", "resume_or_start", "checkpoint_every",
+OPERATIONAL_FLAGS = ("config", "data_dir", "no_download", "workdir", "resume", "resume_or_start", "on_nan",
+                     "checkpoint_every",
                      "keep_checkpoints", "eval_batch_size", "json", "no_progress")
 
 
@@ -156,6 +157,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object on the last line of stdout")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--on-nan", choices=("stop", "continue"), default="stop",
+                   help="a NaN or infinite loss: stop the run (exit status 1, naming the step and the last "
+                        "finite checkpoint) or train on; no checkpoint is ever written from a non-finite state")
     p.set_defaults(func=run_train)
     return p
 
@@ -319,7 +323,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         workdir=args.workdir, checkpoint_every=args.checkpoint_every,
         resume="auto" if args.resume_or_start else args.resume,
         keep_checkpoints=args.keep_checkpoints, config=config.to_json(), devices=args.devices, fsdp=args.fsdp,
-        precision=args.precision, progress=not args.no_progress,
+        precision=args.precision, progress=not args.no_progress, on_nan=args.on_nan,
     )
     summary = dict(result.summary)
     summary.update(model=args.model, dataset=dataset, loss=config.loss, normalize=normalize, seed=args.seed,
@@ -327,9 +331,22 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON has no NaN)."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(summary, default=str))
+    if as_json:  # strict JSON: a NaN or infinite number is null
+        print(json.dumps(strict_json(summary), default=str, allow_nan=False))
         return
     print(f"model {summary['model']} on {summary['dataset']} ({summary['dataset_source']})")
     print(f"{summary['epochs']} epochs, {summary['steps']} steps in {summary['train_seconds']:.1f} s "
@@ -430,9 +447,15 @@ def _run(args: argparse.Namespace) -> int:
 
             initialize_from_env()
         summary = args.func(args)
+    except TrainingDiverged as exc:  # the run, not the command line, went wrong: no "error:", status 1
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
     except (JaxnetError, OSError) as exc:  # bad names, values, files, folders
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # SIGTERM / Ctrl-C during training: the checkpoint is on disk
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -145,3 +145,93 @@ def test_metrics_count_nan_outputs_as_wrong():
     out = metrics.metrics_compute(m)
     assert out["accuracy"] == pytest.approx(1 / 3) and out["top5_accuracy"] == pytest.approx(1 / 3)
     assert int(np.asarray(m.confusion).sum()) == 3
+
+
+# -- the same through the command line, as a scheduler and an operator meet them ----------------------
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN = ["train", "--model", "mlp128", "--epochs", "2", "--batch-size", "64", "--json", "--no-download",
+         "--no-progress"]
+
+
+def _env(tmp_path: pathlib.Path) -> dict[str, str]:
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "empty-cache"), JAXNET_DATA_DIR="",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _jaxnet(tmp_path, *args, timeout=600) -> tuple[int, str, str]:
+    proc = subprocess.run([sys.executable, "-m", "jaxnet", *args], capture_output=True, text=True,
+                          env=_env(tmp_path), timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _strict(line: str) -> dict:
+    def reject(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(line, parse_constant=reject)
+
+
+@pytest.mark.slow
+def test_cli_sigterm_mid_epoch_then_resume_loses_no_step(tmp_path):
+    w = tmp_path / "w"
+    code, out, err = _jaxnet(tmp_path, *TRAIN)
+    assert code == 0, err[-3000:]
+    reference = _strict(out.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-m", "jaxnet", *TRAIN, "--workdir", str(w), "--checkpoint-every", "500"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    metrics, deadline = w / "metrics.jsonl", time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # wait for training to be under way
+        if metrics.is_file() and sum('"train"' in line for line in metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("jaxnet: stopped by SIGTERM")]
+    assert len(lines) == 1 and lines[0].endswith("checkpoint saved; continue with --resume"), err[-3000:]
+    step = int(lines[0].split("at step ")[1].split(";")[0])
+    assert 0 < step < reference["steps"] and step in steps_in(w) and "Traceback" not in err
+    code, out, err = _jaxnet(tmp_path, *TRAIN, "--workdir", str(w), "--checkpoint-every", "500", "--resume")
+    assert code == 0, err[-3000:]
+    resumed = _strict(out.strip().splitlines()[-1])
+    assert resumed["resumed_from_step"] == step
+    assert resumed["params_sha256"] == reference["params_sha256"] and resumed["steps"] == reference["steps"]
+
+
+@pytest.mark.slow
+def test_cli_divergence_in_epoch_two_keeps_epoch_one_and_export_picks_it(tmp_path):
+    w = tmp_path / "w"
+    args = [*TRAIN, "--epochs", "3", "--optimizer", "sgd", "--lr", "0.01", "--schedule", "exponential",
+            "--gamma", "1000000", "--workdir", str(w)]
+    code, out, err = _jaxnet(tmp_path, *args)
+    assert code == 1, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    steps_per_epoch = 6000 // 64
+    assert line.startswith("jaxnet: training diverged at step ") and "(loss " in line, err[-3000:]
+    assert line.endswith(f"last finite checkpoint: step {steps_per_epoch}") and "Traceback" not in err
+    assert steps_in(w) == [steps_per_epoch]
+    code, out, err = _jaxnet(tmp_path, "export", "--workdir", str(w), "--out", str(tmp_path / "m.jaxexport"),
+                             "--step", "latest")
+    assert code == 0, err[-3000:]
+    assert f"checkpoint step {steps_per_epoch}" in out
+    for line in (w / "metrics.jsonl").read_text().splitlines():
+        _strict(line)
+
+
+@pytest.mark.slow
+def test_cli_json_is_strict_when_training_goes_on_through_nan(tmp_path):
+    code, out, err = _jaxnet(tmp_path, *TRAIN, "--epochs", "1", "--optimizer", "sgd", "--lr", "1e6",
+                             "--on-nan", "continue")
+    assert code == 0, err[-3000:]
+    summary = _strict(out.strip().splitlines()[-1])  # no bare NaN
+    assert summary["test_loss"] is None and summary["test_top5_accuracy"] < 1.0
+    assert summary["test_accuracy"] <= 0.2
