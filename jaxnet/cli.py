@@ -27,6 +27,8 @@ from typing import Any
 
 from jaxnet.errors import ConfigError, Interrupted, JaxnetError, TrainingDiverged
 from jaxnet.runconfig import (
+    HelpFormatter,
+    seed as seed_arg,
     LOSS_OF_OUTPUT,
     LOSSES,
     RunConfig,
@@ -84,7 +86,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
             f"{', '.join('--' + f.replace('_', '-') for f in OPERATIONAL_FLAGS)}; --resume refuses "
             f"any other change except {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_KEYS)}."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--config", default=None, metavar="FILE.toml",
                    help="TOML file of flag values (keys are flag names); flags given here override it")
@@ -130,7 +132,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="random crop + horizontal flip (on device)")
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
                    help="run each epoch as one compiled lax.scan over device-resident data")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and dropout")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed for init, shuffling and dropout")
     p.add_argument("--workdir", default=None,
                    help="folder for config.json, metrics.jsonl, TensorBoard events, curves.png, the model "
                         "for 'jaxnet export' and checkpoints (one per epoch end; default: write nothing)")

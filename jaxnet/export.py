@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet.errors import ConfigError, DataError
-from jaxnet.runconfig import CLASSIFIER_OUTPUTS, LOSSES, VALUE_OUTPUTS
+from jaxnet.runconfig import CLASSIFIER_OUTPUTS, LOSSES, VALUE_OUTPUTS, HelpFormatter
 
 EXPORT_FORMAT = 1
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -468,11 +468,8 @@ class ExportedModel:
                 f"{self.path} takes a batch of shape (N, {', '.join(map(str, want))}), got {x.shape}"
                 + ("; add a batch axis with x[None]" if tuple(x.shape) == want else "")
             )
-        if self.input_dtype == np.uint8 and x.dtype != np.uint8:
-            raise DataError(
-                f"{self.path} takes raw uint8 pixels (0..255), got {x.dtype}; convert images in "
-                "[0, 1] with (x * 255).round().astype(np.uint8)"
-            )
+        if self.input_dtype == np.uint8:
+            x = as_pixels(x, str(self.path))
         if self.input_dtype != np.uint8:
             x = x.astype(self.input_dtype)
         try:
@@ -606,15 +603,31 @@ def probabilities(outputs: np.ndarray, output: str) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
+def as_pixels(x: np.ndarray, where: str) -> np.ndarray:
+    """Inputs of a model that takes raw pixels, as uint8: integer pixel values 0..255 are taken as they are.
+
+    Raises:
+        DataError: floats (which scale they are in cannot be known), or integers outside 0..255.
+    """
+    if x.dtype == np.uint8:
+        return x
+    if np.issubdtype(x.dtype, np.integer) or x.dtype == bool:
+        lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise DataError(f"{where}: holds {x.dtype} values in [{lo}, {hi}]; the model takes pixels 0..255")
+        return x.astype(np.uint8)
+    raise DataError(
+        f"{where}: holds {x.dtype} values, the model takes raw pixels 0..255 (uint8); for images in [0, 1] "
+        "save (x * 255).round().astype(np.uint8), for pixel values stored as floats x.round().astype(np.uint8)"
+    )
+
+
 def _read_batches(model: ExportedModel, files: Sequence[str | os.PathLike]) -> Iterator[tuple[list[str], np.ndarray]]:
     """``(names, outputs)`` per file: ``file`` for one example, ``file[i]`` for a batch's."""
     for file in files:
         batch, batched = read_inputs(file, model.input_shape)
-        if model.input_dtype == np.uint8 and batch.dtype != np.uint8:
-            raise DataError(
-                f"{file}: holds {batch.dtype} values, the model takes raw uint8 pixels (0..255); "
-                "save (x * 255).round().astype(np.uint8) for images in [0, 1]"
-            )
+        if model.input_dtype == np.uint8:
+            batch = as_pixels(batch, str(file))
         names = [f"{file}[{i}]" for i in range(len(batch))] if batched else [str(file)]
         yield names, model(batch)
 
@@ -704,7 +717,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                     "and weights included, as one file that runs without jaxnet's model code. Works "
                     "for any run, from jaxnet train or jaxnet.fit: the function recorded in W/model/, "
                     "else the model rebuilt from W/config.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--workdir", required=True, help="the run's --workdir (config.json and checkpoints/)")
     p.add_argument("--out", required=True, help="file to write, e.g. model.jaxexport")

@@ -89,6 +89,31 @@ def fraction(text: str) -> float:
     return value
 
 
+SEED_MAX = 2**32 - 1  # seeds are uint32, as numpy's and JAX's PRNG keys take them
+
+
+def seed(text: str) -> int:
+    """``--seed``: an integer in ``[0, 2**32 - 1]``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, {SEED_MAX}], got {value}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default once: not added where the help text already says it, nor for None/False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def json_object(text: str) -> dict[str, Any]:
     """``type=`` for ``--model-kwargs``: a JSON object such as ``'{"width": 128}'``."""
     try:
@@ -102,7 +127,7 @@ def json_object(text: str) -> dict[str, Any]:
 
 # What a --config value of each flag type must be in TOML (bool is an int in Python: refused apart).
 _TOML_TYPES: dict[Any, tuple[type, ...]] = {
-    positive_int: (int,), int: (int,), nonnegative_float: (int, float), positive_float: (int, float),
+    positive_int: (int,), int: (int,), seed: (int,), nonnegative_float: (int, float), positive_float: (int, float),
     fraction: (int, float), float: (int, float), json_object: (dict,), None: (str,), str: (str,),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", dict: "a table", str: "a string", bool: "true or false"}

@@ -235,3 +235,36 @@ def test_cli_json_is_strict_when_training_goes_on_through_nan(tmp_path):
     summary = _strict(out.strip().splitlines()[-1])  # no bare NaN
     assert summary["test_loss"] is None and summary["test_top5_accuracy"] < 1.0
     assert summary["test_accuracy"] <= 0.2
+
+
+# -- the smaller items: each mistake one clear line ------------------------------------------------
+
+
+def test_small_cli_items(capsys):
+    from jaxnet import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--seed", "99999999999999999999999"])
+    assert info.value.code == 2 and "expected a seed in [0, 4294967295]" in capsys.readouterr().err
+    assert cli.main(["train", "--grad-accum", "100", "--no-download", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "93 batches of 64, fewer than the 100 accumulated per step" in err and "larger than" not in err
+    for command in (["train"], ["export"], ["predict"], ["bench"]):
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        import re
+
+        assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text), command
+
+
+def test_predict_takes_integer_pixels_and_advises_on_floats():
+    from jaxnet.errors import DataError
+    from jaxnet.export import as_pixels
+
+    pixels = np.array([[0, 17, 255]], np.int64)
+    assert as_pixels(pixels, "x.npy").dtype == np.uint8
+    with pytest.raises(DataError, match=r"values in \[-1, 255\]"):
+        as_pixels(np.array([-1, 255]), "x.npy")
+    with pytest.raises(DataError, match=r"\(x \* 255\)\.round\(\).*x\.round\(\)"):
+        as_pixels(np.zeros(3, np.float32), "x.npy")

@@ -35,6 +35,7 @@ from jaxnet.bench.workload import (
     model_info,
 )
 from jaxnet.errors import ConfigError, JaxnetError
+from jaxnet.runconfig import HelpFormatter
 
 __all__ = ["build_workloads", "main", "register_cli", "run_bench"]
 
@@ -85,7 +86,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
             "its whole-epoch lax.scan; report steps/s (median, min, max of interleaved repeats), "
             "first-step latency with a cold and a warm compilation cache, GFLOP/s and share of the "
             "CPU's peak, peak memory, compile counts and whether the losses agree."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", type=_name_list, default=None,
                    help="comma-separated model names (default: every tutorial model)")
