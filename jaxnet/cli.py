@@ -123,6 +123,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--schedule", default=None, choices=SCHEDULES, help="learning-rate schedule")
     p.add_argument("--gamma", type=nonnegative_float, default=None, help="decay factor per epoch (step/exponential schedules)")
     p.add_argument("--step-size", type=positive_int, default=None, help="epochs between decays (step schedule)")
+    p.add_argument("--warmup-epochs", type=nonnegative_float, default=None, metavar="E",
+                   help="linear warm-up of --schedule warmup_cosine, in epochs (fractions allowed; "
+                        "default: 5%% of the run)")
     p.add_argument("--clip-norm", type=positive_float, default=None, help="clip gradients to this global norm")
     p.add_argument("--clip-value", type=positive_float, default=None, help="clip each gradient to [-v, v]")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
@@ -253,7 +256,7 @@ def _create_optimizer(args: argparse.Namespace, recipe: Any, steps_per_epoch: in
 
     s = {"optimizer": args.optimizer or recipe.optimizer, "lr": recipe.lr if args.lr is None else args.lr,
          "schedule": args.schedule or recipe.schedule, "gamma": recipe.gamma if args.gamma is None else args.gamma,
-         "step_size": args.step_size or recipe.step_size,
+         "step_size": args.step_size or recipe.step_size, "warmup_epochs": args.warmup_epochs,
          "momentum": recipe.momentum if args.momentum is None else args.momentum,
          "nesterov": bool(args.nesterov), "weight_decay": args.weight_decay,
          "clip_norm": args.clip_norm, "clip_value": args.clip_value, "grad_accum": args.grad_accum}
@@ -261,7 +264,8 @@ def _create_optimizer(args: argparse.Namespace, recipe: Any, steps_per_epoch: in
         raise ConfigError(f"--schedule {s['schedule']} needs the steps per epoch, unknown for data given as "
                           "batches; return arrays from --dataset, or use --schedule constant")
     schedule = optim.create_schedule(s["schedule"], s["lr"], steps_per_epoch=steps_per_epoch or 1, epochs=epochs,
-                                     step_size=s["step_size"], gamma=s["gamma"])
+                                     step_size=s["step_size"], gamma=s["gamma"],
+                                     warmup_epochs=s["warmup_epochs"])
     opt_kwargs = {k: s[k] for k in ("weight_decay", "clip_norm", "clip_value") if s[k] is not None}
     if s["optimizer"] in ("sgd", "rmsprop"):
         opt_kwargs["momentum"] = s["momentum"]

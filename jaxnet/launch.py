@@ -15,7 +15,9 @@ rehearse a multi-host run on one machine.
 
 The launcher watches its children: when one exits with an error, it stops
 the others and reports which process died and how, instead of leaving them
-blocked in a collective that can never complete.
+blocked in a collective that can never complete. Each process waits at most
+``JAXNET_INIT_TIMEOUT`` seconds (default 300) for the others to join, and
+Ctrl-C stops them all, also while they wait.
 
 Several hosts use the same variables, one process per host (or per GPU)::
 

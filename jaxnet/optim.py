@@ -37,6 +37,8 @@ from jaxnet.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("constant", "step", "exponential", "cosine", "warmup_cosine")
+# Default warm-up of "warmup_cosine": this share of the run's steps (at least one).
+WARMUP_FRACTION = 0.05
 
 # torch.optim's defaults; None means torch has none (SGD's lr is required).
 _DEFAULT_LR = {"sgd": None, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-2,
@@ -395,7 +397,8 @@ def create_schedule(
     epochs: int | None = None,
     step_size: int | None = None,
     gamma: float = 0.1,
-    warmup_steps: int = 0,
+    warmup_steps: int | None = None,
+    warmup_epochs: float | None = None,
     end_lr: float = 0.0,
 ) -> optax.Schedule:
     """A learning-rate schedule of the optimizer *step* count, torch's formulas.
@@ -410,9 +413,11 @@ def create_schedule(
     * ``exponential``: ``ExponentialLR``, ``base_lr * gamma ** epoch``.
     * ``cosine``: ``CosineAnnealingLR(T_max=epochs * steps_per_epoch,
       eta_min=end_lr)`` stepped per step; held at ``end_lr`` after ``T_max``.
-    * ``warmup_cosine``: linear warm-up from 0 to ``base_lr`` over
-      ``warmup_steps``, then cosine to ``end_lr`` at ``epochs * steps_per_epoch``
-      (torch: ``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``).
+    * ``warmup_cosine``: linear warm-up from 0 to ``base_lr`` over the first
+      ``warmup_steps`` steps (or ``warmup_epochs`` epochs; by default
+      :data:`WARMUP_FRACTION` of the run, at least one step), then cosine to
+      ``end_lr`` at ``epochs * steps_per_epoch`` (torch: ``SequentialLR`` of
+      ``LinearLR`` and ``CosineAnnealingLR``). A warm-up of 0 is ``cosine``.
 
     Args:
         name: one of :data:`SCHEDULES`.
@@ -421,7 +426,9 @@ def create_schedule(
         epochs: length of the run; required by ``cosine`` and ``warmup_cosine``.
         step_size: epochs between decays; required by ``step``.
         gamma: decay factor of ``step`` and ``exponential``.
-        warmup_steps: steps of linear warm-up (``warmup_cosine``).
+        warmup_steps: steps of linear warm-up (``warmup_cosine`` only).
+        warmup_epochs: the warm-up in epochs instead, rounded to whole steps
+            (``warmup_cosine`` only; not together with ``warmup_steps``).
         end_lr: final learning rate of the cosine schedules (torch ``eta_min``).
 
     Returns:
@@ -433,6 +440,9 @@ def create_schedule(
     >>> schedule = create_schedule("step", 0.1, steps_per_epoch=100, step_size=30)
     >>> round(float(schedule(3000)), 6)  # epoch 30: 0.1 * 0.1
     0.01
+    >>> warm = create_schedule("warmup_cosine", 0.1, steps_per_epoch=100, epochs=10)  # 50 warm-up steps
+    >>> [round(float(warm(s)), 6) for s in (0, 25, 50)]
+    [0.0, 0.05, 0.1]
     """
     if name not in SCHEDULES:
         raise ConfigError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
@@ -440,6 +450,9 @@ def create_schedule(
         raise ConfigError(f"base_lr must be >= 0; got {base_lr}")
     if not (isinstance(steps_per_epoch, int) and steps_per_epoch > 0):
         raise ConfigError(f"steps_per_epoch must be a positive int; got {steps_per_epoch!r}")
+    if name != "warmup_cosine" and (warmup_steps is not None or warmup_epochs is not None):
+        what = "warmup_steps" if warmup_steps is not None else "warmup_epochs"
+        raise ConfigError(f"{what} applies to schedule 'warmup_cosine', not {name!r}; drop it or use warmup_cosine")
     if name == "constant":
         return lambda count: jnp.full(jnp.shape(count), base_lr, jnp.float32)
     if name in ("step", "exponential"):
@@ -449,12 +462,29 @@ def create_schedule(
     total = epochs * steps_per_epoch
     if name == "cosine":
         return _cosine(base_lr, end_lr, total)
-    if not 0 <= warmup_steps < total:
-        raise ConfigError(
-            f"warmup_steps must be in [0, {total}) (epochs * steps_per_epoch); got {warmup_steps}")
+    warmup = _warmup_steps(warmup_steps, warmup_epochs, steps_per_epoch, total)
+    if warmup == 0:
+        return _cosine(base_lr, end_lr, total)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps,
+        init_value=0.0, peak_value=base_lr, warmup_steps=warmup,
         decay_steps=total, end_value=end_lr)
+
+
+def _warmup_steps(warmup_steps: int | None, warmup_epochs: float | None, steps_per_epoch: int,
+                  total: int) -> int:
+    """The warm-up of ``warmup_cosine`` in steps: given in steps or epochs, else a share of the run."""
+    if warmup_steps is not None and warmup_epochs is not None:
+        raise ConfigError(f"give warmup_steps or warmup_epochs, not both; got {warmup_steps} and {warmup_epochs}")
+    if warmup_epochs is not None:
+        if not (isinstance(warmup_epochs, (int, float)) and 0 <= warmup_epochs * steps_per_epoch < total):
+            raise ConfigError(f"warmup_epochs must be in [0, {total / steps_per_epoch:g}) (the run's epochs); "
+                              f"got {warmup_epochs!r}")
+        return round(warmup_epochs * steps_per_epoch)
+    if warmup_steps is None:  # the default: a short warm-up, never the whole run
+        return min(max(1, round(WARMUP_FRACTION * total)), total - 1)
+    if not (isinstance(warmup_steps, int) and 0 <= warmup_steps < total):
+        raise ConfigError(f"warmup_steps must be in [0, {total}) (epochs * steps_per_epoch); got {warmup_steps!r}")
+    return warmup_steps
 
 
 def _epoch_decay(name: str, base_lr: float, steps_per_epoch: int, step_size: int | None,

@@ -254,6 +254,7 @@ class RunConfig:
     schedule: str  # a name of jaxnet.optim.SCHEDULES
     gamma: float  # decay factor per epoch (step / exponential schedules)
     step_size: int  # epochs between decays (step schedule)
+    warmup_epochs: float | None  # warm-up of warmup_cosine (None: 5% of the run)
     clip_norm: float | None  # global gradient-norm clipping threshold
     clip_value: float | None  # per-element gradient clipping threshold
     grad_accum: int  # batches accumulated per optimizer step

@@ -35,6 +35,52 @@ def _plain(value: Any) -> Any:
 HISTOGRAM_BINS = 64  # buckets per parameter histogram
 
 
+def _float_values(value: Any) -> np.ndarray:
+    """``value`` flattened to float32 (bf16, ints, bools alike), or float64 where it already is."""
+    x = np.asarray(value)
+    dtype = np.float64 if x.dtype == np.float64 else np.float32  # casting 1e300 to float32 would overflow
+    return x.astype(dtype, copy=False).ravel()
+
+
+def _histogram(x: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.histogram(x, bins)`` of finite ``x``, also where numpy cannot make finite-sized bins.
+
+    Numpy raises or overflows where ``max - min`` exceeds the dtype's range
+    (float32 values beyond ~1.7e38) or is too small for ``bins`` distinct
+    edges (a bias at 1.0 and one float32 step above it; all values 1e20).
+    Those arrays are binned in float64: a (nearly) constant range widened by
+    numpy's +-0.5 (or 2**-20 of the value where that vanishes), one beyond
+    even the float64 range halved first (exact). Returns counts and edges.
+    """
+    lo, hi = float(x.min()), float(x.max())
+    if _has_room(lo, hi, x.dtype, bins):
+        return np.histogram(x, bins=bins, range=(lo, hi))  # the usual case, in the array's own precision
+    x, big = x.astype(np.float64, copy=False), float(np.finfo(np.float64).max)
+    if not _has_room(lo, hi, np.float64, bins) and hi - lo < big:
+        pad = max(0.5, max(abs(lo), abs(hi)) * 2.0**-20)
+        lo, hi = max(lo - pad, -big), min(hi + pad, big)
+    scale = 1.0 if hi - lo < big else 2.0
+    counts, edges = np.histogram(x / scale, bins=bins, range=(lo / scale, hi / scale))
+    return counts, edges * scale
+
+
+def _has_room(lo: float, hi: float, dtype: Any, bins: int) -> bool:
+    """Whether ``bins`` equal buckets from ``lo`` to ``hi`` have distinct, finite edges in ``dtype``."""
+    info = np.finfo(dtype)
+    ulp = float(info.eps) * max(abs(lo), abs(hi))  # >= the float spacing there
+    return 4 * bins * ulp < hi - lo < float(info.max)
+
+
+def _sums(x: np.ndarray) -> tuple[float, float]:
+    """The sum and the sum of squares of finite ``x``; float32 squares past 3.4e38 redone in float64."""
+    with np.errstate(over="ignore"):  # only float64 sums past 1.8e308 stay inf, which they are
+        total, squares = float(x.sum(dtype=np.float64)), float(np.dot(x, x))
+        if not math.isfinite(squares) and x.dtype != np.float64:
+            x = x.astype(np.float64)
+            squares = float(np.dot(x, x))
+    return total, squares
+
+
 class MetricsLogger:
     """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard event files.
 
@@ -92,28 +138,40 @@ class MetricsLogger:
                     self._writer.add_scalar(f"{split}/{name}", value, int(step))
         return record
 
-    def histograms(self, step: int, arrays: Mapping[str, Any], *, bins: int = HISTOGRAM_BINS) -> None:
+    def histograms(self, step: int, arrays: Mapping[str, Any], *, bins: int = HISTOGRAM_BINS) -> dict[str, int]:
         """Writes one TensorBoard histogram per array (``add_histogram``), over its finite values.
 
-        ``bins`` equal-width buckets between the array's minimum and maximum
+        ``bins`` equal-width buckets between the finite minimum and maximum
         (``np.histogram``; 4-5x less CPU than tensorboardX's default of ~1500
         exponential buckets, which matters once per epoch in a fast loop).
+        NaN and infinite values (a diverged run trained on with
+        ``on_nan="continue"``) are left out and counted; values near the
+        float32 limit are binned in float64, so nothing overflows or warns.
         Arrays with no finite value are skipped.
+
+        Returns:
+            ``{name: number of non-finite values left out}`` for the arrays
+            that had any (empty without TensorBoard).
         """
+        nonfinite: dict[str, int] = {}
         if self._writer is None:
-            return
+            return nonfinite
         for name, value in arrays.items():
-            x = np.asarray(value).astype(np.float32, copy=False).ravel()  # bf16, ints, float64 alike
-            if not np.isfinite(x).all():
-                x = x[np.isfinite(x)]
+            x = _float_values(value)
+            finite = np.isfinite(x)
+            if not finite.all():
+                nonfinite[name] = int(x.size - np.count_nonzero(finite))
+                x = x[finite]
             if x.size == 0:
                 continue
-            counts, edges = np.histogram(x, bins=bins)
+            counts, edges = _histogram(x, bins)
+            total, squares = _sums(x)
             self._writer.add_histogram_raw(
-                name, min=float(edges[0]), max=float(edges[-1]), num=int(x.size),
-                sum=float(x.sum(dtype=np.float64)), sum_squares=float(np.dot(x, x)),
-                bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=int(step),
+                name, min=float(edges[0]), max=float(edges[-1]), num=int(x.size), sum=total,
+                sum_squares=squares, bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(),
+                global_step=int(step),
             )
+        return nonfinite
 
     def flush(self) -> None:
         """Writes buffered TensorBoard events to disk (before a checkpoint, so a crash loses none)."""

@@ -194,6 +194,32 @@ def test_cosine_holds_end_lr_after_the_run():
     np.testing.assert_allclose([schedule(6), schedule(100)], [0.02, 0.02], rtol=1e-6)
 
 
+def test_warmup_cosine_warms_up_by_default_and_differs_from_cosine():
+    # 10 epochs of 10 steps: the default warm-up is 5% of the run, 5 steps rising linearly from 0.
+    warm = optim.create_schedule("warmup_cosine", 0.1, steps_per_epoch=10, epochs=10, end_lr=0.01)
+    cosine = optim.create_schedule("cosine", 0.1, steps_per_epoch=10, epochs=10, end_lr=0.01)
+    lrs = np.array([warm(jnp.int32(i)) for i in range(101)])
+    np.testing.assert_allclose(lrs[:6], [0.0, 0.02, 0.04, 0.06, 0.08, 0.1], rtol=1e-5, atol=1e-8)
+    assert np.all(np.diff(lrs[5:]) <= 1e-8) and lrs[-1] == pytest.approx(0.01)  # then cosine down to end_lr
+    assert not np.allclose(lrs[:10], [cosine(i) for i in range(10)])
+    assert optim.WARMUP_FRACTION == 0.05
+
+
+def test_warmup_given_in_epochs_or_steps():
+    by_epochs = optim.create_schedule("warmup_cosine", 0.1, steps_per_epoch=10, epochs=10, warmup_epochs=2)
+    by_steps = optim.create_schedule("warmup_cosine", 0.1, steps_per_epoch=10, epochs=10, warmup_steps=20)
+    for step in (0, 10, 20, 60):
+        assert float(by_epochs(step)) == float(by_steps(step))
+    assert float(by_epochs(10)) == pytest.approx(0.05) and float(by_epochs(20)) == pytest.approx(0.1)
+    half = optim.create_schedule("warmup_cosine", 0.1, steps_per_epoch=10, epochs=10, warmup_epochs=0.5)
+    assert float(half(5)) == pytest.approx(0.1) and float(half(4)) == pytest.approx(0.08)
+    # No warm-up is cosine, to the bit; a one-step run has no room for one.
+    none = optim.create_schedule("warmup_cosine", 0.1, steps_per_epoch=10, epochs=10, warmup_steps=0)
+    cosine = optim.create_schedule("cosine", 0.1, steps_per_epoch=10, epochs=10)
+    assert [float(none(i)) for i in range(0, 100, 7)] == [float(cosine(i)) for i in range(0, 100, 7)]
+    assert float(optim.create_schedule("warmup_cosine", 0.1, steps_per_epoch=1, epochs=1)(0)) == pytest.approx(0.1)
+
+
 def test_defaults_are_torchs():
     # Adam's default lr 1e-3: the first step moves each weight by ~lr (sign of the grad).
     params = {"w": jnp.array([1.0, -1.0])}
@@ -239,6 +265,12 @@ def test_state_structure_and_dtypes_are_stable_under_jit():
     (lambda: optim.create_schedule("constant", 0.1, steps_per_epoch=0), "steps_per_epoch"),
     (lambda: optim.create_schedule("warmup_cosine", 0.1, steps_per_epoch=2, epochs=2,
                                    warmup_steps=4), r"warmup_steps must be in \[0, 4\)"),
+    (lambda: optim.create_schedule("warmup_cosine", 0.1, steps_per_epoch=2, epochs=3,
+                                   warmup_epochs=3), r"warmup_epochs must be in \[0, 3\) \(the run's epochs\)"),
+    (lambda: optim.create_schedule("warmup_cosine", 0.1, steps_per_epoch=2, epochs=3, warmup_epochs=1,
+                                   warmup_steps=2), "give warmup_steps or warmup_epochs, not both"),
+    (lambda: optim.create_schedule("cosine", 0.1, steps_per_epoch=2, epochs=3, warmup_epochs=1),
+     "warmup_epochs applies to schedule 'warmup_cosine', not 'cosine'"),
 ])
 def test_invalid_configuration_raises_config_error(call, match):
     with pytest.raises(ConfigError, match=match):

@@ -61,3 +61,37 @@ def test_a_logger_without_workdir_writes_nothing_and_keeps_records(tmp_path):
     logger.histograms(3, {"w": np.ones(4)})
     logger.close()
     assert logger.records == [{"step": 3, "split": "epoch", "acc": 1.0}]
+
+
+def test_histograms_of_huge_and_non_finite_values_are_silent_and_correct(tmp_path):
+    # A diverged run trained on with on_nan="continue": values at the float32 limit, inf and nan.
+    import warnings
+
+    one = np.float32(1.0)
+    arrays = {
+        "huge": np.array([1e38, -1e38, 3e38, -3e38, np.inf, -np.inf, np.nan], np.float32),
+        "all_big": np.full(6, 1e38, np.float32),  # constant: numpy's +-0.5 vanishes at 1e38
+        "near_constant": np.array([one] * 5 + [np.nextafter(one, np.float32(2))]),  # 1.0 and one step above
+        "float64": np.array([1e300, -1e300, 1.0]),  # would overflow a cast to float32
+        "all_nan": np.full(3, np.nan, np.float32),
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with MetricsLogger(tmp_path) as logger:
+            skipped = logger.histograms(2, arrays)
+    assert [str(w.message) for w in caught] == []
+    assert skipped == {"huge": 3, "all_nan": 3}
+    acc = _accumulator(tmp_path / "tensorboard")
+    assert sorted(acc.Tags()["histograms"]) == ["all_big", "float64", "huge", "near_constant"]
+    for name, finite in [("huge", 4), ("all_big", 6), ("near_constant", 6), ("float64", 3)]:
+        h = acc.Histograms(name)[0].histogram_value
+        assert h.num == finite and sum(h.bucket) == finite, name
+        assert all(np.isfinite([h.min, h.max, h.sum])), name
+        assert list(h.bucket_limit) == sorted(set(h.bucket_limit)), name  # increasing edges
+    assert acc.Histograms("float64")[0].histogram_value.sum_squares == np.inf  # 2e600: beyond float64, truly
+    h = acc.Histograms("huge")[0].histogram_value
+    assert (h.min, h.max) == (pytest.approx(-3e38), pytest.approx(3e38))
+    assert h.sum == pytest.approx(0.0, abs=1e32) and h.sum_squares == pytest.approx(2e76 + 18e76, rel=1e-6)
+    assert (h.bucket[0], h.bucket[-1]) == (1, 1)
+    big = acc.Histograms("all_big")[0].histogram_value
+    assert big.min < 1e38 < big.max and big.sum_squares == pytest.approx(6e76, rel=1e-6)
