@@ -14,9 +14,9 @@ set (569 rows, 30 features, shipped inside scikit-learn: no download;
 ``pip install scikit-learn``).
 
 Command:  python examples/tabular.py
-Measured: see the closing lines this prints (test accuracy and seconds);
-the figures of the run that was checked are in the README's "Your model,
-your data" section.
+Measured (2-core Intel Xeon KVM guest, jax 0.10.2, 2026-12-03, seed 0):
+early stopping after 18 of 50 epochs, **test accuracy 97.35%** (110 of the
+113 held-out rows), ROC AUC 0.9961, 3.7-5.4 s of training.
 """
 
 from __future__ import annotations

@@ -16,8 +16,13 @@ it trains its own models, with what a real project needs:
 - random crop + flip on the device, the learning rate logged each epoch.
 
 Command:  python examples/your_model.py --data-dir ../shared/data --workdir runs/your_model
-Measured: see "Your model, your data" in the README (accuracy, epochs and
-seconds of the run that was checked, on a 2-core CPU).
+Measured (2-core Intel Xeon KVM guest, no GPU, jax 0.10.2, flax 0.12.8,
+2026-12-03, real CIFAR-10, seed 0, other jobs sharing the cores, load 3.4):
+validation accuracy 73.24% and **test accuracy 72.58%** after the 10 epochs
+(early stopping did not trigger), 1152 s including compilation (92-139 s per
+epoch). ``jaxnet export --workdir runs/your_model --step best`` exported the
+best-by-validation checkpoint (step 3510), which ``jaxnet predict`` ran at
+71.6% on the first 500 test images.
 """
 
 from __future__ import annotations

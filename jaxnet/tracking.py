@@ -195,7 +195,7 @@ class MetricsLogger:
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> pathlib.Path | None:
-    """Draws loss and accuracy per epoch (train and test) into a PNG file.
+    """Draws loss and accuracy per epoch (train, and validation or test) into a PNG file.
 
     Args:
         history: per-epoch records as returned in ``FitResult.history``.
@@ -215,13 +215,15 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
     if not history:
         return None
     epochs = [h["epoch"] for h in history]
-    panels = [("loss", ("train_loss", "test_loss")), ("accuracy", ("train_accuracy", "test_accuracy"))]
+    splits = ("train", "val", "test")
+    panels = [("loss", tuple(f"{s}_loss" for s in splits)), ("accuracy", tuple(f"{s}_accuracy" for s in splits))]
     panels = [(t, keys) for t, keys in panels if any(k in history[0] for k in keys)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
             if key in history[0]:
-                ax.plot(epochs, [h[key] for h in history], marker="o", label=key.split("_")[0])
+                label = {"val": "validation"}.get(key.split("_")[0], key.split("_")[0])
+                ax.plot(epochs, [h.get(key) for h in history], marker="o", label=label)
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
