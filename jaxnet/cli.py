@@ -459,10 +459,10 @@ def _run(args: argparse.Namespace) -> int:
     except (JaxnetError, OSError) as exc:  # bad names, values, files, folders
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except Interrupted as exc:  # SIGTERM / Ctrl-C during training: the checkpoint is on disk
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Interrupted) or hasattr(exc, "exit_status"):  # the checkpoint is on disk
+            print(f"{PROG}: {exc}", file=sys.stderr)  # (Interrupted; launch's LaunchStopped)
+            return exc.exit_status
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     if summary is not None:  # other commands print their own output

@@ -48,6 +48,32 @@ POLL_SECONDS = 0.1
 # Between SIGTERM and SIGKILL when stopping the survivors. JAX's preemption
 # notifier catches SIGTERM in a process that joined a run, so keep it short.
 GRACE_SECONDS = 2.0
+# After SIGTERM or Ctrl-C reaches the launcher: how long the processes get to finish their step and
+# write their checkpoint (they stop together) before they are killed.
+STOP_GRACE_SECONDS = 120.0
+
+
+class _Stopping(Exception):
+    """SIGTERM reached the launcher."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_gracefully(procs: list[subprocess.Popen], signum: int) -> list[int | None]:
+    """Passes a stopping signal on to the processes and waits for their checkpoints (then SIGKILL)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signum)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return [p.returncode for p in procs]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +176,11 @@ def launch(argv: Sequence[str], *, nproc: int, devices_per_proc: int | None = No
     port = free_port() if port is None else port
     start = time.monotonic()
     procs: list[subprocess.Popen] = []
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise _Stopping(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
     try:
         for rank in range(nproc):
             procs.append(subprocess.Popen(command, env=child_env(rank, nproc, port, devices_per_proc=devices_per_proc)))
@@ -171,9 +202,32 @@ def launch(argv: Sequence[str], *, nproc: int, devices_per_proc: int | None = No
                 running = [r for r, c in enumerate(codes) if c is None]
                 raise JaxnetError(f"processes {running} still running after {timeout:g} s; stopped them all")
             time.sleep(POLL_SECONDS)
+    except (_Stopping, KeyboardInterrupt) as exc:  # a scheduler's SIGTERM, or Ctrl-C: let them save first
+        signum = exc.signum if isinstance(exc, _Stopping) else signal.SIGINT
+        codes = _stop_gracefully(procs, signum)
+        name = signal.Signals(signum).name
+        raise LaunchStopped(name, 128 + signum, codes) from None
     except BaseException:
-        _stop(procs)  # KeyboardInterrupt or any error: never leave children behind
+        _stop(procs)  # any error: never leave children behind
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class LaunchStopped(KeyboardInterrupt):
+    """The launcher was stopped by SIGTERM or Ctrl-C; each process got the signal and was waited for."""
+
+    def __init__(self, signal_name: str, exit_status: int, returncodes: Sequence[int | None]):
+        self.exit_status, self.returncodes = exit_status, tuple(returncodes)
+        codes = ", ".join(f"process {r}: {c}" for r, c in enumerate(returncodes))
+        super().__init__(f"stopped by {signal_name}; passed it on to the processes and waited for them ({codes})")
 
 
 def run_launch(args: argparse.Namespace) -> None:

@@ -268,3 +268,36 @@ def test_predict_takes_integer_pixels_and_advises_on_floats():
         as_pixels(np.array([-1, 255]), "x.npy")
     with pytest.raises(DataError, match=r"\(x \* 255\)\.round\(\).*x\.round\(\)"):
         as_pixels(np.zeros(3, np.float32), "x.npy")
+
+
+@pytest.mark.slow
+def test_two_process_run_stopped_by_sigterm_saves_together_and_resumes_exactly(tmp_path):
+    """A scheduler's SIGTERM to the launcher: both processes stop at one step, save, and resume exactly."""
+    env = {**_env(tmp_path)}
+    train = ["launch", "--nproc", "2", "--devices-per-proc", "2", "--", "train", "--model", "mlp128",
+             "--no-download", "--batch-size", "64", "--epochs", "2", "--no-progress", "--json",
+             "--checkpoint-every", "1000"]
+    w = tmp_path / "w"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxnet", *train, "--workdir", str(w)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics, deadline = w / "metrics.jsonl", time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and sum('"train"' in line for line in metrics.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    stops = [line for line in err.splitlines() if line.startswith("jaxnet: stopped by SIGTERM at step")]
+    assert len(stops) >= 1 and "Traceback" not in err, err[-3000:]  # process 0 says it (each process may)
+    assert len({line.split("at step ")[1].split(";")[0] for line in stops}) == 1  # the same step everywhere
+    step = int(stops[0].split("at step ")[1].split(";")[0])
+    assert step in steps_in(w)
+    done = subprocess.run([sys.executable, "-m", "jaxnet", *train, "--workdir", str(w), "--resume"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = _strict(done.stdout.strip().splitlines()[-1])
+    straight = subprocess.run([sys.executable, "-m", "jaxnet", *train, "--workdir", str(tmp_path / "s")],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert resumed["resumed_from_step"] == step
+    assert resumed["params_sha256"] == _strict(straight.stdout.strip().splitlines()[-1])["params_sha256"]
