@@ -61,21 +61,6 @@ class _Stopping(Exception):
         self.signum = signum
 
 
-def _stop_gracefully(procs: list[subprocess.Popen], signum: int) -> list[int | None]:
-    """Passes a stopping signal on to the processes and waits for their checkpoints (then SIGKILL)."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signum)
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    return [p.returncode for p in procs]
-
-
 @dataclasses.dataclass(frozen=True)
 class LaunchResult:
     """How a launched run ended."""
@@ -134,18 +119,20 @@ def _describe(code: int) -> str:
     return f"exited with status {code}"
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM the running processes, then SIGKILL those still alive after the grace period."""
+def _stop(procs: list[subprocess.Popen], signum: int = signal.SIGTERM,
+          grace: float = GRACE_SECONDS) -> list[int | None]:
+    """Sends ``signum`` to the running processes, then SIGKILL to those still alive after ``grace`` s."""
     for p in procs:
         if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + GRACE_SECONDS
+            p.send_signal(signum)
+    deadline = time.monotonic() + grace
     for p in procs:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    return [p.returncode for p in procs]
 
 
 def launch(argv: Sequence[str], *, nproc: int, devices_per_proc: int | None = None, port: int | None = None,
@@ -204,7 +191,7 @@ def launch(argv: Sequence[str], *, nproc: int, devices_per_proc: int | None = No
             time.sleep(POLL_SECONDS)
     except (_Stopping, KeyboardInterrupt) as exc:  # a scheduler's SIGTERM, or Ctrl-C: let them save first
         signum = exc.signum if isinstance(exc, _Stopping) else signal.SIGINT
-        codes = _stop_gracefully(procs, signum)
+        codes = _stop(procs, signum, STOP_GRACE_SECONDS)  # they finish their step and save first
         name = signal.Signals(signum).name
         raise LaunchStopped(name, 128 + signum, codes) from None
     except BaseException:
