@@ -23,7 +23,17 @@ Counterpart of the tutorials' ``torch.save({"model": model.state_dict(),
   (``state_sha256``, in the JSON record); restoring verifies both and raises
   :class:`CheckpointError` naming the step and the file.
   :func:`restore_latest_good` then falls back to the previous step;
-* Orbax's INFO log lines stay out of the terminal.
+* a save that cannot succeed (disk full, read-only, permissions, a file in
+  the way) ends in one :class:`CheckpointError` line naming the step, the
+  path and the cause, within a step of the failure (:func:`check_saves`);
+  its partial folder is removed and the earlier checkpoints stay as they
+  were. :func:`probe_writable` finds most of these before a run starts;
+* a checkpoint records whether its state is finite; resuming, ``"latest"``
+  and ``"best"`` pass over one holding NaN/inf;
+* unfinished saves are deleted on opening only when no other live process
+  holds the workdir's lock (:mod:`jaxnet.lock`): they may be its save in
+  progress;
+* Orbax's INFO log lines and failure tracebacks stay out of the terminal.
 
 Layout of a checkpoint folder (``W/checkpoints`` for a run in ``--workdir W``,
 see :mod:`jaxnet.workdir`)::
@@ -49,6 +59,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
+import json
 import logging
 import math
 import numbers
@@ -60,11 +72,13 @@ from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from jaxnet import integrity
+from jaxnet import lock as lock_lib
 from jaxnet.errors import ConfigError, JaxnetError
 from jaxnet.integrity import MANIFEST_FILE, params_sha256  # noqa: F401  (re-exported)
 # The run-directory helpers that resuming needs live in jaxnet.workdir; they are
@@ -83,6 +97,8 @@ logger = logging.getLogger("jaxnet.checkpoint")
 QUARANTINE_DIR = "corrupt"  # damaged steps are moved here, under the checkpoint folder
 ARRAYS_FILE = "arrays.npz"  # a single-process state, in <step>/state/
 DEFAULT_BEST_METRIC = "test_accuracy"  # what `jaxnet train` ranks checkpoints by
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # Orbax's JSON of each step (item handlers, time stamps)
+PROBE_FILE = ".jaxnet-write-probe"  # probe_writable's file, removed again
 
 
 class CheckpointError(JaxnetError):
@@ -121,6 +137,9 @@ class Checkpointer:
             runs one save at a time); read by the manifest writer.
         worker: the thread that digests a host copy and hands it to Orbax.
         submitting: the worker's pending job (at most one), if any.
+        reported: Orbax's exceptions of failed saves that were already raised
+            as a CheckpointError (Orbax raises each once in every thread that
+            waits; the later ones are ignored).
     """
 
     manager: ocp.CheckpointManager
@@ -133,6 +152,7 @@ class Checkpointer:
     worker: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxnet-checkpoint"))
     submitting: list[concurrent.futures.Future] = dataclasses.field(default_factory=list)
+    reported: list[BaseException] = dataclasses.field(default_factory=list)
 
 
 class _StateHandler(ocp.AsyncCheckpointHandler):
@@ -239,10 +259,22 @@ def _nest(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 _EXPECTED_ORBAX_WARNINGS = ("did not provide metrics", "read_only=True, setting save_interval_steps=0",
                             "Given directory is read only")
+# Orbax's complaints about a step's _CHECKPOINT_METADATA (the raw file content included);
+# restoring checks that file itself and names the damage (verify_files).
+_STEP_METADATA_COMPLAINTS = ("Failed to json parse Metadata file", "Failed to read Metadata file",
+                             "Metadata file does not exist")
 
 
 class _OrbaxNoiseFilter(logging.Filter):
-    """Drops Orbax's INFO/DEBUG records (~60 per save) and the warnings about what jaxnet does on purpose."""
+    """Drops Orbax's INFO/DEBUG records (~60 per save), the warnings about what jaxnet does on purpose,
+    and the tracebacks of failures that jaxnet raises as one CheckpointError line.
+
+    A failed save makes Orbax log ~150-240 lines of tracebacks from its
+    threads; the failure itself reaches the caller of :func:`save`,
+    :func:`wait` or :func:`close`. Those records (and any other Orbax
+    record that carries a traceback) go to the ``jaxnet.checkpoint`` logger
+    at DEBUG instead, for whoever debugs Orbax.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if f"{os.sep}orbax{os.sep}" not in record.pathname:
@@ -252,7 +284,12 @@ class _OrbaxNoiseFilter(logging.Filter):
         # Saves without the ranking metric (mid-epoch ones) are intended, and
         # so is opening a folder read-only (jaxnet export, inspection).
         message = record.getMessage()
-        return not any(text in message for text in _EXPECTED_ORBAX_WARNINGS)
+        if any(text in message for text in (*_EXPECTED_ORBAX_WARNINGS, *_STEP_METADATA_COMPLAINTS)):
+            return False
+        if record.exc_info:
+            logger.debug("Orbax: %s", message, exc_info=record.exc_info)
+            return False
+        return True
 
 
 _ORBAX_NOISE_FILTER = _OrbaxNoiseFilter()
@@ -287,13 +324,17 @@ def create_checkpoint_manager(
     async_save: bool = True,
     array_format: str = "npz",
     read_only: bool = False,
+    clean_unfinished: bool = True,
 ) -> Checkpointer:
     """Opens (creating if needed) a folder of checkpoints.
 
     Counterpart of choosing where ``torch.save`` writes, plus the retention
     rules of Lightning's ``ModelCheckpoint(save_top_k=..., monitor=...)``.
     Leftovers of saves that were interrupted (``<step>.orbax-checkpoint-tmp-*``)
-    are deleted when the folder is opened for writing.
+    are deleted when the folder is opened for writing, unless another
+    process holds the lock of the workdir above it (``W/.jaxnet.lock`` for
+    ``W/checkpoints``, :class:`jaxnet.lock.WorkdirLock`): then they may be
+    that live run's save in progress, and are kept (logged as a warning).
 
     Args:
         directory: the checkpoint folder, e.g. ``W/checkpoints``.
@@ -311,14 +352,17 @@ def create_checkpoint_manager(
             ``ocp.StandardCheckpointer`` reads) for every state. Restoring
             reads either, whatever this setting.
         read_only: open an existing folder without ever writing or deleting.
+        clean_unfinished: ``False`` never deletes unfinished saves (e.g. when
+            the caller does not hold the workdir's lock and another process
+            may write there without taking it).
 
     Returns:
         A :class:`Checkpointer`; :func:`close` it when done.
 
     Raises:
         ConfigError: bad retention settings.
-        CheckpointError: the folder cannot be created, or does not exist in
-            ``read_only`` mode.
+        CheckpointError: the folder is a file, cannot be created, or does not
+            exist in ``read_only`` mode.
 
     Example:
         >>> ckpt = create_checkpoint_manager("/tmp/run/checkpoints", best_metric="test_accuracy")
@@ -337,6 +381,9 @@ def create_checkpoint_manager(
     path = pathlib.Path(directory).absolute()
     if read_only and not path.is_dir():
         raise CheckpointError(f"no checkpoint folder at {path}")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"the checkpoint folder {path} is a file, not a folder; move it or choose "
+                              "another --workdir")
     _quiet_orbax()
     policies: list[Any] = [ocp_policies.LatestN(n=max_to_keep)]
     best_fn = None
@@ -346,7 +393,7 @@ def create_checkpoint_manager(
             get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
             keep_checkpoints_without_metrics=False,
         ))
-    if not read_only:
+    if not read_only and clean_unfinished and jax.process_index() == 0:
         _remove_unfinished_saves(path)
     in_flight: list[int] = []
     options = ocp.CheckpointManagerOptions(
@@ -356,13 +403,49 @@ def create_checkpoint_manager(
         # Always Orbax's async checkpointer: its finalization hook writes the
         # manifest; async_save=False simply waits for each save to finish.
         enable_async_checkpointing=True,
-        async_options=ocp.AsyncOptions(post_finalization_callback=lambda: _write_manifest(path, in_flight)),
+        async_options=ocp.AsyncOptions(
+            post_finalization_callback=lambda: _write_manifest(path, in_flight),
+            # Orbax's default creates the step folder in a thread of its own
+            # that the item writers wait for by a signal: when creating it
+            # fails (a read-only disk, a file in the way), the writers wait
+            # out the signal's timeout, multihost.coordination_timeout()
+            # (300 s), and the process cannot exit before they give up. Made
+            # synchronously, in jaxnet's worker thread, the failure is an
+            # exception of manager.save() and no writer is started.
+            create_directories_asynchronously=False,
+        ),
         create=not read_only,
         read_only=read_only,
     )
     with _orbax_errors(f"opening the checkpoint folder {path}"):
-        manager = ocp.CheckpointManager(path, options=options, handler_registry=_handler_registry())
+        manager = _open_manager(path, options, read_only)
     return Checkpointer(manager, path, best_metric, best_mode, async_save, array_format, in_flight)
+
+
+def _open_manager(path: pathlib.Path, options: Any, read_only: bool) -> ocp.CheckpointManager:
+    """Orbax's manager of ``path``; steps whose ``_CHECKPOINT_METADATA`` stops Orbax from opening it are moved aside.
+
+    Orbax skips a step metadata file that is not JSON, but one holding other
+    JSON than an object (or fields of the wrong type) makes it raise for the
+    whole folder. Opened for writing, the damaged steps go to ``corrupt/``
+    as :func:`restore_latest_good` would move them; read-only, the error
+    names them.
+    """
+    try:
+        return ocp.CheckpointManager(path, options=options, handler_registry=_handler_registry())
+    except ValueError:
+        damaged = {int(p.name): problem for p in (path.iterdir() if path.is_dir() else ())
+                   if p.name.isdigit() and p.is_dir() and (problem := _step_metadata_problem(p))}
+        if not damaged:
+            raise
+        if read_only:
+            step, problem = min(damaged.items())
+            raise CheckpointError(f"checkpoint step {step} is damaged: {problem}, and Orbax cannot open "
+                                  f"{path} with it; move {path / str(step)} aside") from None
+        where = _move_aside(path, sorted(damaged))
+        logger.warning("checkpoint step(s) %s are damaged (%s) and were moved to %s",
+                       ", ".join(map(str, sorted(damaged))), "; ".join(damaged.values()), where)
+    return ocp.CheckpointManager(path, options=options, handler_registry=_handler_registry())
 
 
 def _handler_registry() -> Any:
@@ -386,10 +469,22 @@ def _remove_unfinished_saves(directory: pathlib.Path) -> None:
 
     Done here, synchronously, rather than with Orbax's background clean-up,
     which a process that exits soon after opening the folder would cut short.
+    Nothing is deleted while another live process holds the workdir's lock:
+    its save in progress looks just like a killed one's.
     """
     if not directory.is_dir():
         return
-    for leftover in directory.glob("*.orbax-checkpoint-tmp*"):
+    leftovers = sorted(directory.glob("*.orbax-checkpoint-tmp*"))
+    if not leftovers:
+        return
+    holder = lock_lib.held_by_another_process(directory.parent)
+    if holder is not None:
+        logger.warning(
+            "keeping %s: the workdir %s is in use by PID %s on host %s, and this may be its save in "
+            "progress", ", ".join(str(p) for p in leftovers), directory.parent, holder.get("pid", "?"),
+            holder.get("host", "?"))
+        return
+    for leftover in leftovers:
         logger.info("removing %s, an unfinished save of a process that was killed", leftover)
         shutil.rmtree(leftover, ignore_errors=True)
 
@@ -441,15 +536,20 @@ def _write_manifest(directory: pathlib.Path, in_flight: list[int]) -> None:
     Runs in Orbax's background thread after all items are written and before
     the temporary folder is renamed, so the manifest is committed atomically
     with the checkpoint. A failure here only costs the manifest (the array
-    digests in the record still guard the checkpoint), never the save.
+    digests in the record still guard the checkpoint), never the save; a
+    manifest cut short (disk full) is removed, so the step is not taken for
+    a damaged one.
     """
     if not in_flight:
         return
-    step = in_flight[0]
+    step, folder = in_flight[0], None
     try:
         (folder,) = [p for p in directory.glob(f"{step}.orbax-checkpoint-tmp*") if p.is_dir()]
         integrity.write_manifest(folder, step)
     except Exception as exc:  # never fail the save itself
+        if folder is not None:
+            with contextlib.suppress(OSError):
+                (folder / MANIFEST_FILE).unlink(missing_ok=True)
         logger.warning("checkpoint step %d: could not write its file manifest: %s", step, exc)
 
 
@@ -463,31 +563,194 @@ def _join(ckpt: Checkpointer) -> None:
         ckpt.submitting.pop().result()
 
 
+def _call_orbax(ckpt: Checkpointer, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, once more if it raised a save failure that was already reported.
+
+    Orbax raises a failed save's exception once in every thread that waits
+    for it (``manager.save`` waits for the previous save first, in
+    jaxnet's worker thread); the second call goes on.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        if not any(exc is seen for seen in ckpt.reported):
+            raise
+    return fn(*args, **kwargs)
+
+
 def wait(ckpt: Checkpointer) -> None:
     """Blocks until the pending save, if any, is committed.
 
+    A failed save is cleaned up before this raises: its partial temporary
+    folder is deleted and the earlier checkpoints are left as they were.
+
     Raises:
-        CheckpointError: a background save failed (disk full, permissions...).
+        CheckpointError: a background save failed (disk full, read-only,
+            permissions, a file in the way); one line naming the step, the
+            path and the cause.
     """
     handover_error = None
     try:
         _join(ckpt)
     except CheckpointError as exc:  # reported after Orbax's own pending save is finished
         handover_error = exc
-    with _orbax_errors(f"writing checkpoints to {ckpt.directory}"):
-        ckpt.manager.wait_until_finished()
+    try:
+        _call_orbax(ckpt, ckpt.manager.wait_until_finished)
+    except Exception as exc:
+        ckpt.reported.append(exc)
+        error = _save_failed(ckpt, ckpt.in_flight[0] if ckpt.in_flight else None, exc)
+        raise (handover_error or error) from None
     ckpt.in_flight.clear()
     if handover_error is not None:
         raise handover_error
 
 
+def check_saves(ckpt: Checkpointer) -> None:
+    """Raises now if a save handed over earlier has failed; never blocks.
+
+    :func:`save` returns before its files are written, and a failure would
+    otherwise surface only at the next :func:`save`, :func:`wait` or
+    :func:`close`, perhaps an epoch later. A training loop calls this every
+    step (it costs a few attribute reads) to stop within a step of a failure.
+
+    Raises:
+        CheckpointError: as :func:`wait`.
+    """
+    if ckpt.submitting and not ckpt.submitting[-1].done():
+        return  # the worker is still handing it over
+    _join(ckpt)
+    if ckpt.in_flight and not ckpt.manager.is_saving_in_progress():
+        wait(ckpt)  # finished: returns at once, or raises its failure
+
+
 def close(ckpt: Checkpointer) -> None:
-    """Finishes pending saves (:func:`wait`) and releases the manager."""
+    """Finishes pending saves (:func:`wait`) and releases the manager.
+
+    Raises:
+        CheckpointError: as :func:`wait`; the manager is released anyway.
+    """
     try:
         wait(ckpt)
     finally:
         ckpt.worker.shutdown(wait=True)
-        ckpt.manager.close()
+        with _orbax_errors(f"closing the checkpoint folder {ckpt.directory}"):
+            _call_orbax(ckpt, ckpt.manager.close)
+
+
+# What to do about a failed write, by errno.
+_WRITE_FIXES = {
+    errno.ENOSPC: "free some space or choose another --workdir",
+    errno.EDQUOT: "free some space (the disk quota is used up) or choose another --workdir",
+    errno.EROFS: "the file system is mounted read-only; choose another --workdir",
+    errno.EACCES: "make it writable or choose another --workdir",
+    errno.EPERM: "make it writable or choose another --workdir",
+    errno.ENOTDIR: "a file stands where a folder should be; move it or choose another --workdir",
+}
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The first OSError with an errno in ``exc``'s chain of causes (Orbax wraps the OS's errors)."""
+    todo, seen = [exc], set()
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno:
+            return current
+        todo += [current.__cause__, current.__context__]
+    return None
+
+
+def _cause(exc: BaseException, where: pathlib.Path | None) -> tuple[str, str]:
+    """``("No space left on device [ENOSPC] at PATH", what to do)`` for an exception of a write."""
+    os_error = _os_error_in(exc)
+    if os_error is None:
+        text = str(exc).strip()
+        return (f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": "),
+                "choose another --workdir")
+    name = errno.errorcode.get(os_error.errno, str(os_error.errno))
+    path = os_error.filename or where
+    text = f"{os_error.strerror or os_error} [{name}]" + (f" at {path}" if path else "")
+    return text, _WRITE_FIXES.get(os_error.errno, "choose another --workdir")
+
+
+def _save_failed(ckpt: Checkpointer, step: int | None, exc: BaseException) -> CheckpointError:
+    """Cleans up after a failed save and describes it in one line.
+
+    The step's partial temporary folder is deleted (a full disk stays full
+    otherwise) and Orbax's list of steps is read again from disk: Orbax drops
+    the steps that the new one would retire from its list when the save
+    starts, and deletes them only once it is committed, so they are all
+    still there.
+    """
+    logger.debug("checkpoint step %s failed", step, exc_info=exc)  # the whole traceback, for debugging
+    partial = []
+    with contextlib.suppress(OSError):
+        partial = sorted(ckpt.directory.glob(f"{step if step is not None else '*'}.orbax-checkpoint-tmp*"))
+    for folder in partial:
+        shutil.rmtree(folder, ignore_errors=True)
+    ckpt.in_flight.clear()
+    with contextlib.suppress(Exception):
+        ckpt.manager.reload()
+    cause, fix = _cause(exc, partial[0] if partial else ckpt.directory)
+    found: list[int] = []
+    with contextlib.suppress(Exception):
+        found = sorted(ckpt.manager.all_steps())
+    if step is not None and step in found:  # committed; what failed came after (retiring old steps)
+        return CheckpointError(f"checkpoint step {step} was saved to {ckpt.directory}, but finishing the save "
+                               f"failed: {cause}; {fix}")
+    kept = f"the newest checkpoint is still step {found[-1]}" if found else "there is no earlier checkpoint"
+    what = f"saving checkpoint step {step}" if step is not None else "saving a checkpoint"
+    removed = "the partial save was removed, " if partial else ""
+    return CheckpointError(f"{what} to {ckpt.directory} failed: {cause}; {removed}{kept}; {fix}")
+
+
+def probe_writable(directory: str | os.PathLike) -> pathlib.Path:
+    """Checks, by doing it, that checkpoints can be written to ``directory``; before a run's first step.
+
+    Creates the folder (and its parents) if needed, then creates, writes,
+    fsyncs, renames and removes a small file in it: what a save does. A run
+    whose saves cannot succeed then stops before training, not at its first
+    save.
+
+    Args:
+        directory: the checkpoint folder, e.g. ``W/checkpoints``.
+
+    Returns:
+        The folder's absolute path.
+
+    Raises:
+        CheckpointError: one line naming the path and the cause (the errno's
+            name and text: read-only file system, permission denied, not a
+            directory, no space left on device) and what to do.
+
+    Example:
+        >>> import tempfile
+        >>> probe_writable(tempfile.mkdtemp()).is_dir()
+        True
+    """
+    path = pathlib.Path(directory).absolute()
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"cannot write checkpoints to {path}: it is a file, not a folder [ENOTDIR]; "
+                              f"{_WRITE_FIXES[errno.ENOTDIR]}")
+    probe = path / f"{PROBE_FILE}-{os.getpid()}"
+    moved = probe.with_name(probe.name + ".renamed")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"jaxnet checks that checkpoints can be written here\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(probe, moved)
+        os.remove(moved)
+    except OSError as exc:
+        for leftover in (probe, moved):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+        cause, fix = _cause(exc, path)
+        raise CheckpointError(f"cannot write checkpoints to {path}: {cause}; {fix}") from None
+    return path
 
 
 def save(
@@ -507,7 +770,15 @@ def save(
     :func:`latest` only when complete. Older checkpoints are deleted according
     to the retention rules once this one is complete, never before. A failure
     in the background (disk full...) is raised by the next :func:`save`,
-    :func:`wait` or :func:`close`.
+    :func:`wait`, :func:`close` or :func:`check_saves`, after its partial
+    folder is removed.
+
+    The record notes whether the state is finite (``"finite"``: no NaN/inf
+    in any float array; the optimizer state may hold inf, as optax's
+    ``reduce_on_plateau`` does, but no NaN), checked on the host copy in the
+    background. A non-finite state is saved, with a warning, but never
+    ranked by ``best_metric``, and :func:`restore_latest_good` and
+    :func:`resolve_step`'s ``"latest"``/``"best"`` pass over it.
 
     Args:
         ckpt: from :func:`create_checkpoint_manager`.
@@ -556,18 +827,57 @@ def _hand_over(ckpt: Checkpointer, step: int, state: Any, header: dict[str, Any]
     """Digests ``state`` and starts Orbax's (asynchronous) save of it and its record.
 
     A state held whole by this one process is written as ``arrays.npz``
-    (:class:`_StateHandler`), any other with Orbax's ``StandardSave``.
+    (:class:`_StateHandler`), any other with Orbax's ``StandardSave``. A host
+    state is checked for NaN/inf here (~1 ms per 6 MB); the finiteness of a
+    state spread over processes is not recorded (it is checked on restore).
+
+    Raises:
+        CheckpointError: Orbax refused the save (the step folder cannot be
+            created...), after cleaning up (:func:`_save_failed`).
     """
+    host_arrays = all(isinstance(x, np.ndarray) for x in jax.tree.leaves(state))
+    if host_arrays:
+        bad = _nonfinite_leaf(state)
+        header = {**header, "finite": bad is None, **({"nonfinite": bad} if bad else {})}
+        if bad is not None:
+            tracked = None  # never the best
+            logger.warning("checkpoint step %d holds non-finite values (NaN/inf) in %s: it is saved, but "
+                           "never resumed from or chosen as latest or best", step, bad)
     record = integrity.finish_record(header, state)
     flat = None
-    host_arrays = all(isinstance(x, np.ndarray) for x in jax.tree.leaves(state))
     if ckpt.array_format == "npz" and jax.process_count() == 1 and host_arrays:
         flat = _flat_arrays(state)
     item = ocp.args.StandardSave(state) if flat is None else _NpzSave(flat)
     args = ocp.args.Composite(state=item, meta=ocp.args.JsonSave(record))
     ckpt.in_flight[:] = [step]
-    with _orbax_errors(f"saving checkpoint step {step} to {ckpt.directory}"):
-        ckpt.manager.save(step, args=args, metrics=tracked, force=True)
+    try:
+        _call_orbax(ckpt, ckpt.manager.save, step, args=args, metrics=tracked, force=True)
+    except Exception as exc:
+        raise _save_failed(ckpt, step, exc) from None
+
+
+def _nonfinite_leaf(state: Any) -> str | None:
+    """The name of ``state``'s first float array holding NaN/inf (``"params/fc1/kernel/value"``), or ``None``.
+
+    Under ``opt_state`` only NaN counts: optax's own states may start at
+    inf (``reduce_on_plateau``'s best value, the line searches of L-BFGS).
+    Host arrays are checked in NumPy; arrays spread over processes with
+    one jitted reduction each (every process must call this then).
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(integrity.key_data_tree(state))[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            continue
+        name = "/".join(str(_key_name(key)) for key in path)
+        nan_only = name.split("/")[0] == "opt_state"
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            ok = bool(~jnp.any(jnp.isnan(leaf)) if nan_only else jnp.all(jnp.isfinite(leaf)))
+        else:
+            array = np.asarray(leaf)
+            ok = not np.isnan(array).any() if nan_only else bool(np.isfinite(array).all())
+        if not ok:
+            return name or "the state"
+    return None
 
 
 def _host_copy(state: Any) -> Any:
@@ -596,15 +906,22 @@ def _host_copy(state: Any) -> Any:
 def resolve_step(ckpt: Checkpointer, step: int | str | None) -> int:
     """The step number that ``step`` (``None``/``"latest"``, ``"best"`` or a number) names.
 
+    ``"latest"`` and ``"best"`` name the newest (best ranked) checkpoint
+    whose state is finite, passing over one that holds NaN/inf with a
+    warning. The ``finite`` flag recorded at save makes that a read of the
+    JSON record; a checkpoint saved without the flag (before it existed, or
+    by a multi-process run) has its arrays read and checked. A step given
+    by number is returned as it is.
+
     Raises:
         CheckpointError: no checkpoint at all, none ranked (for ``"best"``),
-            or no such step (the available ones are listed).
+            none finite, or no such step (the available ones are listed).
     """
     available = steps(ckpt)
     if step is None or step == "latest":
         if not available:
             raise CheckpointError(f"no checkpoint in {ckpt.directory}")
-        return available[-1]
+        return _first_finite(ckpt, available[::-1], "latest")
     if step == "best":
         found = best(ckpt)
         if found is None:
@@ -613,7 +930,9 @@ def resolve_step(ckpt: Checkpointer, step: int | str | None) -> int:
                 f"no checkpoint in {ckpt.directory} is ranked by {metric}; "
                 f"use 'latest' or one of the steps {available}"
             )
-        return found
+        if _nonfinite_problem(ckpt, found) is None:
+            return found
+        return _first_finite(ckpt, _ranked(ckpt, available), "best")
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or int(step) not in available:
         raise CheckpointError(
             f"no checkpoint step {step!r} in {ckpt.directory}; available: {available or 'none'}"
@@ -621,19 +940,109 @@ def resolve_step(ckpt: Checkpointer, step: int | str | None) -> int:
     return int(step)
 
 
+def _ranked(ckpt: Checkpointer, available: list[int]) -> list[int]:
+    """The steps ranked by ``best_metric``, best first (ties: the newest first), as Orbax ranks them."""
+    score = _metric_fn(ckpt.best_metric, ckpt.best_mode)
+    sign = 1 if ckpt.best_mode == "max" else -1
+    ranked = []
+    for step in available:
+        value = score(ckpt.manager.metrics(step) or {})
+        if math.isfinite(value):
+            ranked.append((sign * value, step))
+    return [step for _, step in sorted(ranked, reverse=True)]
+
+
+def _first_finite(ckpt: Checkpointer, candidates: list[int], what: str) -> int:
+    problems = []
+    for step in candidates:
+        problem = _nonfinite_problem(ckpt, step)
+        if problem is None:
+            if problems:
+                logger.warning("%s; the %s finite checkpoint is step %d", "; ".join(problems), what, step)
+            return step
+        problems.append(problem)
+    raise CheckpointError(f"no checkpoint in {ckpt.directory} holds finite values: {'; '.join(problems)}")
+
+
+def _nonfinite_reason(step: int, leaf: str | None) -> str:
+    return f"checkpoint step {step} holds non-finite values (NaN/inf) in {leaf or 'its state'}"
+
+
+def _nonfinite_problem(ckpt: Checkpointer, step: int) -> str | None:
+    """Why ``step`` is not finite, or ``None`` when it is (or cannot be read: restoring names the damage)."""
+    try:
+        record = _read_record(ckpt, step)
+        if record.get("finite") is True:
+            return None
+        if record.get("finite") is False:
+            return _nonfinite_reason(step, record.get("nonfinite"))
+        leaf = _nonfinite_leaf(_read_arrays(ckpt, step, record))  # saved without the flag
+    except CheckpointError:
+        return None
+    return None if leaf is None else _nonfinite_reason(step, leaf)
+
+
+def _read_arrays(ckpt: Checkpointer, step: int, record: dict[str, Any]) -> dict[str, Any]:
+    """A step's arrays without a target: ``{"params/fc1/kernel/value": array, ...}`` or Orbax's nested dicts."""
+    where = _step_dir(ckpt, step) / "state"
+    if not (where / ARRAYS_FILE).is_file():
+        return _read_orbax_untargeted(ckpt, step, where)
+    flat = _read_npz(ckpt, step, where / ARRAYS_FILE)
+    # .npy stores ml_dtypes (bfloat16, float8) as raw bytes; the record has each
+    # part's dtypes in the order of its arrays, which is their order in the file.
+    for part, shapes in record.get("state_shapes", {}).items():
+        keys = [key for key in flat if key.split("/")[0] == part]
+        if len(keys) == len(shapes):
+            for key, (_, dtype) in zip(keys, shapes):
+                if flat[key].dtype.kind == "V":
+                    flat[key] = flat[key].view(jnp.dtype(dtype))
+    return flat
+
+
+def _read_orbax_untargeted(ckpt: Checkpointer, step: int, where: pathlib.Path) -> Any:
+    """A step in Orbax's format, read onto this process's first device (shapes from its metadata).
+
+    Orbax restores without a target only onto the topology that saved it; a
+    multi-process run's checkpoint is read whole by each process instead.
+    """
+    with _orbax_errors(f"restoring checkpoint step {step} from {where}"):
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = ckpt.manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+        return ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+
+
 def verify_files(ckpt: Checkpointer, step: int) -> None:
     """Checks every file of a finished step against the size and SHA-256 recorded at save.
 
     A step without a manifest (its writing failed) is checked by the array
-    digests alone, in :func:`restore`.
+    digests alone, in :func:`restore`. Orbax's ``_CHECKPOINT_METADATA``,
+    which it rewrites at commit and so is not in the manifest, must be a
+    JSON object.
 
     Raises:
         CheckpointError: naming the step and the first missing, truncated or
             altered file.
     """
-    problem = integrity.manifest_problem(_step_dir(ckpt, step))
+    folder = _step_dir(ckpt, step)
+    problem = integrity.manifest_problem(folder) or _step_metadata_problem(folder)
     if problem:
         raise CheckpointError(f"checkpoint step {step} is damaged: {problem}")
+
+
+def _step_metadata_problem(folder: pathlib.Path) -> str | None:
+    path = folder / STEP_METADATA_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None  # older Orbax versions wrote none
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    try:
+        metadata = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"{path} is not valid JSON ({str(exc).splitlines()[0]})"
+    return None if isinstance(metadata, dict) else f"{path} holds no JSON object"
 
 
 def _read_record(ckpt: Checkpointer, step: int) -> dict[str, Any]:
@@ -691,10 +1100,23 @@ def restore(
         CheckpointError: no such checkpoint, or it is damaged (the message
             names the step and the file).
     """
-    step = resolve_step(ckpt, step)
+    state, record = _restore(ckpt, abstract_state, resolve_step(ckpt, step))
+    return state, record["meta"]
+
+
+def _restore(ckpt: Checkpointer, abstract_state: Any, step: int, *,
+             finite_only: bool = False) -> tuple[Any, dict[str, Any]]:
+    """:func:`restore` of a step number; returns the whole record.
+
+    ``finite_only`` raises CheckpointError for a state holding NaN/inf, from
+    its record's flag before any array is read, or by checking the restored
+    arrays when the record has no flag.
+    """
     wait(ckpt)
     verify_files(ckpt, step)
     record = _read_record(ckpt, step)
+    if finite_only and record.get("finite") is False:
+        raise CheckpointError(_nonfinite_reason(step, record.get("nonfinite")))
     names = list(integrity.state_parts(abstract_state))
     _check_shapes(record, abstract_state, step, names)
     stored = integrity.key_data_tree(abstract_state)  # what was written: typed keys as their key data
@@ -710,7 +1132,11 @@ def restore(
         with _orbax_errors(f"restoring checkpoint step {step} from {where}"):
             state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         _check_digests(record, state, step, names, where)
-    return _wrap_keys(state, abstract_state), record["meta"]
+    if finite_only and "finite" not in record:
+        leaf = _nonfinite_leaf(state)
+        if leaf is not None:
+            raise CheckpointError(_nonfinite_reason(step, leaf))
+    return _wrap_keys(state, abstract_state), record
 
 
 def _read_npz(ckpt: Checkpointer, step: int, where: pathlib.Path) -> dict[str, np.ndarray]:
@@ -825,14 +1251,7 @@ def restore_variables(
         where = where / ARRAYS_FILE
         raw = _nest(_read_npz(ckpt, step, where))
     else:
-        with _orbax_errors(f"restoring checkpoint step {step} from {where}"):
-            # Orbax restores without a target only onto the topology that
-            # saved it; a multi-process run's checkpoint is read onto this
-            # process's first device instead, shapes from its metadata.
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            saved = ckpt.manager.item_metadata(step)["state"]
-            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-            raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+        raw = _read_orbax_untargeted(ckpt, step, where)
     restored = {name: _fill(tree, raw.get(name, {}), step, name) for name, tree in stored.items()}
     _check_digests(record, restored, step, list(wanted), where)
     restored = _wrap_keys(restored, wanted)
@@ -841,25 +1260,33 @@ def restore_variables(
 
 def _quarantine(ckpt: Checkpointer, bad_steps: list[int]) -> pathlib.Path:
     """Moves damaged step folders aside so that the resumed run can save those steps again."""
-    target_dir = ckpt.directory / QUARANTINE_DIR
+    target_dir = _move_aside(ckpt.directory, bad_steps)
+    ckpt.manager.reload()
+    return target_dir
+
+
+def _move_aside(directory: pathlib.Path, bad_steps: list[int]) -> pathlib.Path:
+    target_dir = directory / QUARANTINE_DIR
     target_dir.mkdir(exist_ok=True)
     for step in bad_steps:
         target, n = target_dir / str(step), 0
         while target.exists():
             n += 1
             target = target_dir / f"{step}.{n}"
-        os.replace(_step_dir(ckpt, step), target)
-    ckpt.manager.reload()
+        os.replace(directory / str(step), target)
     return target_dir
 
 
 def restore_latest_good(ckpt: Checkpointer, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-    """Restores the newest checkpoint that is sound, skipping damaged ones.
+    """Restores the newest checkpoint that is sound and finite, skipping the others.
 
-    What ``--resume`` calls. Each skipped step is logged (logger
-    ``jaxnet.checkpoint``, WARNING) with the reason; once an older step
-    restores, the skipped folders are moved to ``<directory>/corrupt/<step>``
-    (nothing is deleted) so the resumed run can write those steps anew.
+    What ``--resume`` calls. A step is skipped when it is damaged, or when
+    its state holds NaN/inf (written before ``fit`` refused to save such
+    states; see :func:`save` for what counts). Each skipped step is logged
+    (logger ``jaxnet.checkpoint``, WARNING) with the reason; once an older
+    step restores, the skipped folders are moved to
+    ``<directory>/corrupt/<step>`` (nothing is deleted) so the resumed run
+    can write those steps anew.
 
     Args:
         ckpt: from :func:`create_checkpoint_manager`.
@@ -871,12 +1298,13 @@ def restore_latest_good(ckpt: Checkpointer, abstract_state: Any) -> tuple[Any, d
 
     Raises:
         CheckpointMismatchError: the checkpoints belong to another model.
-        CheckpointError: every checkpoint is damaged (each one is named).
+        CheckpointError: every checkpoint is damaged or non-finite (each one
+            is named).
     """
     skipped: list[tuple[int, str]] = []
     for step in reversed(steps(ckpt)):
         try:
-            state, meta = restore(ckpt, abstract_state, step=step)
+            state, record = _restore(ckpt, abstract_state, step, finite_only=True)
         except CheckpointMismatchError:
             raise
         except CheckpointError as exc:
@@ -886,12 +1314,12 @@ def restore_latest_good(ckpt: Checkpointer, abstract_state: Any) -> tuple[Any, d
         if skipped:
             where = _quarantine(ckpt, [s for s, _ in skipped])
             logger.warning(
-                "resuming from checkpoint step %d; the damaged step(s) %s were moved to %s",
+                "resuming from checkpoint step %d; the skipped step(s) %s were moved to %s",
                 step, ", ".join(str(s) for s, _ in skipped), where,
             )
         else:
             logger.info("resuming from checkpoint step %d in %s", step, ckpt.directory)
-        return state, meta
+        return state, record["meta"]
     if skipped:
         raise CheckpointError(
             f"no sound checkpoint in {ckpt.directory}: "

@@ -520,22 +520,33 @@ class _RunFiles:
     """
 
     def __init__(self, workdir: str | os.PathLike | None, config: dict[str, Any], plan: _Plan, *,
-                 resume: bool, keep_checkpoints: int):
-        from jaxnet import checkpoint as ckpt_lib
-        from jaxnet import workdir as workdir_lib
-
+                 resume: bool | str, keep_checkpoints: int):
         self.workdir, self.resume, self.blocked = workdir, resume, 0.0
+        self._config, self._plan, self._keep = config, plan, keep_checkpoints
         self.last_saved: int | None = None  # the newest checkpoint step of this run (restored or written)
         self.resumed_from: int | None = None
         self.main = jax.process_index() == 0
-        self.ckpt, self.logger = None, None
-        if workdir is not None:
-            if self.main:  # config.json is written once, by process 0
-                workdir_lib.check_workdir(workdir, config, resume=resume,
-                                          mutable_keys=getattr(workdir_lib, "RESUMABLE_KEYS", ("epochs",)))
-            self.ckpt = ckpt_lib.create_checkpoint_manager(
-                workdir_lib.checkpoint_directory(workdir), max_to_keep=keep_checkpoints,
-                best_metric=plan.best_metric, best_mode=plan.best_mode, keep_best=plan.keep_best)
+        self.ckpt, self.logger, self.lock = None, None, None
+
+    def _open(self) -> None:
+        """One writer per workdir (the lock first), then the config check, a write probe, the checkpoints."""
+        from jaxnet import checkpoint as ckpt_lib
+        from jaxnet import workdir as workdir_lib
+        from jaxnet.lock import WorkdirLock
+
+        if self.workdir is None:
+            return
+        if self.main:  # config.json, the lock and the probe are process 0's
+            if self.resume is True and not os.path.isdir(self.workdir):
+                workdir_lib.check_workdir(self.workdir, self._config, resume=True)  # "does not exist"
+            self.lock = WorkdirLock(self.workdir).acquire()
+            workdir_lib.check_workdir(self.workdir, self._config, resume=self.resume,
+                                      mutable_keys=workdir_lib.RESUMABLE_KEYS)
+            ckpt_lib.probe_writable(workdir_lib.checkpoint_directory(self.workdir))
+        plan = self._plan
+        self.ckpt = ckpt_lib.create_checkpoint_manager(
+            workdir_lib.checkpoint_directory(self.workdir), max_to_keep=self._keep,
+            best_metric=plan.best_metric, best_mode=plan.best_mode, keep_best=plan.keep_best)
 
     def restore(self, state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
         from jaxnet import checkpoint as ckpt_lib
@@ -579,18 +590,34 @@ class _RunFiles:
 
             ckpt_lib.wait(self.ckpt)
 
-    def __enter__(self) -> _RunFiles:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.logger is not None:
-            self.logger.close()
+    def check_saves(self) -> None:
+        """Raises a failed background save now (disk full, read-only), not at the next save."""
         if self.ckpt is not None:
             from jaxnet import checkpoint as ckpt_lib
 
-            t = time.perf_counter()
-            ckpt_lib.close(self.ckpt)  # waits for the last asynchronous save
-            self.blocked += time.perf_counter() - t
+            ckpt_lib.check_saves(self.ckpt)
+
+    def __enter__(self) -> _RunFiles:
+        try:
+            self._open()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.logger is not None:
+                self.logger.close()
+            if self.ckpt is not None:
+                from jaxnet import checkpoint as ckpt_lib
+
+                t = time.perf_counter()
+                ckpt_lib.close(self.ckpt)  # waits for the last asynchronous save
+                self.blocked += time.perf_counter() - t
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 NO_STEP = np.iinfo(np.int32).max  # "no non-finite step yet"
@@ -605,11 +632,20 @@ def _accumulate(sums: dict[str, jax.Array], metrics: dict[str, jax.Array], bad: 
     return sums, bad
 
 
+def _floats(tree: Any) -> list[jax.Array]:
+    return [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
 @jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [x for x in jax.tree.leaves(tree)
-              if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+def _all_finite(state: TrainState) -> jax.Array:
+    """Whether a state may be checkpointed: finite weights, no NaN in the optimizer state.
+
+    An optimizer state may hold inf on purpose (``optax.contrib.reduce_on_plateau``'s
+    best loss, a line search's initial value), so only NaN counts there.
+    """
+    ok = [jnp.all(jnp.isfinite(x)) for x in _floats((state.params, state.model_state))]
+    ok += [~jnp.any(jnp.isnan(x)) for x in _floats(state.opt_state)]
+    return jnp.all(jnp.asarray(ok or [True]))
 
 
 class _StopSignals:
@@ -726,6 +762,7 @@ class _Loop:
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
         if self.checkpoint_every and self.run.step % self.checkpoint_every == 0 and not last:
             self.save(epoch, i + 1)
+        self.files.check_saves()
         bar.update(1)
 
     def save(self, epoch: int, batch_in_epoch: int, metrics: dict[str, Any] | None = None) -> None:

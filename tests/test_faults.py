@@ -301,3 +301,71 @@ def test_two_process_run_stopped_by_sigterm_saves_together_and_resumes_exactly(t
                               capture_output=True, text=True, env=env, timeout=300)
     assert resumed["resumed_from_step"] == step
     assert resumed["params_sha256"] == _strict(straight.stdout.strip().splitlines()[-1])["params_sha256"]
+
+
+def _one_line(err: str, prefix: str = "jaxnet: error:") -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_cli_second_process_on_a_live_workdir_is_refused_and_the_first_unharmed(tmp_path):
+    w = tmp_path / "w"
+    args = [*TRAIN, "--epochs", "40", "--workdir", str(w), "--checkpoint-every", "20"]
+    code, out, err = _jaxnet(tmp_path, *TRAIN, "--epochs", "40")
+    reference = _strict(out.strip().splitlines()[-1])
+    first = subprocess.Popen([sys.executable, "-m", "jaxnet", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=_env(tmp_path))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None and not (w / "config.json").is_file():
+        time.sleep(0.01)  # it holds the lock; by the time the others start, it is saving checkpoints
+    for extra in (("--resume",), ()):
+        started = time.monotonic()
+        code, _, err = _jaxnet(tmp_path, *args, *extra)
+        line = _one_line(err)
+        assert first.poll() is None, "the first run ended before the second started: make it longer"
+        assert code == 2 and f"in use by PID {first.pid}" in line and "choose another --workdir" in line
+        assert time.monotonic() - started < 60
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert _strict(out.strip().splitlines()[-1])["params_sha256"] == reference["params_sha256"]  # unharmed
+
+
+def steps_in_safe(path) -> list[int]:
+    folder = path / "checkpoints"
+    return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+
+
+@pytest.mark.slow
+def test_cli_checkpoint_folder_that_is_a_file_fails_at_once(tmp_path):
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "checkpoints").write_text("not a folder")
+    started = time.monotonic()
+    code, _, err = _jaxnet(tmp_path, *TRAIN, "--workdir", str(w))
+    assert code == 2 and time.monotonic() - started < 10 + 5  # + interpreter and JAX start-up
+    assert "checkpoints" in _one_line(err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_cli_full_or_read_only_disk_fails_at_once_with_one_line(tmp_path, fault):
+    from test_checkpoint_faults import _read_only, _tmpfs
+
+    w = tmp_path / "w"
+    if fault == "full":
+        w.mkdir()
+        context = _tmpfs(w, "600k")  # room for the run's small files, not for a checkpoint of its state
+    else:
+        (w / "checkpoints").mkdir(parents=True)
+        context = _read_only(w / "checkpoints")
+    with context:
+        started = time.monotonic()
+        code, _, err = _jaxnet(tmp_path, *TRAIN, "--workdir", str(w), timeout=120)
+        seconds = time.monotonic() - started
+        line = _one_line(err)
+        assert code == 2 and seconds < 30, (seconds, err[-3000:])
+        assert str(w) in line and ("No space left" in line or "Read-only" in line), line
+        leftovers = [p.name for p in (w / "checkpoints").iterdir()] if (w / "checkpoints").is_dir() else []
+        assert not [name for name in leftovers if "tmp" in name]  # the partial save was removed
