@@ -10,7 +10,6 @@ epoch of training, evaluation) or a library function (``create_train_state``,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys

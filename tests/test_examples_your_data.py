@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
-import sys
 
 import numpy as np
 import pytest

@@ -11,7 +11,6 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -223,7 +222,7 @@ def test_bad_input_files(artifacts, tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     cases = {
         "big.png": r"32x32 pixels but the model takes 28x28; resize",
-        "float.npy": r"float32 values, the model takes raw uint8",
+        "float.npy": r"float32 values, the model takes raw pixels 0..255 \(uint8\)",
         "shape.npy": r"shape \(3, 30, 30\) is neither one example \(28, 28, 1\) nor a batch",
         "text.png": r"not a readable image",
         "absent.npy": r"no such file",

@@ -12,7 +12,7 @@ from jaxnet import precision, sharding
 from jaxnet.errors import ConfigError
 from jaxnet.models import create_model
 from jaxnet.state import create_train_state
-from jaxnet.step import loss_for_output, make_train_step, train_step_fn
+from jaxnet.step import loss_for_output, make_train_step
 from jaxnet.train import make_image_transform
 
 TRANSFORM = make_image_transform((0.1307,), (0.3081,))
