@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import optax
 
+    from jaxnet import data as jdata
     from jaxnet import train
     from jaxnet.data import load_dataset
     from jaxnet.models import create_model
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     average = jax.tree.map(jnp.zeros_like, state.params) if args.ema else None
     ema_update = jax.jit(lambda avg, params: optax.incremental_update(params, avg, 1.0 - args.ema), donate_argnums=0)
     while done < total:
-        for batch in train._train_batches(data, args.batch_size, steps, seed=args.seed, epoch=epoch, start_batch=0):
+        batches = jdata.iterate_batches(data.train_images, data.train_labels, args.batch_size, shuffle=True,
+                                        seed=args.seed, epoch=epoch, drop_last=True)
+        for batch in jdata.prefetch_to_device(batches):
             state, _ = steps.train(state, batch)
             if average is not None:
                 average = ema_update(average, state.params)
