@@ -3,9 +3,11 @@
 ``fit`` is the counterpart of the tutorials' ``for epoch in range(n): for x, y
 in loader: ...`` loop plus their evaluation block, and of Keras's ``fit`` for
 your own model and data. Its body reads top to bottom on one screen; each
-piece is a named function here (the argument checks, the run's files, one
-epoch of training, evaluation) or a library function (``create_train_state``,
-``make_train_step``, ``iterate_batches``, ``evaluate``).
+piece is a named function: here (one epoch of training, an epoch's record,
+the summary), in :mod:`jaxnet.fit_plan` (the argument checks, shared with the
+CLI), :mod:`jaxnet.run_files` (the workdir's lock, config, checkpoints and
+logs), :mod:`jaxnet.stops` (signals and divergence), :mod:`jaxnet.evaluation`,
+or the library (``create_train_state``, ``make_train_step``, ``iterate_batches``).
 """
 
 from __future__ import annotations
@@ -27,15 +29,26 @@ from tqdm.auto import tqdm
 
 from jaxnet import callbacks as jcallbacks
 from jaxnet import data as jdata
-from jaxnet import metrics as jmetrics
 from jaxnet.compilation import CompileCounter
-from jaxnet.data.dataset import ArrayDataset
 from jaxnet.data.inputs import FitData, Split, as_fit_data, batch_arrays
-from jaxnet.errors import ConfigError, DataError, Interrupted, JaxnetError, TrainingDiverged
+from jaxnet.errors import ConfigError, DataError, Interrupted, TrainingDiverged
+from jaxnet.evaluation import evaluate
+from jaxnet.fit_plan import (  # noqa: F401 -- public here too: jaxnet.train.check_dataset, ...
+    _describe_fn,
+    _named_metrics,
+    _Plan,
+    _user_loss,
+    check_dataset,
+    default_config,
+    make_image_transform,
+    model_name,
+    plan_fit,
+    resolve_output,
+    spec_of,
+)
+from jaxnet.run_files import RunFiles
 from jaxnet.state import TrainState, copy_state, count_params, create_train_state
 from jaxnet.step import (
-    CLASSIFIER_KINDS,
-    OUTPUT_KINDS,
     LossFn,
     MetricFn,
     Transform,
@@ -45,7 +58,8 @@ from jaxnet.step import (
     make_scan_epoch,
     train_step_fn,
 )
-from jaxnet.tracking import CURVES_FILE, METRICS_FILE, MetricsLogger, plot_curves
+from jaxnet.stops import NO_STEP, StopSignals, accumulate, all_finite
+from jaxnet.tracking import CURVES_FILE, plot_curves
 
 # The preprocessing each model object was trained with, for jaxnet.predict(model, x).
 _PREPROCESSING: weakref.WeakKeyDictionary[nnx.Module, Transform | None] = weakref.WeakKeyDictionary()
@@ -81,209 +95,6 @@ class FitResult:
         from jaxnet.inference import predict
 
         return predict(self, x, batch_size=batch_size)
-
-
-def make_image_transform(
-    mean: tuple[float, ...], std: tuple[float, ...], *, augment: bool = False
-) -> Transform:
-    """On-device preprocessing: ``ToTensor`` + ``Normalize`` (+ crop/flip when training).
-
-    Args:
-        mean, std: per-channel statistics in units of pixel/255.
-        augment: apply random crop (padding 4) and horizontal flip to
-            training batches, the torchvision CIFAR recipe.
-
-    Returns:
-        ``transform(key, images, train) -> float32 images``.
-    """
-
-    def transform(key: jax.Array, images: jax.Array, train: bool) -> jax.Array:
-        if augment and train:
-            images = jdata.augment(key, images)
-        return jdata.normalize(images, mean, std)
-
-    return transform
-
-
-def _model_output_shape(model: nnx.Module, x: Any, what: str) -> tuple[int, ...]:
-    """The model's output shape on two examples shaped like ``x``'s, without computing anything."""
-    sample = jax.ShapeDtypeStruct((2, *tuple(np.shape(x)[1:])), jnp.float32)
-    try:
-        model.eval()
-        return tuple(jax.eval_shape(lambda m, v: m(v), model, sample).shape)
-    except Exception as exc:  # any shape error from inside the model's layers
-        raise ConfigError(
-            f"the model cannot take {what} inputs of shape {tuple(np.shape(x)[1:])}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Use a model made for this data set "
-            "(e.g. --model cifar_cnn for cifar10, --model mlp or convnet for mnist)"
-        ) from None
-
-
-def resolve_output(model: nnx.Module, data: FitData, output: str | None, sample_x: Any) -> str:
-    """The output kind, checked against the model and the labels (see :data:`jaxnet.step.OUTPUT_KINDS`).
-
-    ``None`` infers it: a registered tutorial model's own kind; otherwise
-    float targets mean ``"regression"`` (MSE), integer labels with a model of
-    one output ``"binary"``, and with more outputs ``"logits"``.
-
-    Raises:
-        ConfigError: a model/data mismatch (classes, shapes, kinds).
-        DataError: labels outside the classes.
-    """
-    if output is not None and output not in OUTPUT_KINDS:
-        raise ConfigError(f"unknown output kind {output!r}; expected one of {', '.join(OUTPUT_KINDS)}")
-    out_shape = _model_output_shape(model, sample_x, data.name)
-    if output is None:
-        spec = spec_of(model)
-        if spec is not None:
-            output = spec.output
-        elif data.num_classes is None:
-            output = "regression"
-        else:
-            output = "binary" if out_shape[-1:] == (1,) or len(out_shape) == 1 else "logits"
-    classifier = output in CLASSIFIER_KINDS
-    if classifier != (data.num_classes is not None):
-        kind = "a classification" if classifier else "a regression"
-        task = "regression targets (float labels)" if data.num_classes is None else f"{data.num_classes} classes"
-        raise ConfigError(
-            f"{kind} model cannot train on {data.name}, which has {task}; use a regression model "
-            "(--model linear) with --dataset linear, and a classifier with mnist, cifar10 or tfds:NAME"
-            " (in Python: integer labels for classifiers, float targets for regression, or pass output=)"
-        )
-    if output == "binary":
-        if data.num_classes > 2:
-            raise ConfigError(f"output='binary' needs 0/1 labels; {data.name} has {data.num_classes} classes")
-        if out_shape[-1:] != (1,) and len(out_shape) != 1:
-            raise ConfigError(f"output='binary' needs one logit per example; the model outputs {out_shape[1:]}")
-    elif classifier and out_shape[-1] != data.num_classes and not (
-            data.mean is None and out_shape[-1] > data.num_classes):
-        raise ConfigError(f"the model outputs {out_shape[-1]} classes but {data.name} has {data.num_classes}")
-    return output
-
-
-def _check_label_range(data: FitData, output: str, num_classes: int) -> None:
-    if output not in CLASSIFIER_KINDS:
-        return
-    for split, part in data.splits().items():
-        lo, hi = int(np.min(part.y)), int(np.max(part.y))
-        if lo < 0 or hi >= num_classes:
-            raise DataError(
-                f"{data.name}: {split} labels range over [{lo}, {hi}] but the data set has "
-                f"{num_classes} classes; labels must be integers in [0, {num_classes - 1}]"
-            )
-
-
-def check_dataset(data: ArrayDataset, model: nnx.Module, *, output: str) -> None:
-    """Validates an :class:`ArrayDataset` against a model before anything is compiled.
-
-    Raises:
-        DataError: labels outside ``[0, num_classes)``, or empty splits.
-        ConfigError: images whose shape the model cannot take.
-    """
-    fit_data = as_fit_data(data)
-    output = resolve_output(model, fit_data, output, fit_data.train.x)
-    _check_label_range(fit_data, output, data.num_classes)
-
-
-def _check_sizes(data: FitData, *, epochs: int, batch_size: int, devices: int | None,
-                 grad_accum: int = 1) -> int | None:
-    """Epoch and batch arguments against the data; returns the steps per epoch (``None``: streamed)."""
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer; got {value!r}")
-    if devices and devices > 1:
-        from jaxnet.sharding import check_batch_divisible
-
-        check_batch_divisible(batch_size, devices)
-    if data.streamed:
-        return None
-    n = len(data.train)
-    if batch_size > n:
-        raise ConfigError(f"batch size {batch_size} is larger than the {n} training examples of "
-                          f"{data.name}; use --batch-size {n} or less")
-    steps = jdata.num_batches(n, batch_size, drop_last=True) // grad_accum
-    if steps == 0:
-        raise ConfigError(f"{n} training examples make {n // batch_size} batches of {batch_size}, fewer than "
-                          f"the {grad_accum} accumulated per step; use a smaller --grad-accum or --batch-size")
-    return steps
-
-
-def _padded_batches(images: Any, labels: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-shape eval batches: the last one is padded and masked (no recompile)."""
-    n = len(labels)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n))
-        mask = np.ones(batch_size, bool)
-        if len(idx) < batch_size:
-            mask[len(idx):] = False
-            idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
-        yield {"image": np.asarray(images[idx]), "label": np.asarray(labels[idx]), "mask": mask}
-
-
-@jax.jit
-def _update_metrics(m: jmetrics.ClassificationMetrics, outputs, labels, loss, mask):
-    return jmetrics.metrics_update(m, outputs, labels, loss=loss, mask=mask)
-
-
-def _binary_scores(outputs: jax.Array) -> jax.Array:
-    """One logit ``z`` as two class scores ``(0, z)``: argmax is ``z > 0``, softmax gives sigmoid(z)."""
-    z = outputs.reshape(outputs.shape[0], -1)[:, :1]
-    return jnp.concatenate([jnp.zeros_like(z), z], axis=1)
-
-
-def evaluate(
-    eval_step: Callable,
-    state: TrainState,
-    images: Any,
-    labels: np.ndarray,
-    *,
-    batch_size: int = 1000,
-    num_classes: int = 10,
-    binary: bool = False,
-) -> dict[str, float]:
-    """Evaluates on a whole split: ``model.eval()`` + ``torch.no_grad()`` + metrics.
-
-    Args:
-        eval_step: from :func:`jaxnet.step.make_eval_step`.
-        state: the state to evaluate.
-        images, labels: the split.
-        batch_size: examples per compiled call (the last batch is padded and
-            masked, so evaluation compiles once).
-        num_classes: classes of the task; 0 for regression (loss only).
-        binary: the model outputs one logit per example (``num_classes`` 2).
-
-    Returns:
-        ``loss``, the eval step's own ``metrics`` (means over the split) and,
-        for classifiers, ``accuracy``, ``top5_accuracy``, precision/recall/F1
-        (macro, micro, weighted) and one-vs-rest ``roc_auc`` (omitted when a
-        class is missing from ``labels``).
-    """
-    batch_size = min(batch_size, len(labels))
-    m = jmetrics.metrics_init(max(num_classes, 1), k=min(5, max(num_classes, 1)))
-    sums: dict[str, jax.Array] = {}
-    scores = jmetrics.ScoreCollector()
-    for batch in jdata.prefetch_to_device(_padded_batches(images, labels, batch_size)):
-        result = eval_step(state, batch)
-        per_example = {"loss": result["loss"], **result.get("metrics", {})}
-        for name, values in per_example.items():
-            total = jnp.sum(jnp.where(batch["mask"], values, 0.0))
-            sums[name] = total if name not in sums else sums[name] + total
-        if num_classes:
-            outputs = _binary_scores(result["outputs"]) if binary else result["outputs"]
-            m = _update_metrics(m, outputs, batch["label"], result["loss"], batch["mask"])
-            scores.add(outputs, batch["label"], batch["mask"])
-    means = {name: float(total) / len(labels) for name, total in sums.items()}
-    if not num_classes:
-        return means
-    metrics = {**jmetrics.metrics_compute(m), **{k: v for k, v in means.items() if k != "loss"}}
-    outputs, true = scores.arrays()
-    probs = np.exp(outputs - outputs.max(axis=1, keepdims=True))  # softmax; also right for log-probs
-    probs /= probs.sum(axis=1, keepdims=True)
-    try:
-        metrics["roc_auc"] = jmetrics.roc_auc_ovr(probs, true)
-    except JaxnetError:  # a class absent from this split: AUC undefined, as in scikit-learn
-        pass
-    return metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,349 +179,13 @@ def _cast_outputs(loss: LossFn, dtype: Any) -> LossFn:
     return cast
 
 
-def _named_metrics(metrics: Any) -> dict[str, MetricFn]:
-    """``metrics=``: a dict ``name -> fn`` or a list of functions (named by ``__name__``)."""
-    if metrics is None:
-        return {}
-    if isinstance(metrics, Mapping):
-        named = dict(metrics)
-    elif isinstance(metrics, Sequence) and not isinstance(metrics, str):
-        named = {getattr(fn, "__name__", f"metric_{i}"): fn for i, fn in enumerate(metrics)}
-    else:
-        raise ConfigError(f"metrics must be a dict of name -> fn(outputs, labels) or a list of functions; "
-                          f"got a {type(metrics).__name__}")
-    for name, fn in named.items():
-        if not callable(fn) or not isinstance(name, str) or not name.isidentifier():
-            raise ConfigError(f"metric {name!r} must be a callable with an identifier name; got {fn!r}")
-        if name in ("loss", "accuracy"):
-            raise ConfigError(f"metric name {name!r} is built in; name yours differently")
-    return named
-
-
-def _user_loss(loss_fn: Any) -> tuple[LossFn | None, str | None]:
-    """``loss_fn=``: a callable, or an output kind's name (``"huber"``); returns (loss, kind)."""
-    if loss_fn is None:
-        return None, None
-    if isinstance(loss_fn, str):
-        aliases = {"cross_entropy": "logits", "nll": "log_probs", "bce": "binary", "mse": "regression"}
-        kind = aliases.get(loss_fn, loss_fn)
-        if kind not in OUTPUT_KINDS:
-            raise ConfigError(f"unknown loss {loss_fn!r}; choose one of "
-                              f"{', '.join(sorted(set(aliases) | set(OUTPUT_KINDS)))} or pass a function")
-        return None, kind
-    if not callable(loss_fn):
-        raise ConfigError(f"loss_fn must be a function (outputs, labels[, batch]) -> scalar; got {loss_fn!r}")
-    return loss_fn, None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Everything fit decided before compiling: checked once, used by the loop."""
-
-    data: FitData
-    output: str
-    num_classes: int  # 0 for regression kinds; 2 for binary
-    transform: Transform | None
-    steps_per_epoch: int | None  # None: streamed batches (known after the first epoch)
-    eval_split: str | None  # "val", "test" or None: what each epoch evaluates
-    best_metric: str | None
-    best_mode: str
-    keep_best: int
-    sample_x: Any
-
-
-def _input_transform(data: FitData, sample_x: Any, augment: bool) -> Transform | None:
-    """``ToTensor`` (+ ``Normalize``) for pixels; other inputs are used as they are."""
-    if data.mean is not None:
-        return make_image_transform(data.mean, data.std, augment=augment)
-    if np.asarray(sample_x).dtype == np.uint8:
-        channels = np.shape(sample_x)[-1]
-        return make_image_transform((0.0,) * channels, (1.0,) * channels, augment=augment)
-    if augment:
-        raise ConfigError("augment=True (random crop and flip) needs uint8 images; the inputs are "
-                          f"{np.asarray(sample_x).dtype}")
-    return None
-
-
-def _first_batch(data: FitData) -> dict[str, Any]:
-    try:
-        return batch_arrays(next(iter(data.train.make_iterator())))
-    except StopIteration:
-        raise DataError("the training data yields no batches") from None
-
-
-def plan_fit(model: nnx.Module, data: FitData, *, epochs: int, batch_size: int, output: str | None,
-             callbacks: Sequence[jcallbacks.Callback], augment: bool = False, scan: bool = False,
-             devices: int | None = None, grad_accum: int = 1) -> _Plan:
-    """fit's argument checks in one place (the CLI calls it too), before anything is compiled."""
-    steps_per_epoch = _check_sizes(data, epochs=epochs, batch_size=batch_size, devices=devices,
-                                   grad_accum=grad_accum)
-    if data.streamed:
-        if scan or jax.process_count() > 1:
-            raise ConfigError("training from an iterable of batches runs step by step in one process; "
-                              "pass arrays for scan=True or a multi-process run")
-        first = _first_batch(data)
-        sample_x = np.asarray(first["image"][:2])
-        if data.num_classes is None and np.issubdtype(np.asarray(first["label"]).dtype, np.integer):
-            width = _model_output_shape(model, sample_x, data.name)[-1]  # classes: the model's outputs
-            data = dataclasses.replace(data, num_classes=2 if width == 1 else width)
-    else:
-        sample_x = np.asarray(data.train.x[np.arange(min(2, len(data.train)))])
-        if scan and not isinstance(data.train.x, np.ndarray):
-            raise ConfigError("scan=True keeps the training split on the device; it needs in-memory arrays")
-    output = resolve_output(model, data, output, sample_x)
-    num_classes = 2 if output == "binary" else (data.num_classes or 0)
-    if output in CLASSIFIER_KINDS and output != "binary":
-        num_classes = max(num_classes, _model_output_shape(model, sample_x, data.name)[-1])
-    _check_label_range(data, output, num_classes)
-    eval_split = "val" if data.validation is not None else ("test" if data.test is not None else None)
-    best = next((c for c in callbacks if isinstance(c, jcallbacks.BestCheckpoints)), None)
-    if best is not None:
-        best_metric, best_mode, keep_best = best.monitor, best.mode, best.keep
-    elif eval_split == "val":  # never select by the test split
-        best_metric = "val_accuracy" if output in CLASSIFIER_KINDS else "val_loss"
-        best_mode, keep_best = ("max" if output in CLASSIFIER_KINDS else "min"), 1
-    else:
-        best_metric, best_mode, keep_best = None, "max", 1
-    return _Plan(data, output, num_classes, _input_transform(data, sample_x, augment), steps_per_epoch,
-                 eval_split, best_metric, best_mode, keep_best, sample_x)
-
-
-def spec_of(model: nnx.Module) -> Any:
-    """The registry entry (``jaxnet.models.MODELS``) of a tutorial model's class, or ``None``."""
-    from jaxnet.models import MODELS
-
-    return next((spec for spec in MODELS.values() if type(model) is spec.cls), None)
-
-
-def model_name(model: nnx.Module) -> str:
-    """A tutorial model's registry name (``"mlp"``), else ``"module:QualifiedClassName"``."""
-    spec = spec_of(model)
-    return spec.name if spec is not None else f"{type(model).__module__}:{type(model).__qualname__}"
-
-
-def default_config(model: nnx.Module, data: Any, *, batch_size: int, seed: int, epochs: int,
-                   **settings: Any) -> dict[str, Any]:
-    """What identifies a run in its workdir when the caller gives no ``config``.
-
-    ``settings`` adds the run's other choices (optimizer, precision, ...); a
-    resumed run must match every key but the resumable ones.
-    """
-    data = data if isinstance(data, FitData) else as_fit_data(data)
-    config = {"model": model_name(model), "dataset": data.name, "batch_size": batch_size, "seed": seed,
-              "epochs": epochs}
-    if data.mean is not None:
-        config.update(mean=list(data.mean), std=list(data.std))
-    config.update(settings)
-    return config
-
-
-def _describe_fn(fn: Any) -> str | None:
-    if fn is None or isinstance(fn, str):
-        return fn
-    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
-
-
-class _RunFiles:
-    """A run's workdir as one object: config check, checkpoints, logs, the curves plot.
-
-    Used as a context manager by :func:`fit`; with ``workdir=None`` every
-    method does nothing (and ``restore`` returns ``None``).
-    """
-
-    def __init__(self, workdir: str | os.PathLike | None, config: dict[str, Any], plan: _Plan, *,
-                 resume: bool | str, keep_checkpoints: int):
-        self.workdir, self.resume, self.blocked = workdir, resume, 0.0
-        self._config, self._plan, self._keep = config, plan, keep_checkpoints
-        self.last_saved: int | None = None  # the newest checkpoint step of this run (restored or written)
-        self.resumed_from: int | None = None
-        self.main = jax.process_index() == 0
-        self.ckpt, self.logger, self.lock = None, None, None
-
-    def _open(self) -> None:
-        """One writer per workdir (the lock first), then the config check, a write probe, the checkpoints."""
-        from jaxnet import checkpoint as ckpt_lib
-        from jaxnet import workdir as workdir_lib
-        from jaxnet.lock import WorkdirLock
-
-        if self.workdir is None:
-            return
-        if self.main:  # config.json, the lock and the probe are process 0's
-            if self.resume is True and not os.path.isdir(self.workdir):
-                workdir_lib.check_workdir(self.workdir, self._config, resume=True)  # "does not exist"
-            self.lock = WorkdirLock(self.workdir).acquire()
-            workdir_lib.check_workdir(self.workdir, self._config, resume=self.resume,
-                                      mutable_keys=workdir_lib.RESUMABLE_KEYS)
-            ckpt_lib.probe_writable(workdir_lib.checkpoint_directory(self.workdir))
-        plan = self._plan
-        self.ckpt = ckpt_lib.create_checkpoint_manager(
-            workdir_lib.checkpoint_directory(self.workdir), max_to_keep=self._keep,
-            best_metric=plan.best_metric, best_mode=plan.best_mode, keep_best=plan.keep_best)
-
-    def restore(self, state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-        from jaxnet import checkpoint as ckpt_lib
-        from jaxnet import workdir as workdir_lib
-
-        restored = ckpt_lib.restore_latest_good(self.ckpt, state) if self.resume else None
-        step = int(restored[0].step) if restored is not None else None
-        self.last_saved = self.resumed_from = step
-        if restored is not None and self.main:
-            workdir_lib.rewind_jsonl(os.path.join(self.workdir, METRICS_FILE), step)
-        self.logger = MetricsLogger(self.workdir if self.main else None,
-                                    purge_step=step + 1 if step is not None else None)
-        return restored
-
-    def write_model(self, graphdef: nnx.GraphDef, state: TrainState, plan: _Plan) -> None:
-        """Records how to rebuild the model's forward pass, so that ``jaxnet export`` works for any model."""
-        from jaxnet import export as export_lib
-
-        write = getattr(export_lib, "write_workdir_model", None)
-        if self.workdir is None or not self.main or write is None:
-            return
-        write(self.workdir, graphdef, state.params, state.model_state,
-              input_shape=tuple(np.shape(plan.sample_x)[1:]), input_dtype=np.asarray(plan.sample_x).dtype,
-              transform=plan.transform, output=plan.output)
-
-    def save(self, step: int, state: TrainState, meta: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
-        if self.ckpt is None:
-            return
-        from jaxnet import checkpoint as ckpt_lib
-
-        t = time.perf_counter()
-        self.logger.flush()  # the logs up to this step are on disk before the checkpoint is
-        ckpt_lib.save(self.ckpt, step, state, meta=meta, metrics=metrics)
-        self.blocked += time.perf_counter() - t
-        self.last_saved = step
-
-    def wait(self) -> None:
-        """Blocks until every checkpoint handed over is on disk (durable)."""
-        if self.ckpt is not None:
-            from jaxnet import checkpoint as ckpt_lib
-
-            ckpt_lib.wait(self.ckpt)
-
-    def check_saves(self) -> None:
-        """Raises a failed background save now (disk full, read-only), not at the next save."""
-        if self.ckpt is not None:
-            from jaxnet import checkpoint as ckpt_lib
-
-            ckpt_lib.check_saves(self.ckpt)
-
-    def __enter__(self) -> _RunFiles:
-        try:
-            self._open()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if self.logger is not None:
-                self.logger.close()
-            if self.ckpt is not None:
-                from jaxnet import checkpoint as ckpt_lib
-
-                t = time.perf_counter()
-                ckpt_lib.close(self.ckpt)  # waits for the last asynchronous save
-                self.blocked += time.perf_counter() - t
-        finally:
-            if self.lock is not None:
-                self.lock.release()
-
-
-NO_STEP = np.iinfo(np.int32).max  # "no non-finite step yet"
-
-
-@jax.jit
-def _accumulate(sums: dict[str, jax.Array], metrics: dict[str, jax.Array], bad: jax.Array,
-                step: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
-    """Running sums of the step's metrics, and the first step whose loss was not finite (one dispatch)."""
-    sums = jax.tree.map(jnp.add, sums, metrics)
-    bad = jnp.where((bad == NO_STEP) & ~jnp.isfinite(metrics["loss"]), step, bad)
-    return sums, bad
-
-
-def _floats(tree: Any) -> list[jax.Array]:
-    return [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)]
-
-
-@jax.jit
-def _all_finite(state: TrainState) -> jax.Array:
-    """Whether a state may be checkpointed: finite weights, no NaN in the optimizer state.
-
-    An optimizer state may hold inf on purpose (``optax.contrib.reduce_on_plateau``'s
-    best loss, a line search's initial value), so only NaN counts there.
-    """
-    ok = [jnp.all(jnp.isfinite(x)) for x in _floats((state.params, state.model_state))]
-    ok += [~jnp.any(jnp.isnan(x)) for x in _floats(state.opt_state)]
-    return jnp.all(jnp.asarray(ok or [True]))
-
-
-class _StopSignals:
-    """SIGTERM and the first SIGINT ask the loop to stop after the current step (a context manager).
-
-    Schedulers (SLURM, Kubernetes, cloud preemption) send SIGTERM and wait a
-    grace period: the loop finishes its step, saves a checkpoint and waits
-    for it to be durable, then :func:`fit` raises :class:`~jaxnet.errors.Interrupted`.
-    Further signals while that happens are noted, not obeyed. Handlers are
-    installed only from the main thread, and the previous ones put back.
-    """
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.signum, self._previous = enabled, None, {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        import signal
-
-        if self.signum is None:
-            self.signum = signum
-            return
-        print(f"jaxnet: {signal.Signals(signum).name} again: already stopping after the current step and "
-              "its checkpoint; send SIGKILL to abandon them", file=sys.stderr, flush=True)
-
-    def __enter__(self) -> _StopSignals:
-        import signal
-        import threading
-
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def requested(self, step: int, *, every_step: bool = False) -> bool:
-        """Whether to stop now; processes of a multi-process run agree (every 10 steps, or now)."""
-        if jax.process_count() == 1:
-            return self.signum is not None
-        if step % 10 and not every_step:
-            return False
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray([self.signum or 0], np.int32))
-        if self.signum is None and np.any(flags):
-            self.signum = int(np.max(flags))
-        return bool(np.any(flags))
-
-    @property
-    def name(self) -> str:
-        import signal
-
-        return signal.Signals(self.signum).name
-
-
 @dataclasses.dataclass
 class _Loop:
     """The mutable bookkeeping of a running fit (host side)."""
 
     run: jcallbacks.Run
     steps: _Steps
-    files: _RunFiles
+    files: RunFiles
     callbacks: Sequence[jcallbacks.Callback]
     batch_size: int
     seed: int
@@ -718,7 +193,7 @@ class _Loop:
     checkpoint_every: int | None
     steps_per_epoch: int | None
     progress: bool
-    signals: _StopSignals
+    signals: StopSignals
     on_nan: str = "stop"
     sums: dict[str, Any] = dataclasses.field(default_factory=dict)
     first_batch: int = 0
@@ -752,7 +227,7 @@ class _Loop:
         self.run.step += 1
         if not self.sums:
             self.sums = jax.tree.map(jnp.zeros_like, metrics)
-        self.sums, self.bad = _accumulate(self.sums, metrics, self.bad, np.int32(self.run.step))
+        self.sums, self.bad = accumulate(self.sums, metrics, self.bad, np.int32(self.run.step))
         if (i + 1) % self.log_every == 0:  # the only host syncs inside an epoch
             self.check_finite()
             logs = {"loss": float(metrics["loss"])}
@@ -769,7 +244,7 @@ class _Loop:
         if self.files.ckpt is None:
             return
         self.check_finite()
-        if not bool(_all_finite(self.run.state)):
+        if not bool(all_finite(self.run.state)):
             if self.on_nan == "continue":
                 return
             raise TrainingDiverged(self.run.step, None, self.files.last_saved)
@@ -1013,8 +488,8 @@ def fit(
     config = _run_config(config, model, fit_data, plan, tx, batch_size=batch_size, seed=seed, epochs=epochs,
                          validation_split=validation_split, loss_fn=loss_fn, metrics=user_metrics,
                          precision=precision, devices=devices, fsdp=fsdp, augment=augment)
-    with (_RunFiles(workdir, config, plan, resume=resume, keep_checkpoints=keep_checkpoints) as files,
-          CompileCounter() as counter, _StopSignals(handle_signals) as signals):
+    with (RunFiles(workdir, config, plan, resume=resume, keep_checkpoints=keep_checkpoints) as files,
+          CompileCounter() as counter, StopSignals(handle_signals) as signals):
         steps = build_steps(model, tx, output=plan.output, transform=plan.transform, seed=seed, devices=devices,
                             fsdp=fsdp, precision=precision, scan=scan, loss_fn=user_loss,
                             train_metrics=_train_metrics(plan, user_metrics), eval_metrics=user_metrics)
