@@ -121,12 +121,12 @@ class EarlyStopping(Callback):
         monitor: an epoch record key, e.g. ``"val_loss"`` or ``"val_accuracy"``.
         mode: ``"min"``, ``"max"``, or ``"auto"`` (``max`` for accuracy-like names).
         patience: epochs without improvement before stopping.
-        min_delta: smallest change that counts as an improvement.
         restore_best: at the end, replace the run's final state by the best
             epoch's (a device copy is kept, so memory for one more state). In
             a resumed run, the best of the epochs before the interruption
             counts for patience but only states from the resumed epoch on
             can be restored.
+        min_delta: smallest change that counts as an improvement.
 
     Attributes:
         best: the best value seen; ``best_epoch``: its epoch (1-based);
@@ -134,7 +134,7 @@ class EarlyStopping(Callback):
     """
 
     def __init__(self, monitor: str = "val_loss", mode: str = "auto", patience: int = 3,
-                 min_delta: float = 0.0, restore_best: bool = False):
+                 restore_best: bool = False, *, min_delta: float = 0.0):
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ConfigError(f"EarlyStopping patience must be an integer >= 0; got {patience!r}")
         if not min_delta >= 0:

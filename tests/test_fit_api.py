@@ -372,3 +372,13 @@ def test_tfds_data_source_splits(monkeypatch, tmp_path):
         result = jaxnet.fit(jaxnet.create_model("mlp128"), dict(source), create_optimizer("adam", 1e-3),
                             epochs=1, batch_size=16, progress=False)
     assert result.summary["steps"] == 4 and "test_accuracy" in result.history[0]
+
+
+def test_early_stopping_positional_contract():
+    stop = jcb.EarlyStopping("val_accuracy", "max", 4, True)
+    assert (stop.monitor, stop.mode, stop.patience, stop.restore_best, stop.min_delta) == \
+        ("val_accuracy", "max", 4, True, 0.0)
+    with pytest.raises(ConfigError, match="patience"):
+        jcb.EarlyStopping("val_loss", "min", -1)
+    with pytest.raises(ConfigError, match="mode"):
+        jcb.EarlyStopping("val_loss", "lowest")
