@@ -309,7 +309,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     data = _load_data(args, dataset, normalize)
     epochs, batch_size = args.epochs or recipe.epochs, args.batch_size or recipe.batch_size
     # fit's own checks, before anything is compiled: sizes, the model against the data, the loss.
-    plan = train.plan_fit(model, as_fit_data(data, validation_split=args.val_split, seed=args.seed),
+    fit_data = as_fit_data(data, validation_split=args.val_split, seed=args.seed)  # the holdout, once
+    plan = train.plan_fit(model, fit_data,
                           epochs=epochs, batch_size=batch_size, output=LOSSES.get(args.loss), callbacks=(),
                           augment=args.augment, scan=args.scan, devices=args.devices, grad_accum=args.grad_accum)
     tx, opt = _create_optimizer(args, recipe, plan.steps_per_epoch, epochs)
@@ -323,8 +324,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         precision=args.precision, devices=args.devices or (jax.device_count() if jax.process_count() > 1 else 1),
         fsdp=bool(args.fsdp), scan=bool(args.scan))
     result = train.fit(
-        model, data, tx,
-        epochs=epochs, batch_size=batch_size, validation_split=args.val_split, output=plan.output,
+        model, fit_data, tx,
+        epochs=epochs, batch_size=batch_size, output=plan.output,
         seed=args.seed, augment=args.augment, scan=args.scan, eval_batch_size=args.eval_batch_size,
         workdir=args.workdir, checkpoint_every=args.checkpoint_every,
         resume="auto" if args.resume_or_start else args.resume,

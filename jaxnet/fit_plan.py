@@ -60,7 +60,8 @@ def _model_output_shape(model: nnx.Module, x: Any, what: str) -> tuple[int, ...]
         ) from None
 
 
-def resolve_output(model: nnx.Module, data: FitData, output: str | None, sample_x: Any) -> str:
+def resolve_output(model: nnx.Module, data: FitData, output: str | None, sample_x: Any,
+                   out_shape: tuple[int, ...] | None = None) -> str:
     """The output kind, checked against the model and the labels (see :data:`jaxnet.step.OUTPUT_KINDS`).
 
     ``None`` infers it: a registered tutorial model's own kind; otherwise
@@ -73,7 +74,8 @@ def resolve_output(model: nnx.Module, data: FitData, output: str | None, sample_
     """
     if output is not None and output not in OUTPUT_KINDS:
         raise ConfigError(f"unknown output kind {output!r}; expected one of {', '.join(OUTPUT_KINDS)}")
-    out_shape = _model_output_shape(model, sample_x, data.name)
+    if out_shape is None:
+        out_shape = _model_output_shape(model, sample_x, data.name)
     if output is None:
         spec = spec_of(model)
         if spec is not None:
@@ -232,17 +234,18 @@ def plan_fit(model: nnx.Module, data: FitData, *, epochs: int, batch_size: int, 
                               "pass arrays for scan=True or a multi-process run")
         first = _first_batch(data)
         sample_x = np.asarray(first["image"][:2])
-        if data.num_classes is None and np.issubdtype(np.asarray(first["label"]).dtype, np.integer):
-            width = _model_output_shape(model, sample_x, data.name)[-1]  # classes: the model's outputs
-            data = dataclasses.replace(data, num_classes=2 if width == 1 else width)
     else:
         sample_x = np.asarray(data.train.x[np.arange(min(2, len(data.train)))])
         if scan and not isinstance(data.train.x, np.ndarray):
             raise ConfigError("scan=True keeps the training split on the device; it needs in-memory arrays")
-    output = resolve_output(model, data, output, sample_x)
+    out_shape = _model_output_shape(model, sample_x, data.name)  # traced once, shapes only
+    if data.streamed and data.num_classes is None and np.issubdtype(np.asarray(first["label"]).dtype, np.integer):
+        width = out_shape[-1]  # classes of streamed integer labels: the model's outputs
+        data = dataclasses.replace(data, num_classes=2 if width == 1 else width)
+    output = resolve_output(model, data, output, sample_x, out_shape)
     num_classes = 2 if output == "binary" else (data.num_classes or 0)
     if output in CLASSIFIER_KINDS and output != "binary":
-        num_classes = max(num_classes, _model_output_shape(model, sample_x, data.name)[-1])
+        num_classes = max(num_classes, out_shape[-1])
     _check_label_range(data, output, num_classes)
     eval_split = "val" if data.validation is not None else ("test" if data.test is not None else None)
     best = next((c for c in callbacks if isinstance(c, jcallbacks.BestCheckpoints)), None)

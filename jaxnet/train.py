@@ -197,6 +197,7 @@ class _Loop:
     on_nan: str = "stop"
     sums: dict[str, Any] = dataclasses.field(default_factory=dict)
     first_batch: int = 0
+    warned_nonfinite: bool = False
     bad: Any = None  # device scalar: the first step with a non-finite loss, or NO_STEP
     stopped_mid_epoch: int | None = None  # batches done when a signal stopped the epoch
     compiles_after_first_epoch: int | None = None
@@ -206,8 +207,8 @@ class _Loop:
         """Raises :class:`TrainingDiverged` (``on_nan="stop"``) once a loss was not finite."""
         step = int(self.bad)
         if step == NO_STEP or self.on_nan == "continue":
-            if step != NO_STEP and not getattr(self, "_warned", False):
-                self._warned = True
+            if step != NO_STEP and not self.warned_nonfinite:
+                self.warned_nonfinite = True
                 import logging
 
                 logging.getLogger("jaxnet").warning(

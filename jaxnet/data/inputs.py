@@ -305,6 +305,11 @@ def as_fit_data(
         ConfigError: an unusable form, or two sources of validation data.
         DataError: mismatched lengths, empty splits, non-numeric labels.
     """
+    if isinstance(data, FitData):  # already turned (e.g. by the CLI, which checked it first)
+        if validation_split is not None or validation_data is not None:
+            raise ConfigError("the data already is FitData, with its validation split decided; "
+                              "pass validation_split/validation_data to as_fit_data instead")
+        return data
     mean = std = None
     if isinstance(data, ArrayDataset):
         splits = {"train": Split(data.train_images, np.asarray(data.train_labels))}
