@@ -3,9 +3,9 @@
 Each device count runs in its own subprocess (the number of simulated CPU
 devices, ``--xla_force_host_platform_device_count``, is fixed when JAX
 starts), one after the other, with the same model, optimizer and *global*
-batch (strong scaling): the sharded step of ``jaxnet.sharding``
+batch (strong scaling): the sharded step of ``jaxnet.parallel.sharding``
 (``jit`` + ``NamedSharding``), data parallel and FSDP, and the ``shard_map``
-step of ``jaxnet.distributed_step``. Each number is the median of
+step of ``jaxnet.parallel.steps``. Each number is the median of
 ``--rounds`` x ``--repeats`` timings of ``--steps`` steps after compilation and warm-up,
 ending in ``block_until_ready``; batches are already on their shards, and at
 most ``MAX_STEPS_IN_FLIGHT`` steps are queued (``make_dispatch_limiter``),
@@ -45,7 +45,8 @@ def measure(num_devices: int, *, model: str, batch_size: int, steps: int, repeat
     import numpy as np
     import optax
 
-    from jaxnet import distributed_step, sharding
+    from jaxnet.parallel import steps as distributed_step
+    from jaxnet.parallel import sharding
     from jaxnet.models import MODELS, create_model
     from jaxnet.state import create_train_state
     from jaxnet.step import loss_for_output

@@ -15,6 +15,9 @@ loader runs without importing the models, flax or optax.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
 from jaxnet.errors import ConfigError, DataError, JaxnetError
@@ -39,7 +42,42 @@ _EXPORTS = {  # name -> module that defines it
 __all__ = sorted(["ConfigError", "DataError", "JaxnetError", *_SUBMODULES, *_EXPORTS])
 
 
+# Modules that moved into a subpackage keep their old import path: ``import
+# jaxnet.sharding`` gives the very module object ``jaxnet.parallel.sharding``
+# (so ``monkeypatch`` and ``isinstance`` agree across both names).
+MOVED_MODULES = {
+    "jaxnet.sharding": "jaxnet.parallel.sharding",
+    "jaxnet.distributed_step": "jaxnet.parallel.steps",
+    "jaxnet.distributed": "jaxnet.parallel.multiprocess",
+    "jaxnet.launch": "jaxnet.parallel.launcher",
+    "jaxnet.integrity": "jaxnet.checkpoint.integrity",
+    "jaxnet.workdir": "jaxnet.checkpoint.workdir",
+    "jaxnet.lock": "jaxnet.checkpoint.lock",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports an old module path (:data:`MOVED_MODULES`) as the module it moved to."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in MOVED_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: Any) -> Any:
+        return importlib.import_module(MOVED_MODULES[spec.name])
+
+    def exec_module(self, module: Any) -> None:
+        """Nothing to run: the module it moved to is already imported."""
+
+
+if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModules())
+
+
 def __getattr__(name: str) -> Any:
+    if f"jaxnet.{name}" in MOVED_MODULES:
+        return importlib.import_module(MOVED_MODULES[f"jaxnet.{name}"])
     if name in _SUBMODULES:
         return importlib.import_module(f"jaxnet.{name}")
     if name in _EXPORTS:

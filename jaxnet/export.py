@@ -62,7 +62,7 @@ MODEL_DIR = "model"  # under a run's workdir: its forward function, written by w
 _MODEL_INFO = "model.json"  # W/model/: input, output kind, weight names and the run's variables
 _MODEL_MODULE = "forward.exported"  # W/model/: the serialized jax.export.Exported
 _KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")  # jax.random's key implementations
-_CONFIG_FILE = "config.json"  # jaxnet.workdir.CONFIG_FILE (not imported: the loader stays light)
+_CONFIG_FILE = "config.json"  # jaxnet.checkpoint.workdir.CONFIG_FILE (not imported: the loader stays light)
 
 logger = logging.getLogger("jaxnet.export")
 
@@ -762,7 +762,8 @@ def _rebuilt_source(workdir: str | os.PathLike, config: Mapping[str, Any], platf
     """The model rebuilt as ``jaxnet train`` builds it, or ``None`` when the config names no code jaxnet can find."""
     from flax import nnx
 
-    from jaxnet import models, workdir as workdir_lib
+    from jaxnet import models
+    from jaxnet.checkpoint import workdir as workdir_lib
     from jaxnet.train import make_image_transform
 
     name = config.get("model")
@@ -820,7 +821,8 @@ def _export_source(workdir: str | os.PathLike, config: Mapping[str, Any], platfo
 def _restore_weights(workdir: str | os.PathLike, config: Mapping[str, Any], step: str | int,
                      source: _Source) -> tuple[int, list[np.ndarray], str]:
     """``(step, weights in the source's order, params_sha256)`` of the chosen checkpoint."""
-    from jaxnet import checkpoint, workdir as workdir_lib
+    from jaxnet import checkpoint
+    from jaxnet.checkpoint import workdir as workdir_lib
 
     ckpt = checkpoint.create_checkpoint_manager(
         workdir_lib.checkpoint_directory(workdir), read_only=True,
@@ -850,7 +852,7 @@ def run_export(args: argparse.Namespace) -> None:
     (a jaxnet model, or ``package.module:factory`` with its
     ``model_kwargs``), as ``jaxnet train`` built it.
     """
-    from jaxnet import workdir
+    from jaxnet.checkpoint import workdir
 
     config = workdir.read_config(args.workdir)
     source = _export_source(args.workdir, config, args.platforms)

@@ -135,7 +135,7 @@ def _check_sizes(data: FitData, *, epochs: int, batch_size: int, devices: int | 
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ConfigError(f"{name} must be a positive integer; got {value!r}")
     if devices and devices > 1:
-        from jaxnet.sharding import check_batch_divisible
+        from jaxnet.parallel.sharding import check_batch_divisible
 
         check_batch_divisible(batch_size, devices)
     if data.streamed:

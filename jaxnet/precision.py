@@ -361,7 +361,7 @@ def make_loss_scaled_train_step(
     """The jit-compiled :func:`loss_scaled_train_step_fn` (single device).
 
     For several devices pass the step to
-    :func:`jaxnet.sharding.make_sharded_train_step` as ``step_fn``.
+    :func:`jaxnet.parallel.sharding.make_sharded_train_step` as ``step_fn``.
     """
     step = loss_scaled_train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification)
     return jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -1,8 +1,8 @@
 """A run's workdir as one context-managed object: lock, config, write probe, checkpoints, logs.
 
 :func:`jaxnet.fit` opens it before anything is compiled. In order: one writer
-per workdir (:class:`jaxnet.lock.WorkdirLock`), the recorded config checked
-(:func:`jaxnet.workdir.check_workdir`), a probe that the checkpoint folder can
+per workdir (:class:`jaxnet.checkpoint.lock.WorkdirLock`), the recorded config checked
+(:func:`jaxnet.checkpoint.workdir.check_workdir`), a probe that the checkpoint folder can
 be written, then the checkpoint manager and the metrics logger.
 """
 
@@ -40,8 +40,8 @@ class RunFiles:
     def _open(self) -> None:
         """One writer per workdir (the lock first), then the config check, a write probe, the checkpoints."""
         from jaxnet import checkpoint as ckpt_lib
-        from jaxnet import workdir as workdir_lib
-        from jaxnet.lock import WorkdirLock
+        from jaxnet.checkpoint import workdir as workdir_lib
+        from jaxnet.checkpoint.lock import WorkdirLock
 
         if self.workdir is None:
             return
@@ -59,7 +59,7 @@ class RunFiles:
 
     def restore(self, state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
         from jaxnet import checkpoint as ckpt_lib
-        from jaxnet import workdir as workdir_lib
+        from jaxnet.checkpoint import workdir as workdir_lib
 
         restored = ckpt_lib.restore_latest_good(self.ckpt, state) if self.resume else None
         step = int(restored[0].step) if restored is not None else None

@@ -226,7 +226,7 @@ class RunConfig:
     """Every setting that shapes a ``jaxnet train`` run, after recipe, ``--config`` and flags.
 
     Recorded as ``W/config.json`` (``fit(config=...)``); ``--resume`` refuses
-    any difference but in :data:`jaxnet.workdir.RESUMABLE_KEYS`, and
+    any difference but in :data:`jaxnet.checkpoint.workdir.RESUMABLE_KEYS`, and
     ``jaxnet export`` rebuilds the model from ``model``, ``model_kwargs`` and
     ``seed``. Where the data is read from (``--data-dir``) and how the run is
     watched or saved (``--workdir``, ``--checkpoint-every``,

@@ -136,7 +136,7 @@ def build_steps(
     ``eval_metrics`` per example at evaluation.
     """
     from jaxnet import precision as jprecision
-    from jaxnet import sharding as jsharding
+    from jaxnet.parallel import sharding as jsharding
 
     policy = jprecision.get_policy(precision)
     loss = loss_fn if loss_fn is not None else loss_for_output(output)
@@ -256,7 +256,7 @@ def _train_batches(split: Split, batch_size: int, steps: _Steps, *, seed: int, e
                    start_batch: int) -> Iterator[Any]:
     """One epoch of training batches from arrays, placed where the step wants them."""
     if jax.process_count() > 1:  # each process reads only its rows of every global batch
-        from jaxnet import distributed
+        from jaxnet.parallel import multiprocess as distributed
 
         local = distributed.iterate_process_batches(
             split.x, split.y, batch_size, seed=seed, epoch=epoch, start_batch=start_batch)
@@ -293,7 +293,7 @@ def _dispatch_limiter(steps: _Steps) -> Callable[[Any], None]:
     """Multi-device steps on XLA:CPU deadlock when too many are queued: bound them."""
     if steps.mesh is None:
         return lambda outputs: None
-    from jaxnet.sharding import make_dispatch_limiter
+    from jaxnet.parallel.sharding import make_dispatch_limiter
 
     return make_dispatch_limiter()
 
@@ -653,7 +653,7 @@ def _give_back(model: nnx.Module, state: TrainState, transform: Transform | None
 
 
 def _params_sha256(params: Any) -> str:
-    from jaxnet import integrity
+    from jaxnet.checkpoint import integrity
 
     return integrity.params_sha256(params)
 
@@ -662,7 +662,7 @@ def _on_host(tree: Any) -> Any:
     """The whole of ``tree`` readable in this process; a collective when several processes run."""
     if jax.process_count() == 1:
         return tree
-    from jaxnet.distributed import gather_to_host
+    from jaxnet.parallel.multiprocess import gather_to_host
 
     return gather_to_host(tree)
 

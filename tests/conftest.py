@@ -9,6 +9,7 @@ import pathlib
 # before anything imports jax.
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from tests.helpers import REPO
 
 # Strict dtype promotion would be the better default for our own code, but
 # optax's own update rules (e.g. Adam's ``b1 ** count`` with an int32 count)
@@ -16,7 +17,6 @@ import pytest  # noqa: E402
 # library's dtype handling is checked by explicit dtype assertions instead.
 jax.config.update("jax_numpy_dtype_promotion", "standard")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # The real data sets live beside the repository (never inside it); CI and
 # developers point JAXNET_TEST_DATA at another copy when needed.
 SHARED_DATA = pathlib.Path(os.environ.get("JAXNET_TEST_DATA", REPO.parent / "shared" / "data"))

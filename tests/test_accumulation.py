@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnet import sharding
+from jaxnet.parallel import sharding
 from jaxnet.accumulation import with_grad_accumulation
 from jaxnet.errors import ConfigError
 from jaxnet.models import create_model

@@ -17,15 +17,15 @@ import pytest
 from PIL import Image
 
 from jaxnet import checkpoint as C
-from jaxnet import workdir as W
+from jaxnet.checkpoint import workdir as W
 from jaxnet.errors import ConfigError, DataError
 from jaxnet.export import ExportedModel, export_model, load_exported, predict_files, read_inputs, register_cli
 from jaxnet.models import MODELS, create_model
 from jaxnet.state import create_train_state
 from jaxnet.step import make_predict_fn
 from jaxnet.train import make_image_transform
+from tests.helpers import REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 

@@ -12,7 +12,8 @@ from flax import nnx
 
 import jaxnet
 from jaxnet import callbacks as jcb
-from jaxnet import checkpoint, workdir
+from jaxnet import checkpoint
+from jaxnet.checkpoint import workdir
 from jaxnet.data.inputs import as_fit_data, holdout
 from jaxnet.errors import ConfigError, DataError
 from jaxnet.optim import create_optimizer, create_schedule
@@ -363,7 +364,7 @@ def test_grain_map_dataset_source():
 
 def test_tfds_data_source_splits(monkeypatch, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from test_data_tfds import mocked, write_metadata
+    from tests.data.test_tfds import mocked, write_metadata
 
     write_metadata(tmp_path, "mnist", {"train": 60000, "test": 10000})
     with mocked(monkeypatch, tmp_path, num_examples=64):

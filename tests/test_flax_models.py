@@ -21,9 +21,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnet import checkpoint as C
-from jaxnet import integrity
+from jaxnet.checkpoint import integrity
 from jaxnet import precision as jprecision
-from jaxnet import sharding as jsharding
+from jaxnet.parallel import sharding as jsharding
 from jaxnet.data.dataset import ArrayDataset
 from jaxnet.errors import ConfigError
 from jaxnet.models import create_model

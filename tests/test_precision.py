@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnet import precision, sharding
+from jaxnet import precision
+from jaxnet.parallel import sharding
 from jaxnet.errors import ConfigError
 from jaxnet.models import create_model
 from jaxnet.state import create_train_state

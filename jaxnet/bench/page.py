@@ -83,7 +83,7 @@ _LESSONS = """\
 ## The lessons behind the numbers
 
 The tutorials' dynamic-graph habits, each with its static-graph answer and the
-measured cost of both, are runnable examples (each run by `tests/test_lessons.py`):
+measured cost of both, are runnable examples (each run by `tests/e2e/test_lessons.py`):
 
 - `examples/01_tensors.py`: tensors, side by side with the PyTorch lines they replace.
 - `examples/02_autograd.py`: gradients as return values, no `.grad`, no `zero_grad`.

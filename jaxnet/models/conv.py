@@ -326,7 +326,7 @@ def _pad_beyond_extent(x: jax.Array, kernel_size: Pair, padding: Padding, dilati
     by more than ``d * (k - 1)`` on a side wrongly, whichever kernel runs it:
     that gradient is a convolution with negative padding, and its result
     holds values read from memory it never wrote (e.g. 2e9 where 0.3 is
-    right; ``tests/test_conv.py``). Zero-padding first and convolving with
+    right; ``tests/models/test_conv.py``). Zero-padding first and convolving with
     the rest is the same function, and the gradient of the pad is a slice.
     Negative padding (cropping) is left alone.
 

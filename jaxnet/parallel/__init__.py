@@ -1,0 +1,15 @@
+"""Several devices and several processes: the counterpart of the tutorials' DDP/FSDP lessons.
+
+* :mod:`jaxnet.parallel.sharding`: the device mesh, batch and state
+  shardings, and the data-parallel / FSDP train step that XLA partitions
+  (``jax.jit`` with shardings).
+* :mod:`jaxnet.parallel.steps`: the same step written per device, with
+  ``shard_map`` or ``pmap`` and an explicit gradient ``pmean``.
+* :mod:`jaxnet.parallel.multiprocess`: joining several processes into one
+  run (``jax.distributed``), each reading its slice of every batch.
+* :mod:`jaxnet.parallel.launcher`: ``jaxnet launch``, the ``torchrun``
+  counterpart that starts and watches those processes.
+
+The old module paths (``jaxnet.sharding``, ``jaxnet.distributed_step``,
+``jaxnet.distributed``, ``jaxnet.launch``) import the same modules.
+"""
