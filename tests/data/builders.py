@@ -145,17 +145,3 @@ def expected_cifar(style_members: dict[str, bytes], batch: str) -> tuple[np.ndar
 
 
 # --- the builders are right -------------------------------------------------
-
-
-def test_py2_pickle_reads_back_with_the_standard_unpickler():
-    batch = make_cifar_batch(4)
-    d = pickle.loads(py2_pickle(batch), encoding="bytes")
-    assert d[b"labels"] == batch[b"labels"]
-    np.testing.assert_array_equal(d[b"data"], batch[b"data"])
-    assert d[b"data"].dtype == np.uint8 and d[b"filenames"] == batch[b"filenames"]
-
-
-def test_idx_bytes_header():
-    images, labels = make_mnist_arrays(3)
-    assert idx_bytes(images)[:16] == bytes.fromhex("00000803 00000003 0000001c 0000001c")
-    assert idx_bytes(labels)[:8] == bytes.fromhex("00000801 00000003")
