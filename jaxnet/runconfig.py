@@ -28,19 +28,9 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
-# --loss name -> the output kind jaxnet.fit(output=...) trains with (one place for the mapping).
-LOSSES: dict[str, str] = {
-    "cross_entropy": "logits",  # CrossEntropyLoss on logits
-    "nll": "log_probs",  # NLLLoss on log-probabilities (a model ending in log_softmax)
-    "binary": "binary",  # BCEWithLogitsLoss on one logit per example, integer labels 0/1
-    "mse": "regression",  # MSELoss on values
-    "l1": "l1",  # L1Loss on values
-    "huber": "huber",  # HuberLoss (delta 1) on values
-}
-# fit's output kind -> the --loss that names it (a registered model's default is LOSS_OF_OUTPUT[spec.output]).
-LOSS_OF_OUTPUT: dict[str, str] = {output: loss for loss, output in LOSSES.items()}
-CLASSIFIER_OUTPUTS = ("logits", "log_probs", "binary")  # outputs read as class scores
-VALUE_OUTPUTS = ("regression", "l1", "huber")  # outputs read as predicted values
+from jaxnet.outputs import CLASSIFIER_KINDS as CLASSIFIER_OUTPUTS  # noqa: E402
+from jaxnet.outputs import LOSS_OF_OUTPUT, LOSSES  # noqa: E402,F401
+from jaxnet.outputs import VALUE_KINDS as VALUE_OUTPUTS  # noqa: E402
 
 
 # ---------------------------------------------------------------------------

@@ -34,8 +34,7 @@ MetricFn = Callable[..., jax.Array]  # (outputs, labels[, batch]) -> () batch me
 # transform(key, images, train) -> model inputs; runs on device inside the step.
 Transform = Callable[[jax.Array, jax.Array, bool], jax.Array]
 
-OUTPUT_KINDS = ("logits", "log_probs", "binary", "regression", "l1", "huber")
-CLASSIFIER_KINDS = ("logits", "log_probs", "binary")  # integer labels, accuracy reported
+from jaxnet.outputs import CLASSIFIER_KINDS, OUTPUT_KINDS  # noqa: E402  (one list: jaxnet.outputs)
 
 
 def loss_for_output(output: str) -> LossFn:
