@@ -20,7 +20,9 @@ Each number is the median of ``--repeats`` repetitions of about ``--seconds``
 seconds each, after compilation and warm-up; FLOP/s count the model's useful
 multiply-adds (2 FLOPs each) of forward and backward, not the padding the
 "eigen" implementation adds. Dropout is on in both frameworks; PyTorch runs
-with ``torch.set_flush_denormal(True)`` (see /work/shared/NOTES.md).
+with ``torch.set_flush_denormal(True)``, because its CPU kernels slow down on
+the subnormal floats that training leaves in weights and optimizer state
+(``jaxnet bench`` times eager PyTorch both ways; ``docs/static_vs_dynamic.md``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jaxnet.models import MODELS, create_model, layers  # noqa: E402
+from jaxnet.models import MODELS, create_model, layers, pooling  # noqa: E402
 from jaxnet.models.conv import use_conv_impl  # noqa: E402
 from jaxnet.state import create_train_state  # noqa: E402
 from jaxnet.step import loss_for_output, make_train_step, train_step_fn  # noqa: E402
@@ -82,12 +84,12 @@ def optimizer(name: str) -> tuple[optax.GradientTransformation, str, float]:
 @contextlib.contextmanager
 def original_max_pool() -> Iterator[None]:
     """Traces ``max_pool2d`` as before this change: a reduce-max over the window axes (JAX's tie-splitting gradient)."""
-    saved = layers._window_max
-    layers._window_max = lambda windows: windows.max(axis=(2, 4))
+    saved = pooling._window_max
+    pooling._window_max = lambda windows: windows.max(axis=(2, 4))
     try:
         yield
     finally:
-        layers._window_max = saved
+        pooling._window_max = saved
 
 
 @contextlib.contextmanager
@@ -211,7 +213,10 @@ def cpu_busy(interval: float = 0.5) -> float:
 
 
 def wait_for_idle(max_busy: float, timeout: float) -> float:
-    """Waits (up to ``timeout`` s) until other processes use less than ``max_busy`` of the CPUs; returns the last busy fraction."""
+    """Waits (up to ``timeout`` s) until other processes use less than ``max_busy`` of the CPUs.
+
+    Returns the last busy fraction measured.
+    """
     deadline = time.monotonic() + timeout
     busy = cpu_busy()
     while busy > max_busy and time.monotonic() < deadline:
@@ -352,7 +357,8 @@ def run_steps(args: argparse.Namespace) -> dict:
         wait_for_idle(args.max_busy, args.idle_timeout)
     peak_measured = matmul_peak(args.seconds, args.repeats)
     peak = max(peak_nominal, peak_measured)
-    print(f"fp32 peak: nominal {peak_nominal:.0f} GFLOP/s ({how}); 2048^3 matmul best {peak_measured:.0f}; using {peak:.0f}")
+    print(f"fp32 peak: nominal {peak_nominal:.0f} GFLOP/s ({how}); 2048^3 matmul best {peak_measured:.0f}; "
+          f"using {peak:.0f}")
     for spec in args.workloads.split(","):
         name, batch = spec.split(":")
         batch = int(batch)

@@ -1,4 +1,4 @@
-"""How accurate the tutorial ConvNet gets on real MNIST in a fraction of an epoch budget.
+r"""How accurate the tutorial ConvNet gets on real MNIST in a fraction of an epoch budget.
 
 Trains ``convnet`` (the tutorial's layers and dropout, unchanged) for a
 fractional number of epochs with a learning-rate schedule that ends exactly
@@ -8,7 +8,8 @@ of wall time on this 2-core machine (results in ``CONV_CPU.md`` section 5)::
 
     python benchmarks/mnist_short_schedules.py --data-dir ../shared/data --epochs 1.6 --lr 3e-3
     python benchmarks/mnist_short_schedules.py --data-dir ../shared/data --epochs 1.6 --lr 3e-3 --decay linear
-    python benchmarks/mnist_short_schedules.py --data-dir ../shared/data --epochs 1.6 --lr 0.1 --optimizer nesterov --warmup 0.1
+    python benchmarks/mnist_short_schedules.py --data-dir ../shared/data --epochs 1.6 --lr 0.1 \
+        --optimizer nesterov --warmup 0.1
 
 The wall time printed includes data loading, compilation and the evaluation.
 """

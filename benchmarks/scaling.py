@@ -45,9 +45,9 @@ def measure(num_devices: int, *, model: str, batch_size: int, steps: int, repeat
     import numpy as np
     import optax
 
-    from jaxnet.parallel import steps as distributed_step
-    from jaxnet.parallel import sharding
     from jaxnet.models import MODELS, create_model
+    from jaxnet.parallel import sharding
+    from jaxnet.parallel import steps as distributed_step
     from jaxnet.state import create_train_state
     from jaxnet.step import loss_for_output
     from jaxnet.train import make_image_transform
@@ -144,8 +144,8 @@ def main() -> None:
                                  steps=args.steps, repeats=args.repeats)))
         return
 
-    import jax
     import flax
+    import jax
     import optax
 
     counts = args.devices

@@ -20,7 +20,10 @@ import importlib.util
 import sys
 from typing import Any
 
-from jaxnet.errors import ConfigError, DataError, JaxnetError
+# Re-exported (the ``as`` form marks them public: ``__all__`` below is computed).
+from jaxnet.errors import ConfigError as ConfigError
+from jaxnet.errors import DataError as DataError
+from jaxnet.errors import JaxnetError as JaxnetError
 
 __version__ = "0.1.0"
 
@@ -30,13 +33,14 @@ _EXPORTS = {  # name -> module that defines it
     "ArrayDataset": "jaxnet.data", "iterate_batches": "jaxnet.data",
     "load_dataset": "jaxnet.data", "prefetch_to_device": "jaxnet.data",
     "MODELS": "jaxnet.models", "create_model": "jaxnet.models",
-    "create_optimizer": "jaxnet.optim", "create_schedule": "jaxnet.optim",
+    "create_optimizer": "jaxnet.optim", "create_schedule": "jaxnet.schedules",
     "TrainState": "jaxnet.state", "copy_state": "jaxnet.state", "create_train_state": "jaxnet.state",
     "merge_model": "jaxnet.state", "predict": "jaxnet.inference",
     "loss_for_output": "jaxnet.step", "make_eval_step": "jaxnet.step", "make_predict_fn": "jaxnet.step",
     "make_scan_epoch": "jaxnet.step", "make_train_step": "jaxnet.step", "train_step_fn": "jaxnet.step",
+    "StepFn": "jaxnet.step", "compile_step": "jaxnet.step",
     "FitResult": "jaxnet.train", "evaluate": "jaxnet.train", "fit": "jaxnet.train",
-    "make_image_transform": "jaxnet.train",
+    "make_image_transform": "jaxnet.data.transforms",
 }
 
 __all__ = sorted(["ConfigError", "DataError", "JaxnetError", *_SUBMODULES, *_EXPORTS])
@@ -53,6 +57,12 @@ MOVED_MODULES = {
     "jaxnet.integrity": "jaxnet.checkpoint.integrity",
     "jaxnet.workdir": "jaxnet.checkpoint.workdir",
     "jaxnet.lock": "jaxnet.checkpoint.lock",
+    "jaxnet.fit_plan": "jaxnet.training.plan",
+    "jaxnet.run_files": "jaxnet.training.run_files",
+    "jaxnet.stops": "jaxnet.training.stops",
+    "jaxnet.evaluation": "jaxnet.training.evaluation",
+    "jaxnet.runconfig": "jaxnet.cli.runconfig",
+    "jaxnet.bench.cli": "jaxnet.cli.bench",
 }
 
 

@@ -21,7 +21,7 @@ from jaxnet.step import Transform, make_predict_fn
 
 
 def _graph_and_state(model_or_result: Any) -> tuple[nnx.GraphDef, TrainState, Transform | None]:
-    from jaxnet.train import _PREPROCESSING, FitResult
+    from jaxnet.training.result import _PREPROCESSING, FitResult
 
     if isinstance(model_or_result, FitResult):
         return model_or_result.graphdef, model_or_result.state, model_or_result.transform

@@ -31,7 +31,6 @@ dtype, inside the model; the loss that follows is float32.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -42,11 +41,11 @@ from flax import nnx
 from jaxnet.errors import ConfigError
 from jaxnet.models import layers
 from jaxnet.state import TrainState
-from jaxnet.step import Batch, LossFn, Transform, train_step_fn
+from jaxnet.step import Batch, LossFn, StepFn, Transform, apply_loss, compile_step, train_step_fn
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+# The one list of precision names (``fit(precision=)``, ``jaxnet train --precision``): name -> compute dtype.
+_COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+PRECISIONS = tuple(_COMPUTE_DTYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +80,9 @@ def get_policy(name: str) -> Policy:
     >>> get_policy("bf16").compute_dtype
     <class 'jax.numpy.bfloat16'>
     """
-    dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
-    if name not in dtypes:
+    if name not in _COMPUTE_DTYPES:
         raise ConfigError(f"unknown precision {name!r}; expected one of {PRECISIONS}")
-    return Policy(compute_dtype=dtypes[name])
+    return Policy(compute_dtype=_COMPUTE_DTYPES[name])
 
 
 def apply_policy(
@@ -95,13 +93,13 @@ def apply_policy(
     Args:
         policy: from :func:`get_policy`.
         transform: the step's on-device preprocessing (or ``None``).
-        loss_fn: ``loss_fn(outputs, labels) -> ()``.
+        loss_fn: ``loss_fn(outputs, labels[, batch]) -> ()``.
 
     Returns:
         ``(transform, loss_fn)`` to pass to any step factory: the transform's
         result is cast to ``policy.compute_dtype``; the outputs are cast to
-        ``policy.output_dtype`` before ``loss_fn``. Use the same transform for
-        evaluation.
+        ``policy.output_dtype`` before ``loss_fn`` (which gets the batch too
+        when it takes one). Use the same transform for evaluation.
 
     >>> t, _ = apply_policy(get_policy("bf16"), None, lambda o, y: o.mean())
     >>> t(None, jnp.ones((2, 3)), True).dtype
@@ -114,8 +112,9 @@ def apply_policy(
             x = x.astype(jnp.float32)
         return x.astype(policy.compute_dtype)
 
-    def policy_loss(outputs: jax.Array, labels: jax.Array) -> jax.Array:
-        return loss_fn(outputs.astype(policy.output_dtype), labels).astype(policy.output_dtype)
+    def policy_loss(outputs: jax.Array, labels: jax.Array, batch: Batch | None = None) -> jax.Array:
+        loss = apply_loss(loss_fn, outputs.astype(policy.output_dtype), labels, batch)
+        return jnp.asarray(loss, policy.output_dtype)
 
     return policy_transform, policy_loss
 
@@ -314,12 +313,7 @@ def loss_scale_of(opt_state: Any) -> jax.Array:
 
 
 def loss_scaled_train_step_fn(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    loss_fn: LossFn,
-    *,
-    transform: Transform | None = None,
-    classification: bool = True,
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, **step_options: Any
 ) -> StepFn:
     """:func:`jaxnet.step.train_step_fn` with the loss multiplied by the state's loss scale.
 
@@ -330,7 +324,9 @@ def loss_scaled_train_step_fn(
     optimizer's own count does not.
 
     Args:
-        graphdef, tx, loss_fn, transform, classification: as for
+        graphdef, tx: as for :func:`jaxnet.step.train_step_fn`.
+        loss_fn: ``loss_fn(outputs, labels[, batch]) -> ()``, unscaled.
+        **step_options: ``transform``, ``classification``, ``metrics``, as for
             :func:`jaxnet.step.train_step_fn`.
 
     Returns:
@@ -339,29 +335,24 @@ def loss_scaled_train_step_fn(
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        scale = loss_scale_of(state.opt_state)
-        scaled = train_step_fn(graphdef, tx, lambda out, y: loss_fn(out, y) * scale.astype(jnp.float32),
-                               transform=transform, classification=classification)
-        new_state, metrics = scaled(state, batch)
-        metrics = dict(metrics, loss=metrics["loss"] / scale, loss_scale=scale)
-        return new_state, metrics
+        scale = loss_scale_of(state.opt_state).astype(jnp.float32)
+
+        def scaled_loss(outputs: jax.Array, labels: jax.Array, batch: Batch) -> jax.Array:
+            return apply_loss(loss_fn, outputs, labels, batch) * scale
+
+        new_state, metrics = train_step_fn(graphdef, tx, scaled_loss, **step_options)(state, batch)
+        return new_state, dict(metrics, loss=metrics["loss"] / scale, loss_scale=scale)
 
     return train_step
 
 
 def make_loss_scaled_train_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    loss_fn: LossFn,
-    *,
-    transform: Transform | None = None,
-    classification: bool = True,
-    donate: bool = True,
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, *, donate: bool = True,
+    **step_options: Any,
 ) -> StepFn:
     """The jit-compiled :func:`loss_scaled_train_step_fn` (single device).
 
     For several devices pass the step to
     :func:`jaxnet.parallel.sharding.make_sharded_train_step` as ``step_fn``.
     """
-    step = loss_scaled_train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification)
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return compile_step(loss_scaled_train_step_fn(graphdef, tx, loss_fn, **step_options), donate=donate)

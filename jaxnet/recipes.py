@@ -28,16 +28,17 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     # Tutorial "MNIST with an MLP": ToTensor, Adam(lr=0.001), batch 64; plus the learning rate
-    # annealed to 0 over the run (torch's CosineAnnealingLR). With a constant lr, 5 epochs end
-    # at 97.7-98.1% depending on the seed (as in PyTorch); annealed, at 98.3% (seeds 0, 1).
-    # examples/mnist_mlp.py keeps the tutorial's constant lr.
+    # annealed to 0 over the run (torch's CosineAnnealingLR), which ended 5 epochs higher than the
+    # constant rate in every run compared (benchmarks/RECIPES.md). examples/mnist_mlp.py keeps
+    # the tutorial's constant lr.
     "mlp": Recipe("mnist", "adam", 1e-3, 64, 5, normalize=False, schedule="cosine",
                   source="MLP tutorial: ToTensor, Adam lr 1e-3, batch 64; cosine-annealed lr"),
     # Tutorial "784-512-10 net": SGD(lr=0.01, momentum=0.9), batch 64.
     "mlp512": Recipe("mnist", "sgd", 1e-2, 64, 5, momentum=0.9, normalize=False,
                      source="784-512-10 tutorial: ToTensor, SGD lr 0.01 momentum 0.9, batch 64"),
     # Tutorial "Flatten-784-128-10": Adam(lr=0.001), batch 64, 10 epochs.
-    "mlp128": Recipe("mnist", "adam", 1e-3, 64, 10, source="nn tutorial: Normalize(0.1307, 0.3081), Adam lr 1e-3, batch 64, 10 epochs"),
+    "mlp128": Recipe("mnist", "adam", 1e-3, 64, 10,
+                     source="nn tutorial: Normalize(0.1307, 0.3081), Adam lr 1e-3, batch 64, 10 epochs"),
     # The tutorial gives the ConvNet no optimizer; PyTorch's own MNIST example
     # (Adadelta lr 1.0, StepLR(step_size=1, gamma=0.7), batch 64) is the usual one.
     "convnet": Recipe("mnist", "adadelta", 1.0, 64, 5, schedule="step", gamma=0.7, step_size=1,

@@ -10,6 +10,12 @@ built once by :func:`make_train_step` and compiled by XLA as a whole (forward,
 backward and update fused). Nothing accumulates between calls, so there is
 nothing to zero. The model crosses the jit boundary as ``nnx.split`` state,
 and the state is donated so XLA updates the parameters in place.
+
+Every step of jaxnet has one type, :data:`StepFn`, and is compiled by one
+helper, :func:`compile_step` (``jax.jit`` with the state donated): the
+mixed-precision step (:mod:`jaxnet.precision`) and the multi-device ones
+(:mod:`jaxnet.parallel`) are built from :func:`train_step_fn` and take its
+keyword arguments as they are, so that a new option reaches them all.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from flax import nnx
 
 from jaxnet import losses
 from jaxnet.errors import ConfigError
+from jaxnet.outputs import CLASSIFIER_KINDS, OUTPUT_KINDS
 from jaxnet.state import TrainState
 
 Batch = Mapping[str, jax.Array]  # {"image": (B, ...), "label": (B,), optional "mask": (B,)}
@@ -33,8 +40,39 @@ LossFn = Callable[..., jax.Array]
 MetricFn = Callable[..., jax.Array]  # (outputs, labels[, batch]) -> () batch mean
 # transform(key, images, train) -> model inputs; runs on device inside the step.
 Transform = Callable[[jax.Array, jax.Array, bool], jax.Array]
+# train_step(state, batch) -> (state, metrics): every train step, compiled or not, on any devices.
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+# eval_step(state, batch) -> {"outputs": (B, ...), "loss": (B,), "metrics": {name: (B,)}}.
+EvalFn = Callable[[TrainState, Batch], dict[str, Any]]
+# train_epoch(state, images, labels, batch_indices) -> (state, per-step metrics): a scanned epoch.
+EpochFn = Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
-from jaxnet.outputs import CLASSIFIER_KINDS, OUTPUT_KINDS  # noqa: E402  (one list: jaxnet.outputs)
+
+def compile_step(fn: Callable[..., Any], *, donate: bool = True, compiler: Callable[..., Any] = jax.jit,
+                 **compile_kwargs: Any) -> Callable[..., Any]:
+    """Compiles a step whose first argument is the state, donating the state's buffers.
+
+    The one place where jaxnet's steps are compiled: ``jax.jit(fn,
+    donate_argnums=(0,))``, so XLA writes the new parameters and optimizer
+    state into the old ones' memory instead of holding both.
+
+    Args:
+        fn: a pure step, ``fn(state, ...) -> (state, ...)``.
+        donate: donate the state (the caller must not read the state it passed
+            in afterwards; keep :func:`jaxnet.state.copy_state` of it instead).
+        compiler: ``jax.jit`` (default) or ``jax.pmap``; both take ``donate_argnums``.
+        **compile_kwargs: passed on, e.g. ``in_shardings``/``out_shardings``
+            for ``jax.jit`` or ``axis_name``/``devices`` for ``jax.pmap``.
+
+    Returns:
+        The compiled function.
+
+    >>> double = compile_step(lambda state, x: (state * 2, x))
+    >>> state, _ = double(jnp.ones(3), 0)
+    >>> state.tolist()
+    [2.0, 2.0, 2.0]
+    """
+    return compiler(fn, donate_argnums=(0,) if donate else (), **compile_kwargs)
 
 
 def loss_for_output(output: str) -> LossFn:
@@ -95,7 +133,7 @@ def takes_batch(fn: Callable[..., Any]) -> bool:
             or any(p.name == "batch" for p in params))
 
 
-def apply_loss(fn: Callable[..., jax.Array], outputs: jax.Array, labels: jax.Array, batch: Batch) -> jax.Array:
+def apply_loss(fn: Callable[..., jax.Array], outputs: jax.Array, labels: jax.Array, batch: Batch | None) -> jax.Array:
     """Calls a loss or metric as ``fn(outputs, labels)``, or with the batch when it takes one."""
     if takes_batch(fn):
         return fn(outputs, labels, batch)
@@ -147,7 +185,7 @@ def train_step_fn(
     transform: Transform | None = None,
     classification: bool = True,
     metrics: Mapping[str, MetricFn] | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+) -> StepFn:
     """The un-jitted train step; :func:`make_train_step` and :func:`make_scan_epoch` compile it.
 
     Args:
@@ -202,11 +240,11 @@ def make_train_step(
     tx: optax.GradientTransformation,
     loss_fn: LossFn,
     *,
+    donate: bool = True,
     transform: Transform | None = None,
     classification: bool = True,
-    donate: bool = True,
     metrics: Mapping[str, MetricFn] | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+) -> StepFn:
     """Builds the jit-compiled ``train_step(state, batch) -> (state, metrics)``.
 
     The counterpart of one iteration of the PyTorch loop (``zero_grad``,
@@ -219,13 +257,13 @@ def make_train_step(
         graphdef: the model's graph definition (from ``create_train_state``).
         tx: the optax transformation that updates the parameters.
         loss_fn: ``loss_fn(outputs, labels) -> ()``, e.g. ``loss_for_output("logits")``.
-        transform: optional on-device preprocessing ``transform(key, images, train)``
-            (normalization, augmentation).
-        classification: whether to report ``accuracy`` besides ``loss``.
         donate: donate the input state's buffers (the caller must not reuse
             the state it passed in, as with any in-place update). To keep a
             state (e.g. the best so far) while stepping on, keep
             :func:`jaxnet.state.copy_state` of it.
+        transform: optional on-device preprocessing ``transform(key, images, train)``
+            (normalization, augmentation).
+        classification: whether to report ``accuracy`` besides ``loss``.
         metrics: batch metrics computed in the step (see :func:`train_step_fn`).
 
     Returns:
@@ -244,19 +282,36 @@ def make_train_step(
     """
     step = train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification,
                          metrics=metrics)
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return compile_step(step, donate=donate)
+
+
+def scan_epoch_fn(step: StepFn) -> EpochFn:
+    """A whole epoch of ``step`` as one ``lax.scan`` over device-resident data (un-jitted).
+
+    Args:
+        step: a pure train step (:data:`StepFn`), e.g. :func:`train_step_fn`'s
+            or :func:`jaxnet.precision.loss_scaled_train_step_fn`'s.
+
+    Returns:
+        ``train_epoch(state, images, labels, batch_indices) -> (state, metrics)``
+        (see :func:`make_scan_epoch`).
+    """
+
+    def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array,
+                    batch_indices: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        def body(state: TrainState, idx: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:  # idx: (B,)
+            batch = {"image": jnp.take(images, idx, axis=0), "label": jnp.take(labels, idx, axis=0)}
+            return step(state, batch)
+
+        return jax.lax.scan(body, state, batch_indices)
+
+    return train_epoch
 
 
 def make_scan_epoch(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    loss_fn: LossFn,
-    *,
-    transform: Transform | None = None,
-    classification: bool = True,
-    donate: bool = True,
-    metrics: Mapping[str, MetricFn] | None = None,
-) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, *, donate: bool = True,
+    **step_options: Any,
+) -> EpochFn:
     """Builds a whole training epoch as one compiled ``lax.scan`` over device-resident data.
 
     For small data sets that fit on the device: the host sends one array of
@@ -265,8 +320,9 @@ def make_scan_epoch(
     gives the same parameters as the same batches fed to :func:`make_train_step`.
 
     Args:
-        graphdef, tx, loss_fn, transform, classification, donate, metrics: as for
-            :func:`make_train_step`.
+        graphdef, tx, loss_fn, donate: as for :func:`make_train_step`.
+        **step_options: ``transform``, ``classification``, ``metrics``, as for
+            :func:`train_step_fn`.
 
     Returns:
         ``train_epoch(state, images, labels, batch_indices) -> (state, metrics)``
@@ -275,17 +331,7 @@ def make_scan_epoch(
         :func:`jaxnet.data.epoch_permutation`), and ``metrics`` holds ``(S,)``
         per-step values.
     """
-    step = train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification,
-                         metrics=metrics)
-
-    def train_epoch(state, images, labels, batch_indices):
-        def body(state, idx):  # idx: (B,) int32
-            batch = {"image": jnp.take(images, idx, axis=0), "label": jnp.take(labels, idx, axis=0)}
-            return step(state, batch)
-
-        return jax.lax.scan(body, state, batch_indices)
-
-    return jax.jit(train_epoch, donate_argnums=(0,) if donate else ())
+    return compile_step(scan_epoch_fn(train_step_fn(graphdef, tx, loss_fn, **step_options)), donate=donate)
 
 
 def make_predict_fn(
@@ -322,11 +368,11 @@ def make_eval_step(
     *,
     transform: Transform | None = None,
     metrics: Mapping[str, MetricFn] | None = None,
-) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+) -> EvalFn:
     """Builds the jit-compiled ``eval_step(state, batch) -> {"outputs", "loss", "metrics"}``.
 
     Evaluation batches keep one shape (a final partial batch is padded, and a
-    ``"mask"`` marks the real examples, see :func:`jaxnet.train.evaluate`), so
+    ``"mask"`` marks the real examples, see :func:`jaxnet.training.evaluation.evaluate`), so
     evaluation compiles once.
 
     Args:
@@ -349,7 +395,7 @@ def eval_step_fn(
     *,
     transform: Transform | None = None,
     metrics: Mapping[str, MetricFn] | None = None,
-) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+) -> EvalFn:
     """The un-jitted evaluation step that :func:`make_eval_step` (and the sharded one) compile."""
     predict = make_predict_fn(graphdef, transform=transform)
     fns = {"loss": loss_fn, **(metrics or {})}

@@ -142,8 +142,9 @@ class MetricsLogger:
         """Writes one TensorBoard histogram per array (``add_histogram``), over its finite values.
 
         ``bins`` equal-width buckets between the finite minimum and maximum
-        (``np.histogram``; 4-5x less CPU than tensorboardX's default of ~1500
-        exponential buckets, which matters once per epoch in a fast loop).
+        (``np.histogram``: far less CPU than tensorboardX's default of ~1500
+        exponential buckets, which matters once per epoch in a fast loop;
+        ``benchmarks/CHECKPOINTS.md`` has the cost of both).
         NaN and infinite values (a diverged run trained on with
         ``on_nan="continue"``) are left out and counted; values near the
         float32 limit are binned in float64, so nothing overflows or warns.

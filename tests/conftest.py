@@ -9,6 +9,7 @@ import pathlib
 # before anything imports jax.
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
 from tests.helpers import REPO
 
 # Strict dtype promotion would be the better default for our own code, but

@@ -7,44 +7,24 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnet.parallel import sharding
 from jaxnet.accumulation import with_grad_accumulation
 from jaxnet.errors import ConfigError
 from jaxnet.models import create_model
+from jaxnet.parallel import sharding
 from jaxnet.state import create_train_state
 from jaxnet.step import loss_for_output, make_train_step
 from jaxnet.train import make_image_transform
+from tests.helpers import leafwise_rel_err, mnist_batch, rel_err, trees_equal
 
 TRANSFORM = make_image_transform((0.1307,), (0.3081,))
 LOSS = loss_for_output("logits")
-
-
-def rel_err(a, b) -> float:
-    """||a - b|| / ||b|| over every leaf of two pytrees."""
-    a = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(a)])
-    b = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(b)])
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def leafwise_rel_err(a, b) -> float:
-    return max(rel_err(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
-def params_equal(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
-def make_batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {"image": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
-            "label": rng.integers(0, 10, n).astype(np.int32)}
 
 
 @pytest.mark.parametrize("clip", [None, 0.05])
 def test_k_accumulation_steps_equal_one_step_of_k_times_the_batch(clip):
     k, b = 4, 8
     inner = optax.adam(1e-3) if clip is None else optax.chain(optax.clip_by_global_norm(clip), optax.adam(1e-3))
-    big = make_batch(k * b, seed=3)
+    big = mnist_batch(k * b, seed=3)
     graphdef, state = create_train_state(create_model("mlp512", seed=0), inner, seed=0)
     ref, mref = make_train_step(graphdef, inner, LOSS, transform=TRANSFORM)(state, big)
 
@@ -58,7 +38,7 @@ def test_k_accumulation_steps_equal_one_step_of_k_times_the_batch(clip):
         state, m = step(state, micro)
         losses.append(float(m["loss"]))
         if i < k - 1:
-            assert params_equal(state.params, start)  # nothing applied before the k-th micro-step
+            assert trees_equal(state.params, start)  # nothing applied before the k-th micro-step
     assert leafwise_rel_err(state.params, ref.params) <= 1e-5
     assert rel_err(np.mean(losses), mref["loss"]) <= 1e-5
     assert int(state.step) == k
@@ -75,7 +55,7 @@ def test_accumulation_arguments():
 def test_accumulation_composes_with_data_parallel_steps():
     # 8 devices x 2 micro-steps of 16 == one single-device step of 32.
     inner = optax.sgd(0.05, momentum=0.9)
-    big = make_batch(32, seed=5)
+    big = mnist_batch(32, seed=5)
     graphdef, state = create_train_state(create_model("mlp512", seed=0), inner, seed=0)
     ref, _ = make_train_step(graphdef, inner, LOSS, transform=TRANSFORM)(state, big)
     tx = with_grad_accumulation(inner, 2)

@@ -21,12 +21,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnet import checkpoint as C
-from jaxnet.checkpoint import integrity
 from jaxnet import precision as jprecision
-from jaxnet.parallel import sharding as jsharding
+from jaxnet.checkpoint import integrity
 from jaxnet.data.dataset import ArrayDataset
 from jaxnet.errors import ConfigError
 from jaxnet.models import create_model
+from jaxnet.parallel import sharding as jsharding
 from jaxnet.state import create_train_state
 from jaxnet.step import loss_for_output, train_step_fn
 
@@ -156,7 +156,7 @@ def test_damaged_key_data_is_caught(array_format, tmp_path):
     C.close(ckpt)
     # The recorded digest covers the key: a restore whose key data differs is damage.
     ckpt = C.create_checkpoint_manager(tmp_path / "ckpt")
-    record = C._read_record(ckpt, 1)
+    record = C.read_record(ckpt, 1)
     changed = saved.replace(model_state=jax.tree.map(
         lambda x: jax.random.key(5) if integrity.is_prng_key(x) else x, saved.model_state))
     assert integrity.digest_problem(record, changed, ["model_state"]) == "model_state"

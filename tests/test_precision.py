@@ -9,36 +9,16 @@ import optax
 import pytest
 
 from jaxnet import precision
-from jaxnet.parallel import sharding
 from jaxnet.errors import ConfigError
 from jaxnet.models import create_model
+from jaxnet.parallel import sharding
 from jaxnet.state import create_train_state
 from jaxnet.step import loss_for_output, make_train_step
 from jaxnet.train import make_image_transform
+from tests.helpers import leafwise_rel_err, mnist_batch, rel_err, trees_equal
 
 TRANSFORM = make_image_transform((0.1307,), (0.3081,))
 LOSS = loss_for_output("logits")
-
-
-def rel_err(a, b) -> float:
-    """||a - b|| / ||b|| over every leaf of two pytrees."""
-    a = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(a)])
-    b = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(b)])
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def leafwise_rel_err(a, b) -> float:
-    return max(rel_err(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
-def make_batch(n: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {"image": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
-            "label": rng.integers(0, 10, n).astype(np.int32)}
-
-
-def params_equal(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 # --- the dtype policy --------------------------------------------------------------------
@@ -58,7 +38,7 @@ def test_policy_computes_in_low_precision_and_keeps_params_fp32(name, dtype):
     policy = precision.get_policy(name)
     transform, loss_fn = precision.apply_policy(policy, TRANSFORM, LOSS)
     graphdef, state = create_train_state(create_model("mlp512", seed=0), optax.adam(1e-3), seed=0)
-    batch = make_batch()
+    batch = mnist_batch()
     inputs = transform(jax.random.PRNGKey(0), jnp.asarray(batch["image"]), True)
     assert inputs.dtype == dtype
     model = create_model("mlp512", seed=0)
@@ -79,9 +59,9 @@ def test_policy_computes_in_low_precision_and_keeps_params_fp32(name, dtype):
 def test_fp32_policy_is_the_plain_step():
     graphdef, state = create_train_state(create_model("mlp512", seed=0), optax.sgd(0.1), seed=0)
     transform, loss_fn = precision.apply_policy(precision.get_policy("fp32"), TRANSFORM, LOSS)
-    a, ma = make_train_step(graphdef, optax.sgd(0.1), loss_fn, transform=transform, donate=False)(state, make_batch())
-    b, mb = make_train_step(graphdef, optax.sgd(0.1), LOSS, transform=TRANSFORM, donate=False)(state, make_batch())
-    assert params_equal(a.params, b.params) and float(ma["loss"]) == float(mb["loss"])
+    a, ma = make_train_step(graphdef, optax.sgd(0.1), loss_fn, transform=transform, donate=False)(state, mnist_batch())
+    b, mb = make_train_step(graphdef, optax.sgd(0.1), LOSS, transform=TRANSFORM, donate=False)(state, mnist_batch())
+    assert trees_equal(a.params, b.params) and float(ma["loss"]) == float(mb["loss"])
 
 
 # --- dynamic loss scaling ----------------------------------------------------------------
@@ -94,9 +74,9 @@ def test_loss_scaling_skips_non_finite_gradients_and_halves_the_scale():
     assert float(state.loss_scale) == 1024.0
     bad = {"w": jnp.array([1.0, jnp.inf, 2.0], jnp.float32) * 1024.0}
     updates, new = tx.update(bad, state, params)
-    assert params_equal(optax.apply_updates(params, updates), params)  # step skipped
+    assert trees_equal(optax.apply_updates(params, updates), params)  # step skipped
     assert float(new.loss_scale) == 512.0 and int(new.good_steps) == 0
-    assert params_equal(new.inner_state, state.inner_state)  # Adam's moments and count untouched
+    assert trees_equal(new.inner_state, state.inner_state)  # Adam's moments and count untouched
     nan = {"w": jnp.array([jnp.nan, 0.0, 0.0], jnp.float32)}
     _, newer = tx.update(nan, new, params)
     assert float(newer.loss_scale) == 256.0
@@ -142,27 +122,27 @@ def test_fp16_step_survives_an_injected_overflow():
     tx = precision.dynamic_loss_scaling(optax.sgd(0.01, momentum=0.9), init_scale=2.0**30)
     graphdef, state = create_train_state(create_model("mlp512", seed=0), tx, seed=0)
     step = precision.make_loss_scaled_train_step(graphdef, tx, loss_fn, transform=transform, donate=False)
-    new_state, m = step(state, make_batch())
-    assert params_equal(new_state.params, state.params)
+    new_state, m = step(state, mnist_batch())
+    assert trees_equal(new_state.params, state.params)
     assert float(new_state.opt_state.loss_scale) == 2.0**29
     assert float(m["loss_scale"]) == 2.0**30
     assert np.isfinite(float(m["loss"])) and 2.0 < float(m["loss"]) < 2.7  # unscaled, about log(10)
     assert int(new_state.step) == 1
     for _ in range(30):  # halves until the gradients fit, then trains
-        new_state, m = step(new_state, make_batch())
+        new_state, m = step(new_state, mnist_batch())
     scale = float(new_state.opt_state.loss_scale)
     assert scale < 2.0**29
-    assert not params_equal(new_state.params, state.params)
+    assert not trees_equal(new_state.params, state.params)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new_state.params))
 
 
 def test_loss_scaled_step_equals_plain_step_in_fp32():
     tx = optax.adam(1e-3)
     graphdef, state = create_train_state(create_model("mlp512", seed=0), tx, seed=0)
-    ref, mref = make_train_step(graphdef, tx, LOSS, transform=TRANSFORM)(state, make_batch())
+    ref, mref = make_train_step(graphdef, tx, LOSS, transform=TRANSFORM)(state, mnist_batch())
     scaled_tx = precision.dynamic_loss_scaling(tx)
     _, state = create_train_state(create_model("mlp512", seed=0), scaled_tx, seed=0)
-    new, m = precision.make_loss_scaled_train_step(graphdef, scaled_tx, LOSS, transform=TRANSFORM)(state, make_batch())
+    new, m = precision.make_loss_scaled_train_step(graphdef, scaled_tx, LOSS, transform=TRANSFORM)(state, mnist_batch())
     assert rel_err(m["loss"], mref["loss"]) <= 1e-6
     assert leafwise_rel_err(new.params, ref.params) <= 1e-5
 
@@ -173,7 +153,7 @@ def test_loss_scaled_step_needs_the_scaling_optimizer():
     step = precision.loss_scaled_train_step_fn(graphdef, tx, LOSS, transform=TRANSFORM)
     expected = r"not a DynamicScaleState; build the optimizer as dynamic_loss_scaling\(tx\)"
     with pytest.raises(ConfigError, match=expected):
-        step(state, make_batch())
+        step(state, mnist_batch())
 
 
 def test_loss_scaled_step_runs_sharded():
@@ -185,9 +165,51 @@ def test_loss_scaled_step_runs_sharded():
     step_fn = precision.loss_scaled_train_step_fn(graphdef, tx, loss_fn, transform=transform)
     step = sharding.make_sharded_train_step(graphdef, tx, loss_fn, mesh, shardings, step_fn=step_fn, donate=False)
     sharded = sharding.shard_state(state, shardings)
-    new, _ = step(sharded, make_batch())
+    new, _ = step(sharded, mnist_batch())
     assert float(new.opt_state.loss_scale) == 2.0**29
-    assert params_equal(new.params, state.params)
+    assert trees_equal(new.params, state.params)
+
+
+# --- fit(precision=...) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fit_in_fp16_scales_the_loss_in_step_and_scan_mode(scan):
+    # precision="fp16" wraps the optimizer in dynamic_loss_scaling, which divides the
+    # gradients by the scale: every step, a scanned epoch's too, must take the gradients
+    # of the loss times that scale, or SGD would move the parameters 2**16 times too little.
+    from jaxnet.train import fit
+
+    batch = mnist_batch(256, seed=1)
+    start = create_train_state(create_model("mlp128", seed=0), optax.sgd(0.1))[1].params
+    moved = {}
+    for name in ("fp32", "fp16"):
+        result = fit(create_model("mlp128", seed=0), (batch["image"], batch["label"]),
+                     optax.sgd(0.1, momentum=0.9), epochs=1, batch_size=32, precision=name, scan=scan,
+                     progress=False)
+        assert result.summary["precision"] == name
+        assert result.summary["mode"] == ("scan" if scan else "step")
+        moved[name] = jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old), result.state.params, start)
+    assert isinstance(result.state.opt_state, precision.DynamicScaleState)
+    assert rel_err(moved["fp16"], moved["fp32"]) < 0.05
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_fit_in_low_precision_gives_a_loss_of_the_batch_float32_outputs(name):
+    from jaxnet.train import fit
+
+    seen = []
+
+    def loss_of_batch(outputs, labels, batch):
+        seen.append((outputs.dtype, sorted(batch)))
+        return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
+
+    batch = mnist_batch(128, seed=2)
+    runs = [fit(create_model("mlp128", seed=0), (batch["image"], batch["label"]), optax.sgd(0.1), epochs=1,
+                batch_size=32, precision=name, loss_fn=loss, progress=False)
+            for loss in (loss_of_batch, "cross_entropy")]
+    assert seen and all(dtype == jnp.float32 and "image" in keys and "label" in keys for dtype, keys in seen)
+    assert runs[0].history[-1]["train_loss"] == pytest.approx(runs[1].history[-1]["train_loss"], rel=1e-5)
 
 
 @pytest.mark.slow

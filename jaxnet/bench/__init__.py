@@ -1,6 +1,7 @@
 """``jaxnet bench``: the same training in PyTorch and jaxnet, measured side by side.
 
-The harness behind the ``bench`` subcommand (``register_cli``), in small modules:
+The harness behind the ``bench`` subcommand (its parser, ``register_cli``, is
+:mod:`jaxnet.cli.bench`), in small modules:
 ``workload`` (what is trained), ``torch_models`` (the tutorials' PyTorch
 modules), ``variants`` (one runner per way of training), ``suite`` (interleaved
 timing, loss agreement, compile counts), ``probe`` (first step and memory in
@@ -9,9 +10,9 @@ peak FLOP/s, versions), ``report`` and ``page`` (JSON schema, Markdown, charts).
 torch is imported only where a PyTorch variant runs.
 """
 
-from jaxnet.bench.cli import build_workloads, register_cli, run_bench
 from jaxnet.bench.report import RESULT_SCHEMA, markdown_tables, validate
 from jaxnet.bench.workload import VARIANTS, Workload, make_workload
+from jaxnet.cli.bench import build_workloads, register_cli, run_bench
 
 __all__ = [
     "RESULT_SCHEMA",

@@ -2,6 +2,6 @@
 
 import sys
 
-from jaxnet.bench.cli import main
+from jaxnet.cli.bench import main
 
 sys.exit(main())

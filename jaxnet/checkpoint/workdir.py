@@ -163,7 +163,7 @@ def check_workdir(
             "the run without --resume"
         )
     if has_run:
-        _check_existing_run(path, current, resume=resume, mutable_keys=mutable_keys)
+        _check_existing_run(path, current, resume=bool(resume), mutable_keys=mutable_keys)
     elif has_checkpoint(path):
         raise ConfigError(
             f"the workdir {path} holds checkpoints but no {CONFIG_FILE}; use another --workdir"

@@ -136,6 +136,7 @@ def _read_archive(path: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]
                     f"{where}: expected a regular file under {MAX_MEMBER_BYTES:,} bytes"
                 )
             stream = archive.extractfile(member)
+            assert stream is not None  # extractfile returns None only for non-regular members
             data = read_bounded(stream, member.size, where)
             if len(data) != member.size:
                 raise DataError(f"{where}: truncated ({len(data)} of {member.size} bytes)")

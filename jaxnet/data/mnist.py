@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-from typing import BinaryIO
 
 import numpy as np
 
 from jaxnet.data.dataset import ArrayDataset
-from jaxnet.data.safe_io import data_errors, drain, open_maybe_gzip, read_exact_into
+from jaxnet.data.safe_io import ByteSource, data_errors, drain, open_maybe_gzip, read_exact_into
 from jaxnet.errors import ConfigError, DataError
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
@@ -59,7 +58,7 @@ def missing_mnist_files(folder: pathlib.Path) -> list[str]:
     ]
 
 
-def _read_header(stream: BinaryIO, path: pathlib.Path, magic: int) -> tuple[int, ...]:
+def _read_header(stream: ByteSource, path: pathlib.Path, magic: int) -> tuple[int, ...]:
     """Checks the magic number, then reads and returns the declared dimensions."""
     kind = "image" if magic == IMAGES_MAGIC else "label"
     head = stream.read(4)
@@ -129,7 +128,7 @@ def read_idx(
                 f"{max_bytes:,}-byte limit; the file is corrupt or not MNIST"
             )
         data = np.empty(size, dtype=np.uint8)
-        got = read_exact_into(stream, memoryview(data))
+        got = read_exact_into(stream, data.data)  # the array's own writable buffer
         if got < size:
             raise DataError(
                 f"{path}: truncated: header declares shape {dims} ({size:,} bytes) "
@@ -146,9 +145,9 @@ def read_mnist_split(folder: pathlib.Path, split: str) -> tuple[np.ndarray, np.n
     images_stem, labels_stem = MNIST_FILES[split]
     images_path = find_idx_file(folder, images_stem)
     labels_path = find_idx_file(folder, labels_stem)
-    for stem, found in ((images_stem, images_path), (labels_stem, labels_path)):
-        if found is None:
-            raise DataError(f"{folder}: missing {stem}.gz (or {stem}) for the MNIST {split} split")
+    if images_path is None or labels_path is None:
+        stem = images_stem if images_path is None else labels_stem
+        raise DataError(f"{folder}: missing {stem}.gz (or {stem}) for the MNIST {split} split")
     images = read_idx(images_path, magic=IMAGES_MAGIC)
     labels = read_idx(labels_path, magic=LABELS_MAGIC)
     if images.shape[1:] != (MNIST_SIDE, MNIST_SIDE):

@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import os
 import pathlib
 import struct
 import tarfile
 import zlib
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Protocol
 
 from jaxnet.errors import DataError
 
 GZIP_MAGIC = b"\x1f\x8b"
 CHUNK_BYTES = 1 << 20  # 1 MiB: read size for streaming copies and drains
+
+
+class ByteSource(Protocol):
+    """What the bounded readers need: ``read(size)`` returning bytes.
+
+    Files, gzip streams, tar members and a tar archive's ``fileobj`` all fit.
+    """
+
+    def read(self, size: int, /) -> bytes: ...
 
 # What a corrupt file can make the standard library raise while we read it.
 # MemoryError is included because a hostile length field can request an
@@ -68,7 +78,7 @@ def is_gzip(path: pathlib.Path) -> bool:
         return f.read(2) == GZIP_MAGIC
 
 
-def open_maybe_gzip(path: pathlib.Path, stack: contextlib.ExitStack) -> BinaryIO:
+def open_maybe_gzip(path: pathlib.Path, stack: contextlib.ExitStack) -> io.BufferedIOBase:
     """Opens ``path`` for reading, decompressing on the fly if it is gzip.
 
     Detection uses the content (magic bytes), not the file name, so a ``.gz``
@@ -89,7 +99,7 @@ def open_maybe_gzip(path: pathlib.Path, stack: contextlib.ExitStack) -> BinaryIO
     return raw
 
 
-def read_exact_into(stream: BinaryIO, buffer: memoryview) -> int:
+def read_exact_into(stream: io.BufferedIOBase, buffer: memoryview) -> int:
     """Fills ``buffer`` from ``stream``; returns how many bytes were read.
 
     Fewer bytes than ``len(buffer)`` means the stream ended early. Memory use
@@ -104,7 +114,7 @@ def read_exact_into(stream: BinaryIO, buffer: memoryview) -> int:
     return filled
 
 
-def read_bounded(stream: BinaryIO, max_bytes: int, name: str) -> bytes:
+def read_bounded(stream: ByteSource, max_bytes: int, name: str) -> bytes:
     """Reads a whole stream, refusing more than ``max_bytes`` bytes.
 
     Args:
@@ -127,7 +137,7 @@ def read_bounded(stream: BinaryIO, max_bytes: int, name: str) -> bytes:
     return data
 
 
-def drain(stream: BinaryIO, max_bytes: int, name: str) -> int:
+def drain(stream: ByteSource, max_bytes: int, name: str) -> int:
     """Reads and discards the rest of ``stream`` (at most ``max_bytes``).
 
     Reading a gzip stream to its end makes :mod:`gzip` check the CRC-32 and

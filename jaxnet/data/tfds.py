@@ -12,11 +12,9 @@ A split whose images fit in ``max_in_memory_bytes`` is read into one
 which reads the requested records from disk each time it is indexed, so the
 loader streams batches instead of holding the whole split.
 
-Measured here (20,000 records of 28x28x1, 2 CPU cores): tfds's batched
-``__getitems__`` in chunks of 1,024 read 5,000 records in 0.14 s, a loop over
-``source[i]`` in 0.27 s and ``grain.MapDataset.source(...).batch(1000)`` in
-0.33 s; with PNG ``Image`` features 0.28 s, 0.45 s and 0.52 s. So reads go
-through ``__getitems__`` where the source has it.
+Reads go through the source's batched ``__getitems__`` where it has one, in
+chunks of ``_READ_CHUNK`` records: that was the fastest of the ways to read
+a tfds source that were timed (``benchmarks/DATA.md``).
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import numpy as np
 from jaxnet.data.dataset import ArrayDataset
 from jaxnet.errors import ConfigError, DataError
 
-_READ_CHUNK = 1024  # records per batched read; chunks beat one huge read here
+_READ_CHUNK = 1024  # records per batched read (benchmarks/DATA.md)
 _STATS_SAMPLE = 4096  # train images drawn (seed 0) to estimate mean and std
 _KNOWN_STATS = {
     # The PyTorch tutorials' Normalize values, in units of pixel/255.

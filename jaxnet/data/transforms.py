@@ -11,7 +11,7 @@ Normalize(mean, std)])``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -145,3 +145,37 @@ def augment(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Array:
     """
     crop_key, flip_key = jax.random.split(key)
     return random_flip(flip_key, random_crop(crop_key, images, padding))
+
+
+_crop_and_flip = augment  # make_image_transform's keyword argument hides the name
+
+
+def make_image_transform(
+    mean: Sequence[float], std: Sequence[float], *, augment: bool = False
+) -> Callable[[jax.Array, jax.Array, bool], jax.Array]:
+    """A run's on-device preprocessing: ``ToTensor`` + ``Normalize`` (+ crop/flip when training).
+
+    What ``jaxnet.fit`` builds from a data set's statistics, what the train
+    and eval steps take as ``transform=`` and what an exported model carries
+    inside (applied with ``train=False``).
+
+    Args:
+      mean, std: per-channel statistics in units of pixel/255.
+      augment: apply :func:`augment` (random crop, padding 4, and horizontal
+        flip) to training batches, the torchvision CIFAR recipe.
+
+    Returns:
+      ``transform(key, images, train) -> float32 images``; ``key`` is used only
+      when ``augment`` and ``train`` are both true.
+
+    >>> transform = make_image_transform((0.5,), (0.5,))
+    >>> transform(jax.random.key(0), jnp.full((1, 2, 2, 1), 255, jnp.uint8), False).max().item()
+    1.0
+    """
+
+    def transform(key: jax.Array, images: jax.Array, train: bool) -> jax.Array:
+        if augment and train:
+            images = _crop_and_flip(key, images)
+        return normalize(images, mean, std)
+
+    return transform

@@ -18,6 +18,7 @@ from typing import Any
 from flax import nnx
 
 from jaxnet.errors import ConfigError
+from jaxnet.models.cifar_speed import CifarSpeedNet
 from jaxnet.models.layers import (
     BatchNorm1d,
     BatchNorm2d,
@@ -85,6 +86,10 @@ MODELS: dict[str, ModelSpec] = {
             "conv16-pool-conv32-pool-fc128-fc10, no activations (as the tutorial)",
         ),
         ModelSpec("linear", LinearRegression, (1,), 0, "regression", "linear", "linear regression nn.Linear(1, 1)"),
+        ModelSpec(
+            "cifar_speed", CifarSpeedNet, (32, 32, 3), 10, "logits", "cifar10",
+            "airbench94: whitening conv, 3 conv groups (64-256-256) with BatchNorm and GELU, linear head / 9",
+        ),
     )
 }
 
@@ -199,7 +204,9 @@ def build_model(spec: str, *, seed: int = 0, kwargs: Mapping[str, Any] | None = 
     kwargs = dict(kwargs or {})
     if ":" not in spec:
         if kwargs:
-            raise ConfigError(f"model_kwargs {sorted(kwargs)} apply to a package.module:factory model, not to {spec!r}; drop them")
+            raise ConfigError(
+                f"model_kwargs {sorted(kwargs)} apply to a package.module:factory model, not to {spec!r}; drop them"
+            )
         if spec not in MODELS and "." in spec:
             resolve_factory(spec)  # raises: the colon is missing
         return create_model(spec, seed=seed)
@@ -212,7 +219,7 @@ def build_model(spec: str, *, seed: int = 0, kwargs: Mapping[str, Any] | None = 
         kwargs["rngs"] = nnx.Rngs(seed)
     elif "seed" in params:
         kwargs["seed"] = seed
-    shown = ", ".join(f"{k}={'nnx.Rngs(%d)' % seed if k == 'rngs' else repr(v)}" for k, v in kwargs.items())
+    shown = ", ".join(f"{k}={f'nnx.Rngs({seed})' if k == 'rngs' else repr(v)}" for k, v in kwargs.items())
     try:
         model = factory(**kwargs)
     except Exception as exc:  # the user's code: any error, reported in one line

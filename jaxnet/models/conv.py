@@ -1,45 +1,19 @@
 """The 2-D convolution behind :class:`jaxnet.models.Conv2d`, and the switch that picks its implementation.
 
-Why there is more than one way to call ``lax.conv_general_dilated``
--------------------------------------------------------------------
-On the CPU, XLA (jaxlib 0.10) runs a convolution either on YNNPACK or on its
-own multi-threaded Eigen kernel. It gives YNNPACK every 2-D float32 NHWC
-convolution that YNNPACK accepts (no input dilation, output and kernel not
-larger than the input, ...). On this project's 2-core machine YNNPACK is 3-6x
-slower than Eigen on unpadded convolutions and on weight gradients (the
-tutorial ConvNet's conv2 at batch 256: forward 106 ms vs 18 ms, weight
-gradient 190 ms vs 37-47 ms), while Eigen is the slower one on padded
-convolutions; ``benchmarks/CONV_CPU.md`` has the tables.
-
-:func:`conv2d_eigen` computes the same convolution in a form that YNNPACK
-declines, so that XLA runs it on Eigen: along W it dilates the input by 2
-(``lhs_dilation``: a zero between neighbouring columns), spaces the kernel
-taps 2x wider and doubles the stride and the padding. The window then reads
-exactly the input's original columns, in the same order, so every output is
-the same sum of the same products; Eigen skips the inserted zeros. XLA's
-transposed convolutions for its gradients carry the dilation too and run on
-Eigen. :func:`conv2d_cpu` picks, per piece, the form that measured fastest:
-the Eigen form for an unpadded forward pass and for every weight gradient,
-the plain form otherwise, via a ``jax.custom_jvp`` whose tangent is the sum
-of those two convolutions. Both are exact rewrites: derivatives of any
-order, ``jvp`` and ``vmap`` work as for the plain op.
-
-They are used for stride-1 convolutions whose padding is at most the
-kernel's extent ``d * (k - 1)`` per side (:func:`supports_fast_path`).
-Beyond that the transposed convolutions of the gradients get negative
-padding, which XLA 0.10:CPU mishandles together with input dilation: wrong
-input gradients, and for some strided convolutions an abort of the process
-while compiling (a failed CHECK in ``algebraic_simplifier.cc``).
-
-The plain op has the first problem too: XLA 0.10:CPU's input gradient of a
-stride-1 convolution padded beyond the kernel's extent intermittently holds
-garbage (values it never wrote). On the CPU, :func:`conv2d` therefore zero-pads
-the excess explicitly (``lax.pad``, whose gradient is a slice) and convolves
-with the rest, for every implementation; the fast forms then apply too. The
-second problem is upstream and not worked around: ``jax.grad`` of some tiny
-strided convolutions aborts the process while compiling, e.g. input
-``(2, 5, 6, 3)``, kernel ``(3, 2)``, stride ``(1, 2)``, padding
-``((0, 1), (1, 1))``, dilation ``(2, 1)`` (``benchmarks/CONV_CPU.md``).
+Why there is more than one way to call ``lax.conv_general_dilated``: XLA:CPU
+hands every 2-D float32 NHWC convolution that YNNPACK accepts to YNNPACK,
+which is several times slower than XLA's own Eigen kernel on unpadded
+convolutions and on weight gradients (and faster on padded ones).
+:func:`conv2d_eigen` computes the same sums in a form that YNNPACK declines,
+and :func:`conv2d_cpu` takes, per piece (forward pass, input gradient,
+weight gradient), the faster form. Both are exact rewrites: derivatives of
+any order, ``jvp`` and ``vmap`` work as for the plain op. Two XLA:CPU bugs
+bound where the rewrites apply (:func:`supports_fast_path`) and make
+:func:`conv2d` move padding beyond the kernel's extent into an explicit
+``lax.pad`` on the CPU (:func:`_pad_beyond_extent`); a third, an abort while
+compiling ``jax.grad`` of some tiny strided convolutions, is upstream and
+not worked around. ``benchmarks/CONV_CPU.md`` has the measurements, the
+forms tried and dropped, and the cases that show each bug.
 
 Which implementation runs
 -------------------------
@@ -58,8 +32,9 @@ block of code, ``with use_conv_impl("xla"):``. The choice is read when a
 function is traced, so make it before building (and first calling) a
 jitted step: a compiled step keeps the implementation it was traced with.
 
-Convolutions inside ``lax.scan`` (``fit(scan=True)``) run 50-80x slower
-than in a plain jitted step on XLA 0.10:CPU, whichever implementation.
+Do not train convolution models with ``fit(scan=True)`` on the CPU: XLA:CPU
+runs convolutions inside ``lax.scan`` far slower than in a plain jitted step,
+whichever implementation (``benchmarks/CONV_CPU.md``, section 3).
 """
 
 from __future__ import annotations
@@ -152,7 +127,7 @@ def supports_fast_path(kernel_size: Pair, *, stride: Pair, padding: Padding, dil
     They need stride 1 and no side padded by more than the kernel's extent
     ``d * (k - 1)`` (``'valid'``, ``'same'`` and ``'full'`` padding qualify):
     then the transposed convolutions of the gradients have no negative
-    padding, which XLA 0.10:CPU mishandles together with input dilation
+    padding, which XLA:CPU mishandles together with input dilation
     (wrong input gradients, or an abort while compiling strided ones).
 
     Args:
@@ -227,8 +202,12 @@ def conv2d_xla(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Paddin
 def conv2d_eigen(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Padding, dilation: Pair) -> jax.Array:
     """``conv2d_xla``'s result, in the form XLA:CPU runs (with its gradients) on Eigen.
 
-    Along W: input dilation 2, kernel dilation ``2 * dw``, stride 2 and
-    padding ``(2 * left, 2 * right)``; see the module docstring.
+    Along W: input dilation 2 (a zero between neighbouring columns), kernel
+    dilation ``2 * dw``, stride 2 and padding ``(2 * left, 2 * right)``. The
+    window then reads exactly the input's original columns, in the same
+    order, so every output is the same sum of the same products; Eigen skips
+    the inserted zeros. XLA's transposed convolutions for the gradients carry
+    the dilation too, so they run on Eigen as well.
 
     Args:
         x: ``(B, H, W, C_in)``.
@@ -292,27 +271,17 @@ _conv2d_cpu.defjvp(_conv2d_cpu_jvp, symbolic_zeros=True)
 def conv2d_cpu(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Padding, dilation: Pair) -> jax.Array:
     """``conv2d_xla``'s result, each of its three convolutions in the form XLA:CPU runs fastest.
 
-    Measured on the 2-core CPU (``benchmarks/CONV_CPU.md``): YNNPACK is slow
-    on unpadded convolutions and on every weight gradient, Eigen is slower
-    on padded ones. So the forward pass is :func:`conv2d_eigen` without
-    padding and :func:`conv2d_xla` with it, the weight gradient always the
+    On XLA:CPU, YNNPACK is slow on unpadded convolutions and on every weight
+    gradient, Eigen is slower on padded ones (``benchmarks/CONV_CPU.md``).
+    So the forward pass is :func:`conv2d_eigen` without padding and
+    :func:`conv2d_xla` with it, the weight gradient always the
     Eigen form and the input gradient always the plain form (for an
     unpadded convolution XLA runs that on Eigen anyway). It is a
     ``jax.custom_jvp`` whose tangent is the sum of those two convolutions,
     so forward- and reverse-mode derivatives of any order work.
 
-    Args:
-        x: ``(B, H, W, C_in)``.
-        kernel: ``(kh, kw, C_in, C_out)``.
-        stride: must be ``(1, 1)``.
-        padding: ``((top, bottom), (left, right))``, each at most ``d * (k - 1)``.
-        dilation: ``(dh, dw)``.
-
-    Returns:
-        ``(B, H_out, W_out, C_out)``, the same values as ``conv2d_xla``'s.
-
-    Raises:
-        ConfigError: for a geometry :func:`supports_fast_path` rejects.
+    Arguments, result and errors are :func:`conv2d_eigen`'s: the same
+    geometries, the same values.
     """
     _check_fast_path(kernel, stride, padding, dilation, "cpu")
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
@@ -322,11 +291,11 @@ def conv2d_cpu(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Paddin
 def _pad_beyond_extent(x: jax.Array, kernel_size: Pair, padding: Padding, dilation: Pair) -> tuple[jax.Array, Padding]:
     """Moves the padding beyond the kernel's extent out of the convolution, into an explicit ``lax.pad``.
 
-    XLA 0.10:CPU computes the input gradient of a stride-1 convolution padded
-    by more than ``d * (k - 1)`` on a side wrongly, whichever kernel runs it:
+    XLA:CPU computes the input gradient of a stride-1 convolution padded by
+    more than ``d * (k - 1)`` on a side wrongly, whichever kernel runs it:
     that gradient is a convolution with negative padding, and its result
-    holds values read from memory it never wrote (e.g. 2e9 where 0.3 is
-    right; ``tests/models/test_conv.py``). Zero-padding first and convolving with
+    holds values read from memory it never wrote (``benchmarks/CONV_CPU.md``,
+    section 2b; ``tests/models/test_conv.py`` checks the fix). Zero-padding first and convolving with
     the rest is the same function, and the gradient of the pad is a slice.
     Negative padding (cropping) is left alone.
 

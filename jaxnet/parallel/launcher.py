@@ -31,7 +31,6 @@ Several hosts use the same variables, one process per host (or per GPU)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import signal
@@ -41,8 +40,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-from jaxnet.parallel.multiprocess import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 from jaxnet.errors import ConfigError, JaxnetError
+from jaxnet.parallel.multiprocess import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 
 POLL_SECONDS = 0.1
 # Between SIGTERM and SIGKILL when stopping the survivors. JAX's preemption
@@ -217,52 +216,20 @@ class LaunchStopped(KeyboardInterrupt):
         super().__init__(f"stopped by {signal_name}; passed it on to the processes and waited for them ({codes})")
 
 
-def run_launch(args: argparse.Namespace) -> None:
-    """Runs ``jaxnet launch`` from parsed arguments; raises on failure."""
-    launch(args.command, nproc=args.nproc, devices_per_proc=args.devices_per_proc, port=args.port,
-           timeout=args.timeout)
+# Its command line (run_launch, register_cli, main) moved to jaxnet.cli.launch;
+# the old names still resolve here, imported on first use.
+_CLI_NAMES = ("run_launch", "register_cli", "main")
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds the ``launch`` subcommand to ``jaxnet``'s parser (``func=run_launch``, which returns None)."""
-    p = subparsers.add_parser(
-        "launch",
-        help="run a jaxnet command in several processes joined into one run (torchrun)",
-        description=(
-            "Start NPROC local processes of a jaxnet command (or a Python script), joined with "
-            "jax.distributed through a coordinator on 127.0.0.1. If one process fails, the others "
-            "are stopped and the failure is reported. For several hosts, set "
-            f"{COORDINATOR_ENV}, {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} on each host instead "
-            "(or use srun under SLURM)."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="example: jaxnet launch --nproc 2 --devices-per-proc 4 -- train --model mlp --batch-size 64",
-    )
-    p.add_argument("--nproc", type=int, required=True, help="number of processes")
-    p.add_argument("--devices-per-proc", type=int, default=None,
-                   help="simulated CPU devices per process (CPU only; default: the real devices)")
-    p.add_argument("--port", type=int, default=None, help="coordinator port on 127.0.0.1 (default: a free one)")
-    p.add_argument("--timeout", type=float, default=None, help="stop every process after this many seconds")
-    p.add_argument("command", nargs=argparse.REMAINDER,
-                   help="after '--': a jaxnet command (train ...) or a Python script (script.py ...)")
-    p.set_defaults(func=run_launch)
-    return p
+def __getattr__(name: str) -> object:
+    if name in _CLI_NAMES:
+        from jaxnet.cli import launch as cli_launch
+
+        return getattr(cli_launch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jaxnet.parallel.launcher ...``: the launcher on its own; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="jaxnet")
-    register_cli(parser.add_subparsers(dest="subcommand", required=True))
-    args = parser.parse_args(["launch", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.func(args)
-    except JaxnetError as exc:
-        print(f"jaxnet launch: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+if __name__ == "__main__":  # python -m jaxnet.parallel.launcher ARGS: jaxnet launch ARGS
+    from jaxnet.cli.launch import main
 
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -35,21 +35,17 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxnet.errors import ConfigError
-from jaxnet.state import TrainState
-from jaxnet.step import Batch, LossFn, Transform, eval_step_fn, train_step_fn
+from jaxnet.step import Batch, EvalFn, LossFn, StepFn, Transform, compile_step, eval_step_fn, train_step_fn
 
 DATA_AXIS = "data"
 # Arrays smaller than this many elements stay replicated under FSDP: splitting
 # a bias costs a collective for no memory saved (torch FSDP's min_num_params idea).
 FSDP_MIN_SIZE = 2**12
 
-# Most multi-device steps to queue before waiting for the oldest. Measured on
-# XLA:CPU (jax 0.10.2, 2 to 8 simulated devices): with about 32 or more
-# sharded steps dispatched and not yet finished, the devices' threads
-# deadlock in the first all-reduce and XLA aborts the process after 40 s.
+# Most multi-device steps to queue before waiting for the oldest: on XLA:CPU
+# too many queued sharded steps deadlock in their collectives (measured in
+# benchmarks/SCALING.md, "Keep at most a few multi-device steps queued").
 MAX_STEPS_IN_FLIGHT = 8
-
-StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
 
 
 def make_mesh(
@@ -235,11 +231,10 @@ def make_sharded_train_step(
     mesh: Mesh,
     shardings: Any,
     *,
-    transform: Transform | None = None,
-    classification: bool = True,
     step_fn: StepFn | None = None,
     donate: bool = True,
     axis: str = DATA_AXIS,
+    **step_options: Any,
 ) -> StepFn:
     """The data-parallel (or FSDP) ``train_step(state, batch)``: one jit with explicit shardings.
 
@@ -249,29 +244,25 @@ def make_sharded_train_step(
     out as ``shardings`` says, and metrics come back replicated.
 
     Args:
-        graphdef, tx, loss_fn, transform, classification: as for
-            :func:`jaxnet.step.make_train_step`.
+        graphdef, tx, loss_fn: as for :func:`jaxnet.step.make_train_step`.
         mesh: the device mesh (:func:`make_mesh`).
         shardings: the state's shardings (:func:`state_shardings`).
         step_fn: a pure step to compile instead of ``train_step_fn(...)``,
             e.g. :func:`jaxnet.precision.loss_scaled_train_step_fn` (then
-            ``graphdef``, ``tx``, ``loss_fn``, ``transform`` and
-            ``classification`` are ignored).
+            ``graphdef``, ``tx``, ``loss_fn`` and ``step_options`` are ignored).
         donate: donate the input state's buffers.
         axis: the batch's mesh axis.
+        **step_options: ``transform``, ``classification``, ``metrics``, as for
+            :func:`jaxnet.step.train_step_fn`.
 
     Returns:
         The compiled ``train_step(state, batch) -> (state, metrics)``; the
         global batch size must be divisible by ``mesh.shape[axis]``.
     """
     if step_fn is None:
-        step_fn = train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification)
-    return jax.jit(
-        step_fn,
-        in_shardings=(shardings, batch_sharding(mesh, axis=axis)),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=(0,) if donate else (),
-    )
+        step_fn = train_step_fn(graphdef, tx, loss_fn, **step_options)
+    return compile_step(step_fn, donate=donate, in_shardings=(shardings, batch_sharding(mesh, axis=axis)),
+                        out_shardings=(shardings, replicated(mesh)))
 
 
 def make_sharded_eval_step(
@@ -282,7 +273,7 @@ def make_sharded_eval_step(
     *,
     transform: Transform | None = None,
     metrics: Any = None,
-) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+) -> EvalFn:
     """``eval_step(state, batch) -> {"outputs", "loss", "metrics"}`` over a sharded state.
 
     Like :func:`jaxnet.step.make_eval_step`; the batch is replicated (every
@@ -328,7 +319,7 @@ def make_dispatch_limiter(max_in_flight: int = MAX_STEPS_IN_FLIGHT) -> Callable[
     """A loop helper that keeps at most ``max_in_flight`` multi-device steps queued.
 
     JAX dispatches steps asynchronously, so a Python loop can run far ahead of
-    the devices. On XLA:CPU, about 32 queued multi-device steps deadlock in
+    the devices. On XLA:CPU, too many queued multi-device steps deadlock in
     their collectives (see ``MAX_STEPS_IN_FLIGHT``); waiting for the step
     ``max_in_flight`` back keeps the pipeline full without getting there.
     Call the returned ``wait(metrics)`` after every step.

@@ -44,9 +44,9 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxnet.errors import ConfigError
-from jaxnet.parallel.sharding import DATA_AXIS, StepFn, check_batch_divisible
+from jaxnet.parallel.sharding import DATA_AXIS, check_batch_divisible
 from jaxnet.state import TrainState
-from jaxnet.step import Batch, LossFn, Transform, train_step_fn
+from jaxnet.step import Batch, LossFn, StepFn, compile_step, train_step_fn
 
 
 def all_reduce_gradients(tx: optax.GradientTransformation, axis: str = DATA_AXIS) -> optax.GradientTransformation:
@@ -76,27 +76,22 @@ def _pmean_floating(tree: Any, axis: str) -> Any:
 
 
 def per_device_train_step_fn(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    loss_fn: LossFn,
-    *,
-    transform: Transform | None = None,
-    classification: bool = True,
-    axis: str = DATA_AXIS,
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, *, axis: str = DATA_AXIS,
+    **step_options: Any,
 ) -> StepFn:
     """What one device runs in a DDP step: its slice's step, with grads all-reduced.
 
     Args:
-        graphdef, tx, loss_fn, transform, classification: as for
-            :func:`jaxnet.step.train_step_fn`.
+        graphdef, tx, loss_fn: as for :func:`jaxnet.step.train_step_fn`.
         axis: the device axis name of the surrounding ``shard_map``/``pmap``.
+        **step_options: ``transform``, ``classification``, ``metrics``, as for
+            :func:`jaxnet.step.train_step_fn`.
 
     Returns:
         ``step(state, local_batch) -> (state, metrics)`` whose metrics are
         averaged over the devices (the global batch's mean loss and accuracy).
     """
-    local_step = train_step_fn(graphdef, all_reduce_gradients(tx, axis), loss_fn,
-                               transform=transform, classification=classification)
+    local_step = train_step_fn(graphdef, all_reduce_gradients(tx, axis), loss_fn, **step_options)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         device_rng = jax.random.fold_in(state.rng, jax.lax.axis_index(axis))  # own dropout masks
@@ -108,15 +103,8 @@ def per_device_train_step_fn(
 
 
 def make_shard_map_train_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    loss_fn: LossFn,
-    mesh: Mesh,
-    *,
-    transform: Transform | None = None,
-    classification: bool = True,
-    donate: bool = True,
-    axis: str = DATA_AXIS,
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, mesh: Mesh, *,
+    donate: bool = True, axis: str = DATA_AXIS, **step_options: Any,
 ) -> StepFn:
     """The DDP train step with ``jax.shard_map``: replicated state, batch split, explicit ``pmean``.
 
@@ -128,33 +116,25 @@ def make_shard_map_train_step(
     gradient of a replicated parameter would already be summed over devices).
 
     Args:
-        graphdef, tx, loss_fn, transform, classification: as for
-            :func:`jaxnet.step.make_train_step`.
+        graphdef, tx, loss_fn, donate: as for :func:`jaxnet.step.make_train_step`.
         mesh: a one-axis mesh from :func:`jaxnet.parallel.sharding.make_mesh`.
-        donate: donate the input state's buffers.
         axis: the mesh axis to split the batch over.
+        **step_options: ``transform``, ``classification``, ``metrics``, as for
+            :func:`jaxnet.step.train_step_fn`.
 
     Returns:
         The compiled ``train_step(state, batch) -> (state, metrics)``; the
         global batch size must be divisible by the number of devices.
     """
-    step = per_device_train_step_fn(graphdef, tx, loss_fn, transform=transform,
-                                    classification=classification, axis=axis)
+    step = per_device_train_step_fn(graphdef, tx, loss_fn, axis=axis, **step_options)
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(axis)),
                             out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
-    return jax.jit(sharded, donate_argnums=(0,) if donate else ())
+    return compile_step(sharded, donate=donate)
 
 
 def make_pmap_train_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    loss_fn: LossFn,
-    *,
-    devices: list[Any] | None = None,
-    transform: Transform | None = None,
-    classification: bool = True,
-    donate: bool = True,
-    axis: str = DATA_AXIS,
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, *,
+    devices: list[Any] | None = None, donate: bool = True, axis: str = DATA_AXIS, **step_options: Any,
 ) -> StepFn:
     """The same DDP step under ``jax.pmap`` -- for comparison only; ``pmap`` is in maintenance mode.
 
@@ -165,18 +145,17 @@ def make_pmap_train_step(
     ordinary global arrays and is what JAX now builds ``pmap`` on.
 
     Args:
-        graphdef, tx, loss_fn, transform, classification: as for
-            :func:`jaxnet.step.make_train_step`.
+        graphdef, tx, loss_fn, donate: as for :func:`jaxnet.step.make_train_step`.
         devices: the devices to map over (default: all local devices).
-        donate: donate the input state's buffers.
         axis: the pmap axis name.
+        **step_options: ``transform``, ``classification``, ``metrics``, as for
+            :func:`jaxnet.step.train_step_fn`.
 
     Returns:
         ``train_step(stacked_state, split_batch) -> (stacked_state, stacked_metrics)``.
     """
-    step = per_device_train_step_fn(graphdef, tx, loss_fn, transform=transform,
-                                    classification=classification, axis=axis)
-    return jax.pmap(step, axis_name=axis, devices=devices, donate_argnums=(0,) if donate else ())
+    step = per_device_train_step_fn(graphdef, tx, loss_fn, axis=axis, **step_options)
+    return compile_step(step, donate=donate, compiler=jax.pmap, axis_name=axis, devices=devices)
 
 
 def replicate(tree: Any, num_devices: int) -> Any:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import re
 
 import jax
@@ -15,16 +13,12 @@ from flax import nnx
 from jaxnet.models import create_model, layers
 from jaxnet.state import create_train_state
 from jaxnet.step import loss_for_output, train_step_fn
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "conv_cpu.py"
+from tests.helpers import BENCHMARKS, import_file
 
 
 @pytest.fixture(scope="module")
 def conv_cpu():
-    spec = importlib.util.spec_from_file_location("conv_cpu_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(BENCHMARKS / "conv_cpu.py", "conv_cpu_bench")
 
 
 def _one_step(bound_context):

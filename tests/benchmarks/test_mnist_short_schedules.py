@@ -5,12 +5,12 @@ import re
 import subprocess
 import sys
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+from tests.helpers import BENCHMARKS, REPO
 
 
 def _run(tmp_path, *args):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # offline: the embedded 6000-image sample
-    return subprocess.run([sys.executable, "benchmarks/mnist_short_schedules.py", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(BENCHMARKS / "mnist_short_schedules.py"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
 
 

@@ -65,7 +65,8 @@ def test_manifest_names_the_damaged_file(tmp_path: pathlib.Path):
     data = bytearray((tmp_path / "sub" / "data").read_bytes())
     data[100] ^= 1
     (tmp_path / "sub" / "data").write_bytes(bytes(data))
-    assert I.manifest_problem(tmp_path) == f"the bytes of {tmp_path / 'sub' / 'data'} changed after it was written (SHA-256 mismatch)"
+    changed = f"the bytes of {tmp_path / 'sub' / 'data'} changed after it was written (SHA-256 mismatch)"
+    assert I.manifest_problem(tmp_path) == changed
     (tmp_path / "sub" / "data").write_bytes(bytes(50))
     assert "has 50 bytes, 200 were written" in I.manifest_problem(tmp_path)
     (tmp_path / "sub" / "data").unlink()

@@ -18,7 +18,6 @@ from jaxnet.checkpoint import lock
 from jaxnet.errors import ConfigError
 from tests.helpers import REPO
 
-
 _HOLDER = textwrap.dedent("""
     import sys, time
     from jaxnet.checkpoint.lock import WorkdirLock

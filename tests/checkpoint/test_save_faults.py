@@ -1,10 +1,11 @@
-"""Fault injection for jaxnet.checkpoint: saves that cannot succeed, live runs' saves, NaN and damaged checkpoints.
+"""Fault injection for jaxnet.checkpoint.saving: saves that cannot succeed end in one line, fast, losing nothing.
 
 A failing save must end in one CheckpointError line within seconds (never a
 wait on Orbax's 300-s signal timeouts), remove its partial folder and leave
-the earlier checkpoints restorable. Disks that are full or read-only are real
-mounts where this process may mount (root in a container), else skipped; the
-same failures are also injected by monkeypatching.
+the earlier checkpoints restorable, in either array format. Disks that are
+full or read-only are real mounts where this process may mount (root in a
+container), else skipped; the same failures are also injected by
+monkeypatching.
 """
 
 from __future__ import annotations
@@ -15,38 +16,30 @@ import logging
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 
-import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxnet import checkpoint as C
-from jaxnet.checkpoint import integrity
-from jaxnet.checkpoint import lock as L
+from jaxnet.checkpoint import arrays, saving
+from tests.checkpoint.helpers import dict_state, tmp_dirs
 from tests.helpers import REPO
 
 FAST = 10.0  # seconds: the longest a failure may take to surface
-
-
-def _state(value: float = 1.0, n: int = 30_000) -> dict:
-    """A small TrainState-like dict (120 KB of params): two fit a 200 KB disk, three do not."""
-    return {"step": np.asarray(1, np.int32), "params": {"w": np.full(n, value, np.float32)},
-            "opt_state": {"mu": np.zeros(8, np.float32)}}
-
-
-def _tmp_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(directory.glob("*.orbax-checkpoint-tmp*")) if directory.is_dir() else []
+# A tmpfs that holds one checkpoint of dict_state(noisy=True) but not two, by format (Orbax's has more files).
+ONE_CHECKPOINT_DISK = {"npz": "200k", "orbax": "300k"}
 
 
 def _orbax_threads() -> list[threading.Thread]:
     """Threads of Orbax's still alive: a failed save must leave none waiting on a signal."""
-    names = ("jaxnet_npz_save", "json_ch_save", "async_save", "save_finalize", "_target_setting_result")
+    names = ("jaxnet_npz_save", "json_ch_save", "async_save", "save_finalize", "_target_setting_result",
+             "np_type_handler", "array_type_handler", "write_metadata_after_commits")
     return [t for t in threading.enumerate() if t.is_alive() and any(n in t.name for n in names)]
 
 
@@ -88,7 +81,7 @@ def _restores(directory: pathlib.Path, step: int, state: dict) -> bool:
         C.close(ckpt)
 
 
-def _fails_fast(ckpt: C.Checkpointer, state: dict, step: int) -> tuple[str, float]:
+def _fails_fast(ckpt: C.CheckpointFolder, state: dict, step: int) -> tuple[str, float]:
     """Saves ``step`` and waits; returns the CheckpointError's message and the seconds it took."""
     start = time.monotonic()
     with pytest.raises(C.CheckpointError) as info:
@@ -98,6 +91,40 @@ def _fails_fast(ckpt: C.Checkpointer, state: dict, step: int) -> tuple[str, floa
     message = str(info.value)
     assert "\n" not in message and took < FAST, (took, message)
     return message, took
+
+
+def _fails_fast_wait(ckpt: C.CheckpointFolder) -> tuple[str, float]:
+    start = time.monotonic()
+    with pytest.raises(C.CheckpointError) as info:
+        C.wait(ckpt)
+    took = time.monotonic() - start
+    assert "\n" not in str(info.value) and took < FAST, took
+    return str(info.value), took
+
+
+def _disk_full_in_the_background(monkeypatch, array_format: str, *, partial: bool = True) -> None:
+    """Makes writing the ``state`` item fail with ENOSPC in Orbax's background thread (half a file first).
+
+    The failure comes where a full disk makes it come: in the commit future
+    of the item's handler, after ``save`` has returned.
+    """
+    async def disk_full(path: pathlib.Path) -> None:
+        if partial:
+            with open(os.fspath(path), "wb") as f:
+                f.write(b"PK\x03\x04 half an archive")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if array_format == "npz":
+        async def write(self, path, flat):
+            await disk_full(path)
+
+        monkeypatch.setattr(arrays.NpzHandler, "_write", write)
+    else:
+        async def async_save(self, directory, args):
+            return [ocp.future.CommitFutureAwaitingContractedSignals(disk_full(directory / "d"),
+                                                                     name="np_type_handler")]
+
+        monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", async_save)
 
 
 # --- probe_writable ----------------------------------------------------------------------------
@@ -124,7 +151,7 @@ def test_probe_writable_names_the_path_and_the_cause(tmp_path, monkeypatch):
     for code, text in [(errno.ENOSPC, r"No space left on device \[ENOSPC\] at .*free some space"),
                        (errno.EACCES, r"Permission denied \[EACCES\] at .*make it writable"),
                        (errno.EROFS, r"Read-only file system \[EROFS\] at .*read-only")]:
-        monkeypatch.setattr(C.os, "fsync", fail(code))
+        monkeypatch.setattr(saving.os, "fsync", fail(code))
         with pytest.raises(C.CheckpointError, match=text) as info:
             C.probe_writable(tmp_path / "ok")
         monkeypatch.undo()
@@ -144,10 +171,11 @@ def test_probe_writable_on_a_read_only_file_system(tmp_path):
 # --- saves that cannot succeed -----------------------------------------------------------------
 
 
-def test_a_file_in_the_way_fails_at_once_and_keeps_the_old_checkpoint(tmp_path):
+@pytest.mark.parametrize("array_format", C.ARRAY_FORMATS)
+def test_a_file_in_the_way_fails_at_once_and_keeps_the_old_checkpoint(tmp_path, array_format):
     directory = tmp_path / "checkpoints"
-    state = _state()
-    ckpt = C.create_checkpoint_manager(directory)
+    state = dict_state()
+    ckpt = C.create_checkpoint_manager(directory, array_format=array_format)
     C.save(ckpt, 1, state, meta={"step": 1})
     C.wait(ckpt)
     os.replace(directory, tmp_path / "moved")
@@ -168,10 +196,11 @@ def test_opening_a_checkpoint_folder_that_is_a_file_is_refused(tmp_path):
         C.create_checkpoint_manager(tmp_path / "checkpoints")
 
 
-def test_a_read_only_disk_fails_at_once_and_keeps_the_old_checkpoint(tmp_path):
+@pytest.mark.parametrize("array_format", C.ARRAY_FORMATS)
+def test_a_read_only_disk_fails_at_once_and_keeps_the_old_checkpoint(tmp_path, array_format):
     directory = tmp_path / "checkpoints"
-    state = _state()
-    ckpt = C.create_checkpoint_manager(directory)
+    state = dict_state()
+    ckpt = C.create_checkpoint_manager(directory, array_format=array_format)
     C.save(ckpt, 1, state, meta={"step": 1})
     C.wait(ckpt)
     with _read_only(directory):
@@ -184,11 +213,13 @@ def test_a_read_only_disk_fails_at_once_and_keeps_the_old_checkpoint(tmp_path):
     assert _restores(directory, 2, state)
 
 
-def test_a_full_disk_fails_at_once_removes_the_partial_save_and_keeps_the_old_one(tmp_path, caplog):
+@pytest.mark.parametrize("array_format", C.ARRAY_FORMATS)
+def test_a_full_disk_fails_at_once_removes_the_partial_save_and_keeps_the_old_one(tmp_path, caplog, capfd,
+                                                                                    array_format):
     directory = tmp_path / "checkpoints"
-    state = _state()
-    with _tmpfs(directory, "200k"):
-        ckpt = C.create_checkpoint_manager(directory)
+    state = dict_state(noisy=True)
+    with _tmpfs(directory, ONE_CHECKPOINT_DISK[array_format]):
+        ckpt = C.create_checkpoint_manager(directory, array_format=array_format)
         C.save(ckpt, 1, state, meta={"step": 1})
         C.wait(ckpt)
         free = shutil.disk_usage(directory).free
@@ -197,61 +228,47 @@ def test_a_full_disk_fails_at_once_removes_the_partial_save_and_keeps_the_old_on
         assert message.startswith(f"saving checkpoint step 2 to {directory} failed: No space left on device "
                                   "[ENOSPC] at ")
         assert "the partial save was removed, the newest checkpoint is still step 1; free some space" in message
-        assert _tmp_dirs(directory) == [] and shutil.disk_usage(directory).free == free
+        assert tmp_dirs(directory) == [] and shutil.disk_usage(directory).free == free
         assert [r for r in caplog.records if f"{os.sep}orbax{os.sep}" in r.pathname] == []  # muted
         assert _orbax_threads() == []
         C.close(ckpt)
         assert _restores(directory, 1, state)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-2000:]
 
 
-def test_disk_full_in_the_background_is_raised_once_and_the_next_save_works(tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("array_format", C.ARRAY_FORMATS)
+def test_disk_full_in_the_background_is_raised_once_and_the_next_save_works(tmp_path, monkeypatch, capfd,
+                                                                            array_format):
     # ENOSPC in the middle of writing the arrays, injected: the partial file and
     # folder are removed, retention keeps every earlier step, and after the
     # failure (raised once, by wait) saving works again.
     directory = tmp_path / "checkpoints"
-    ckpt = C.create_checkpoint_manager(directory, max_to_keep=2)
+    ckpt = C.create_checkpoint_manager(directory, max_to_keep=2, array_format=array_format)
     for step in (1, 2):
-        C.save(ckpt, step, _state(step), meta={"step": step})
+        C.save(ckpt, step, dict_state(step), meta={"step": step})
     C.wait(ckpt)
-    real = C._StateHandler._write
-
-    async def disk_full(self, path, arrays):
-        with open(os.fspath(path), "wb") as f:
-            f.write(b"PK\x03\x04 half an archive")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(C._StateHandler, "_write", disk_full)
-    C.save(ckpt, 3, _state(3), meta={"step": 3})  # returns: the failure is in the background
+    _disk_full_in_the_background(monkeypatch, array_format)
+    C.save(ckpt, 3, dict_state(3), meta={"step": 3})  # returns: the failure is in the background
     message, _ = _fails_fast_wait(ckpt)
     assert message.startswith(f"saving checkpoint step 3 to {directory} failed: No space left on device [ENOSPC]")
     assert "the partial save was removed, the newest checkpoint is still step 2" in message
-    assert _tmp_dirs(directory) == [] and C.steps(ckpt) == [1, 2]  # step 1 is not retired by a failed save
-    monkeypatch.setattr(C._StateHandler, "_write", real)
-    C.save(ckpt, 3, _state(3), meta={"step": 3})
+    assert tmp_dirs(directory) == [] and C.steps(ckpt) == [1, 2]  # step 1 is not retired by a failed save
+    monkeypatch.undo()
+    C.save(ckpt, 3, dict_state(3), meta={"step": 3})
     C.close(ckpt)  # no second report of the old failure
     assert C.steps(C.create_checkpoint_manager(directory, read_only=True)) == [2, 3]
     err = capfd.readouterr().err
     assert "Traceback" not in err and "ERROR:absl" not in err, err[-2000:]
 
 
-def _fails_fast_wait(ckpt: C.Checkpointer) -> tuple[str, float]:
-    start = time.monotonic()
-    with pytest.raises(C.CheckpointError) as info:
-        C.wait(ckpt)
-    took = time.monotonic() - start
-    assert "\n" not in str(info.value) and took < FAST, took
-    return str(info.value), took
-
-
-def test_check_saves_raises_a_background_failure_without_waiting_for_the_next_save(tmp_path, monkeypatch):
-    ckpt = C.create_checkpoint_manager(tmp_path)
+@pytest.mark.parametrize("array_format", C.ARRAY_FORMATS)
+def test_check_saves_raises_a_background_failure_without_waiting_for_the_next_save(tmp_path, monkeypatch,
+                                                                                    array_format):
+    ckpt = C.create_checkpoint_manager(tmp_path, array_format=array_format)
     C.check_saves(ckpt)  # nothing pending: nothing to say
-
-    async def disk_full(self, path, arrays):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(C._StateHandler, "_write", disk_full)
-    C.save(ckpt, 1, _state(), meta={})
+    _disk_full_in_the_background(monkeypatch, array_format, partial=False)
+    C.save(ckpt, 1, dict_state(), meta={})
     deadline = time.monotonic() + FAST
     with pytest.raises(C.CheckpointError, match="saving checkpoint step 1 .*ENOSPC"):
         while time.monotonic() < deadline:
@@ -267,7 +284,7 @@ _FAILING_RUN = textwrap.dedent("""
     from jaxnet import checkpoint as C
     directory = pathlib.Path(sys.argv[1])
     state = {"params": {"w": np.ones(1000, np.float32)}}
-    ckpt = C.create_checkpoint_manager(directory)
+    ckpt = C.create_checkpoint_manager(directory, array_format=sys.argv[2])
     C.save(ckpt, 1, state, meta={})
     C.wait(ckpt)
     os.replace(directory, str(directory) + ".moved")
@@ -282,10 +299,11 @@ _FAILING_RUN = textwrap.dedent("""
 """)
 
 
-def test_the_process_exits_within_seconds_after_a_failed_save(tmp_path):
+@pytest.mark.parametrize("array_format", C.ARRAY_FORMATS)
+def test_the_process_exits_within_seconds_after_a_failed_save(tmp_path, array_format):
     # The 300-s hang was at exit: Orbax's writer threads waited for a signal
     # that the failed folder creation never sent, and Python joins them.
-    proc = subprocess.Popen([sys.executable, "-c", _FAILING_RUN, str(tmp_path / "checkpoints")],
+    proc = subprocess.Popen([sys.executable, "-c", _FAILING_RUN, str(tmp_path / "checkpoints"), array_format],
                             env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -300,180 +318,3 @@ def test_the_process_exits_within_seconds_after_a_failed_save(tmp_path):
     lines = err.strip().splitlines()
     assert proc.returncode == 3 and took < FAST, (took, err[-3000:])
     assert len(lines) == 1 and "saving checkpoint step 2" in lines[0] and "ENOTDIR" in lines[0], err[-3000:]
-
-
-# --- a live run's save in progress -------------------------------------------------------------
-
-_HOLDER = textwrap.dedent("""
-    import sys, time
-    from jaxnet.checkpoint.lock import WorkdirLock
-    WorkdirLock(sys.argv[1]).acquire()
-    print("LOCKED", flush=True)
-    time.sleep(600)
-""")
-
-
-def test_unfinished_saves_of_a_live_run_are_kept(tmp_path, caplog):
-    workdir = tmp_path / "w"
-    directory = workdir / "checkpoints"
-    in_progress = directory / "7.orbax-checkpoint-tmp-1234"
-    in_progress.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir)],
-                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "LOCKED"
-        with caplog.at_level(logging.WARNING, logger="jaxnet.checkpoint"):
-            C.close(C.create_checkpoint_manager(directory))
-        assert in_progress.is_dir()
-        assert f"in use by PID {holder.pid}" in caplog.text
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-        C.close(C.create_checkpoint_manager(directory, clean_unfinished=False))
-        assert in_progress.is_dir()  # never, when asked not to
-        C.close(C.create_checkpoint_manager(directory))  # the holder is dead: a killed process's leftover
-        assert not in_progress.exists()
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-
-
-def test_unfinished_saves_are_removed_under_this_process_own_lock(tmp_path):
-    workdir = tmp_path / "w"
-    leftover = workdir / "checkpoints" / "3.orbax-checkpoint-tmp-99"
-    leftover.mkdir(parents=True)
-    with L.WorkdirLock(workdir):
-        C.close(C.create_checkpoint_manager(workdir / "checkpoints"))
-    assert not leftover.exists()
-
-
-# --- non-finite checkpoints --------------------------------------------------------------------
-
-
-def _nan_state() -> dict:
-    state = _state(2.0)
-    state["params"]["w"][5] = np.nan
-    return state
-
-
-def test_a_nan_state_is_flagged_and_restore_latest_good_passes_over_it(tmp_path, caplog):
-    ckpt = C.create_checkpoint_manager(tmp_path, best_metric="acc")
-    C.save(ckpt, 1, _state(), meta={"step": 1}, metrics={"acc": 0.5})
-    with caplog.at_level(logging.WARNING, logger="jaxnet.checkpoint"):
-        C.save(ckpt, 2, _nan_state(), meta={"step": 2}, metrics={"acc": 0.9})
-        C.wait(ckpt)
-    assert "checkpoint step 2 holds non-finite values (NaN/inf) in params/w" in caplog.text
-    assert C._read_record(ckpt, 1)["finite"] is True
-    assert C._read_record(ckpt, 2)["finite"] is False
-    assert C.best(ckpt) == 1  # never ranked, whatever its metric
-    assert C.resolve_step(ckpt, "latest") == 1 and C.resolve_step(ckpt, "best") == 1
-    assert C.resolve_step(ckpt, 2) == 2  # asked for by number: as it is
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="jaxnet.checkpoint"):
-        restored, meta = C.restore_latest_good(ckpt, _state())
-    assert meta == {"step": 1} and np.all(np.asarray(restored["params"]["w"]) == 1.0)
-    assert ("skipping checkpoint step 2: checkpoint step 2 holds non-finite values (NaN/inf) in params/w"
-            in caplog.text)
-    assert C.steps(ckpt) == [1] and (tmp_path / C.QUARANTINE_DIR / "2").is_dir()
-    C.close(ckpt)
-
-
-def test_inf_in_the_optimizer_state_is_finite_enough(tmp_path):
-    # optax's reduce_on_plateau starts with best_value=inf; NaN there still counts.
-    state = _state()
-    state["opt_state"]["best_value"] = np.asarray(np.inf, np.float32)
-    ckpt = C.create_checkpoint_manager(tmp_path)
-    C.save(ckpt, 1, state, meta={})
-    bad = {**state, "opt_state": {**state["opt_state"], "mu": np.full(8, np.nan, np.float32)}}
-    C.save(ckpt, 2, bad, meta={})
-    C.wait(ckpt)
-    assert C._read_record(ckpt, 1)["finite"] is True
-    assert C._read_record(ckpt, 2)["nonfinite"] == "opt_state/mu"
-    C.close(ckpt)
-
-
-@pytest.mark.parametrize("array_format", ["npz", "orbax"])
-def test_checkpoints_saved_without_the_flag_are_checked(tmp_path, monkeypatch, array_format, caplog):
-    # Checkpoints written before the flag existed: their arrays are read and checked.
-    real = integrity.finish_record
-
-    def old_record(header, state):
-        return real({k: v for k, v in header.items() if k not in ("finite", "nonfinite")}, state)
-
-    monkeypatch.setattr(integrity, "finish_record", old_record)
-    monkeypatch.setattr(C, "_nonfinite_leaf", lambda state: None)  # saving checked nothing
-    good = {**_state(), "half": jnp.ones(4, jnp.bfloat16)}
-    bad = {**_nan_state(), "half": jnp.ones(4, jnp.bfloat16)}
-    bad_half = {**_state(), "half": jnp.asarray([1, np.inf, 1, 1], jnp.bfloat16)}
-    ckpt = C.create_checkpoint_manager(tmp_path, array_format=array_format, best_metric="acc", max_to_keep=5)
-    C.save(ckpt, 1, good, meta={"step": 1}, metrics={"acc": 0.1})
-    C.save(ckpt, 2, bad_half, meta={"step": 2}, metrics={"acc": 0.8})
-    C.save(ckpt, 3, bad, meta={"step": 3}, metrics={"acc": 0.9})
-    C.wait(ckpt)
-    monkeypatch.undo()
-    assert "finite" not in C._read_record(ckpt, 3)
-    assert C.best(ckpt) == 3  # Orbax ranks it: the old behaviour
-    with caplog.at_level(logging.WARNING, logger="jaxnet.checkpoint"):
-        assert C.resolve_step(ckpt, "latest") == 1
-        assert C.resolve_step(ckpt, "best") == 1
-    assert "checkpoint step 2 holds non-finite values (NaN/inf) in half" in caplog.text
-    assert "checkpoint step 3 holds non-finite values (NaN/inf) in params/w" in caplog.text
-    restored, meta = C.restore_latest_good(ckpt, good)
-    assert meta == {"step": 1} and C.steps(ckpt) == [1]
-    C.close(ckpt)
-
-
-def test_no_finite_checkpoint_at_all(tmp_path):
-    ckpt = C.create_checkpoint_manager(tmp_path)
-    C.save(ckpt, 1, _nan_state(), meta={})
-    C.wait(ckpt)
-    with pytest.raises(C.CheckpointError, match=r"holds finite values: checkpoint step 1 holds non-finite"):
-        C.resolve_step(ckpt, "latest")
-    with pytest.raises(C.CheckpointError, match=r"no sound checkpoint .* step 1 holds non-finite .*another"):
-        C.restore_latest_good(ckpt, _state())
-    C.close(ckpt)
-
-
-# --- damaged Orbax metadata --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("garbage", [b"garbage{", b"\xff\xfe\x00binary", b"", b"\x00" * 64])
-def test_garbage_step_metadata_is_damage_without_raw_log_lines(tmp_path, caplog, capfd, garbage):
-    ckpt = C.create_checkpoint_manager(tmp_path)
-    for step in (1, 2):
-        C.save(ckpt, step, _state(step), meta={"step": step})
-    C.close(ckpt)
-    (tmp_path / "2" / C.STEP_METADATA_FILE).write_bytes(garbage)
-    capfd.readouterr()
-    with caplog.at_level(logging.DEBUG):
-        ckpt = C.create_checkpoint_manager(tmp_path)
-        with pytest.raises(C.CheckpointError, match=r"checkpoint step 2 is damaged: .*2/_CHECKPOINT_METADATA "
-                                                    r"is not valid JSON"):
-            C.restore(ckpt, _state(), step=2)
-        with caplog.at_level(logging.WARNING, logger="jaxnet.checkpoint"):
-            restored, meta = C.restore_latest_good(ckpt, _state())
-        C.close(ckpt)
-    assert meta == {"step": 1} and (tmp_path / C.QUARANTINE_DIR / "2").is_dir()
-    assert "skipping checkpoint step 2: checkpoint step 2 is damaged" in caplog.text
-    assert [r for r in caplog.records if f"{os.sep}orbax{os.sep}" in r.pathname] == []
-    err = capfd.readouterr().err
-    assert "absl" not in err and "Metadata file" not in err, err
-
-
-def test_step_metadata_that_stops_orbax_opening_the_folder(tmp_path, caplog):
-    # JSON, but not an object: Orbax raises for the whole folder, not just the step.
-    ckpt = C.create_checkpoint_manager(tmp_path)
-    for step in (1, 2):
-        C.save(ckpt, step, _state(step), meta={"step": step})
-    C.close(ckpt)
-    (tmp_path / "2" / C.STEP_METADATA_FILE).write_text("[1, 2]")
-    with pytest.raises(C.CheckpointError, match=r"checkpoint step 2 is damaged: .*holds no JSON object, and "
-                                                r"Orbax cannot open .*; move .*2 aside"):
-        C.create_checkpoint_manager(tmp_path, read_only=True)
-    with caplog.at_level(logging.WARNING, logger="jaxnet.checkpoint"):
-        ckpt = C.create_checkpoint_manager(tmp_path)  # for writing: moved aside, as a resume would
-    assert "checkpoint step(s) 2 are damaged" in caplog.text
-    assert C.steps(ckpt) == [1] and (tmp_path / C.QUARANTINE_DIR / "2" / C.STEP_METADATA_FILE).is_file()
-    _, meta = C.restore_latest_good(ckpt, _state())
-    C.close(ckpt)
-    assert meta == {"step": 1}

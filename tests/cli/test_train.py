@@ -3,40 +3,15 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
-import logging
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from jaxnet.cli import build_parser, main
+from tests.helpers import run_jaxnet as run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Runs ``python -m jaxnet ARGS`` in a fresh process, as a user would."""
-    full_env = dict(os.environ, **(env or {}))
-    full_env.pop("XLA_FLAGS", None)  # a user's process: one CPU device
-    return subprocess.run([sys.executable, "-m", "jaxnet", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
-
-
-def test_help_lists_commands_and_train_flags(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
-    assert "train" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
-    out = capsys.readouterr().out
-    for flag in ("--model", "--dataset", "--data-dir", "--epochs", "--batch-size", "--optimizer",
-                 "--lr", "--seed", "--workdir", "--json"):
-        assert flag in out
 
 
 def test_main_job_json_summary_on_embedded_sample(tmp_path):
@@ -127,24 +102,3 @@ def test_every_model_has_a_recipe():
     assert sorted(RECIPES) == sorted(MODELS)
     for name, recipe in RECIPES.items():
         assert recipe.dataset == MODELS[name].default_dataset
-
-
-def test_main_prints_each_notice_once_and_leaves_logging_as_it_was(tmp_path, capsys, monkeypatch):
-    # Importing Orbax makes absl call logging.basicConfig(); jaxnet's notices
-    # must not reach that root handler too, and main() must not leave its
-    # handler behind for the program (or test) that called it.
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing cached: the embedded sample's notice
-    root_stream = io.StringIO()
-    root_handler = logging.StreamHandler(root_stream)
-    logging.root.addHandler(root_handler)
-    log = logging.getLogger("jaxnet")
-    before = (log.level, log.propagate, list(log.handlers))
-    try:
-        code = main(["train", "--model", "mlp128", "--epochs", "1", "--batch-size", "500",
-                         "--no-download", "--no-progress"])
-    finally:
-        logging.root.removeHandler(root_handler)
-    err = capsys.readouterr().err
-    assert code == 0 and err.count("Using the embedded MNIST sample") == 1, err[-2000:]
-    assert "embedded MNIST sample" not in root_stream.getvalue()
-    assert (log.level, log.propagate, list(log.handlers)) == before

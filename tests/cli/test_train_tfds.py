@@ -11,8 +11,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from tensorflow_datasets.core import registered  # noqa: E402
 
 from jaxnet.data import load_dataset  # noqa: E402
-
-from tests.cli.test_train import run_cli  # noqa: E402
+from tests.helpers import run_jaxnet as run_cli  # noqa: E402
 
 with registered.skip_registration():
 

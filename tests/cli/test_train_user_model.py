@@ -17,9 +17,10 @@ from flax import nnx
 
 from jaxnet import checkpoint as C
 from jaxnet.checkpoint import workdir as W
-from jaxnet.cli import build_parser, main, parse_train_args
+from jaxnet.cli import build_parser, main
 from jaxnet.export import load_exported
 from jaxnet.models import build_model
+from tests.cli.helpers import COMMON, one_line_error, run_main
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -86,7 +87,6 @@ MODULE = textwrap.dedent('''
         return {"w": 1}
 ''')
 
-COMMON = ["--no-download", "--no-progress", "--json"]
 TRAIN = ["train", "--epochs", "1", "--batch-size", "250", "--lr", "0.003", *COMMON]
 
 
@@ -113,21 +113,6 @@ def project(tmp_path_factory):
         yield root
     for name in [m for m in sys.modules if m == "tests_pkg" or m.startswith("tests_pkg.")]:
         del sys.modules[name]
-
-
-def _main(capsys, *argv: str) -> tuple[int, dict | None, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    lines = out.strip().splitlines()
-    return code, (json.loads(lines[-1]) if code == 0 and lines else None), err
-
-
-def _one_line_error(code: int, err: str, *needles: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("jaxnet: error:")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -215,12 +200,12 @@ def test_resume_refuses_a_changed_lr_and_accepts_more_epochs(trained, tmp_path, 
     argv = [a if a != str(workdir) else str(work) for a in argv]
     before = sorted(p.name for p in (work / "checkpoints").iterdir())
     lr = argv.index("--lr") + 1
-    code, _, err = _main(capsys, *argv[:lr], "0.01", *argv[lr + 1:], "--resume")
-    line = _one_line_error(code, err, "lr: 0.003 in the saved run, 0.01 now", "only epochs may change on resume")
+    code, _, err = run_main(capsys, *argv[:lr], "0.01", *argv[lr + 1:], "--resume")
+    line = one_line_error(code, err, "lr: 0.003 in the saved run, 0.01 now", "only epochs may change on resume")
     assert "model_kwargs" not in line and "batch_size" not in line
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == before
     epochs = argv.index("--epochs") + 1
-    code, resumed, err = _main(capsys, *argv[:epochs], "2", *argv[epochs + 1:], "--resume")
+    code, resumed, err = run_main(capsys, *argv[:epochs], "2", *argv[epochs + 1:], "--resume")
     assert code == 0, err[-3000:]
     assert resumed["resumed_from_step"] == summary["steps"] and resumed["steps"] == 2 * summary["steps"]
     assert W.read_config(work)["epochs"] == 2
@@ -232,13 +217,13 @@ def test_workdir_without_a_checkpoint_says_what_happened(trained, tmp_path, caps
     crashed.mkdir()
     shutil.copy(workdir / W.CONFIG_FILE, crashed / W.CONFIG_FILE)  # a run killed before its first save
     argv = [a if a != str(workdir) else str(crashed) for a in argv]
-    code, _, err = _main(capsys, *argv)
-    _one_line_error(code, err, "stopped before its first checkpoint", "--resume-or-start", "choose another --workdir")
+    code, _, err = run_main(capsys, *argv)
+    one_line_error(code, err, "stopped before its first checkpoint", "--resume-or-start", "choose another --workdir")
     assert sorted(p.name for p in crashed.iterdir()) == [W.CONFIG_FILE]
-    code, _, err = _main(capsys, *argv, "--resume")  # nothing to resume from: said, not a silent restart
-    _one_line_error(code, err, "nothing to resume from", "--resume-or-start")
+    code, _, err = run_main(capsys, *argv, "--resume")  # nothing to resume from: said, not a silent restart
+    one_line_error(code, err, "nothing to resume from", "--resume-or-start")
     (crashed / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 9.0}\n')
-    code, summary, err = _main(capsys, *argv, "--resume-or-start")
+    code, summary, err = run_main(capsys, *argv, "--resume-or-start")
     assert code == 0, err[-3000:]
     assert summary["resumed_from_step"] is None
     records = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
@@ -257,15 +242,15 @@ def test_workdir_without_a_checkpoint_says_what_happened(trained, tmp_path, caps
     ],
 )
 def test_factory_mistakes_are_one_line_errors(project, capsys, model, needles):
-    code, _, err = _main(capsys, "train", "--model", model, "--dataset", "mnist", *COMMON)
-    _one_line_error(code, err, f"--model {model}", *needles)
+    code, _, err = run_main(capsys, "train", "--model", model, "--dataset", "mnist", *COMMON)
+    one_line_error(code, err, f"--model {model}", *needles)
 
 
 def test_user_model_needs_a_dataset_and_kwargs_need_a_factory(project, capsys):
-    code, _, err = _main(capsys, "train", "--model", "tests_pkg.mod:factory", *COMMON)
-    _one_line_error(code, err, "your own model", "--dataset")
-    code, _, err = _main(capsys, "train", "--model", "mlp", "--model-kwargs", '{"width": 3}', *COMMON)
-    _one_line_error(code, err, "model_kwargs ['width'] apply to a package.module:factory model")
+    code, _, err = run_main(capsys, "train", "--model", "tests_pkg.mod:factory", *COMMON)
+    one_line_error(code, err, "your own model", "--dataset")
+    code, _, err = run_main(capsys, "train", "--model", "mlp", "--model-kwargs", '{"width": 3}', *COMMON)
+    one_line_error(code, err, "model_kwargs ['width'] apply to a package.module:factory model")
 
 
 def test_factory_calling_conventions(project):
@@ -277,48 +262,11 @@ def test_factory_calling_conventions(project):
     assert build_model("tests_pkg.mod:factory", kwargs={"width": 5}).fc1.out_features == 5
 
 
-def test_config_file_parsing(project, tmp_path):
-    parser = build_parser()
-    (tmp_path / "a.toml").write_text('model = "tests_pkg.mod:factory"\nbatch_size = 32\nval-split = 0.2\n'
-                                     'augment = true\nlr = 1\nschedule = "cosine"\n[model_kwargs]\nwidth = 8\n')
-    argv = ["train", "--config", str(tmp_path / "a.toml"), "--no-augment", "--schedule", "step"]
-    args = parse_train_args(parser, argv, parser.parse_args(argv))
-    assert (args.model, args.batch_size, args.val_split, args.model_kwargs) == ("tests_pkg.mod:factory", 32, 0.2, {"width": 8})
-    assert args.augment is False and args.schedule == "step" and args.lr == 1.0 and isinstance(args.lr, float)
-    argv = ["train", "--epochs", "3"]  # no --config: the recipe's defaults
-    assert parse_train_args(parser, argv, parser.parse_args(argv)).batch_size is None
-
-
-@pytest.mark.parametrize(
-    ("text", "needles"),
-    [
-        ("learning_rate = 0.1\n", ["unknown key 'learning_rate'", "valid keys are:", "lr", "model_kwargs", "val_split"]),
-        ('epochs = "five"\n', ["epochs = 'five' is a string, expected an integer"]),
-        ("lr = true\n", ["lr = True is true or false, expected a number"]),
-        ("epochs = 0\n", ["epochs = 0: expected a positive integer, got 0"]),
-        ("val_split = 1.5\n", ["val_split = 1.5: expected a fraction strictly between 0 and 1"]),
-        ('optimizer = "lion"\n', ["optimizer = 'lion'; expected one of sgd, adam"]),
-        ("model_kwargs = 3\n", ["model_kwargs = 3 is an integer, expected a table"]),
-        ("[model_kwargs]\nwhen = 1979-05-27\n", ["model_kwargs holds a value JSON cannot record"]),
-        ("lr = \n", ["is not valid TOML"]),
-    ],
-)
-def test_bad_config_files_are_one_line_errors(tmp_path, capsys, text, needles):
-    (tmp_path / "bad.toml").write_text(text)
-    code, _, err = _main(capsys, "train", "--config", str(tmp_path / "bad.toml"), *COMMON)
-    _one_line_error(code, err, str(tmp_path / "bad.toml"), *needles)
-
-
-def test_missing_config_file(tmp_path, capsys):
-    code, _, err = _main(capsys, "train", "--config", str(tmp_path / "absent.toml"))
-    _one_line_error(code, err, "absent.toml: no such file")
-
-
 def test_val_split_and_loss_flags(project, capsys, tmp_path):
     for bad in ("0", "1", "x"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["train", "--val-split", bad])
-    code, summary, err = _main(capsys, "train", "--model", "mlp128", "--dataset", "mnist", "--epochs", "1",
+    code, summary, err = run_main(capsys, "train", "--model", "mlp128", "--dataset", "mnist", "--epochs", "1",
                                "--batch-size", "500", "--val-split", "0.1", "--loss", "nll",
                                "--workdir", str(tmp_path / "w"), *COMMON)
     assert code == 0, err[-3000:]
@@ -330,7 +278,7 @@ def test_val_split_and_loss_flags(project, capsys, tmp_path):
 
 def test_tabular_binary_model_with_a_data_function_exports_and_predicts(project, capsys, tmp_path):
     work = tmp_path / "binary"
-    code, summary, err = _main(capsys, "train", "--model", "tests_pkg.mod:Tabular", "--dataset",
+    code, summary, err = run_main(capsys, "train", "--model", "tests_pkg.mod:Tabular", "--dataset",
                                "tests_pkg.mod:binary_data", "--epochs", "3", "--batch-size", "32", "--lr", "0.05",
                                "--workdir", str(work), *COMMON)
     assert code == 0, err[-3000:]
@@ -353,7 +301,7 @@ def test_regression_losses_and_value_predictions(project, capsys, tmp_path):
     for loss, output in ((None, "regression"), ("l1", "l1")):
         work = tmp_path / f"reg-{loss}"
         extra = ["--loss", loss] if loss else []
-        code, summary, err = _main(capsys, "train", "--model", "tests_pkg.mod:Tabular", "--dataset",
+        code, summary, err = run_main(capsys, "train", "--model", "tests_pkg.mod:Tabular", "--dataset",
                                    "tests_pkg.mod:regression_data", "--epochs", "2", "--batch-size", "32",
                                    "--workdir", str(work), *extra, *COMMON)
         assert code == 0, err[-3000:]
@@ -367,18 +315,6 @@ def test_regression_losses_and_value_predictions(project, capsys, tmp_path):
     lines = capsys.readouterr().out.strip().splitlines()
     values = load_exported(out)(features)[:, 0]
     assert [float(line.split("\t")[1]) for line in lines] == pytest.approx(values.tolist(), rel=1e-5)
-
-
-def test_every_train_flag_is_recorded_or_operational():
-    import dataclasses
-
-    from jaxnet.cli import OPERATIONAL_FLAGS, _train_parser
-    from jaxnet.runconfig import RunConfig
-
-    dests = {a.dest for a in _train_parser(build_parser())._actions} - {"help"}
-    recorded = {f.name for f in dataclasses.fields(RunConfig)}
-    derived = {"output", "input_shape", "input_dtype", "mean", "std"}  # from the data and the loss
-    assert dests == (recorded - derived) | set(OPERATIONAL_FLAGS)
 
 
 def test_help_states_user_model_defaults_and_resumable_keys(capsys):

@@ -1,14 +1,15 @@
 """Builders of small, valid official-format files for the data tests.
 
-Imported by the other ``test_data_*`` and ``test_fuzz_readers`` modules; the
-tests at the bottom check that the builders themselves produce what the
-standard library reads back, so that the reader tests rest on real formats.
+Imported by the reader tests of ``tests/data/``; ``test_builders.py`` checks
+that the builders themselves produce what the standard library reads back,
+so that the reader tests rest on real formats.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import os
 import pathlib
 import pickle
 import struct
@@ -27,6 +28,7 @@ def idx_bytes(array: np.ndarray, *, magic: int | None = None) -> bytes:
 
 
 def gz(data: bytes) -> bytes:
+    """``data`` gzipped with a fixed mtime, so that the same input gives the same bytes."""
     return gzip.compress(data, mtime=0)
 
 
@@ -54,6 +56,7 @@ def write_mnist_folder(folder: pathlib.Path, n_train: int = 20, n_test: int = 10
 
 
 def make_cifar_batch(n: int, seed: int = 0) -> dict[bytes, object]:
+    """One official-style batch dict of ``n`` random images (``b"data"`` ``(n, 3072)`` uint8) and labels."""
     rng = np.random.default_rng(seed)
     return {
         b"batch_label": b"training batch",
@@ -125,10 +128,10 @@ def cifar_members(n: int = 3, style: str = "py2") -> dict[str, bytes]:
     return members
 
 
-def tar_gz(members: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None) -> bytes:
-    """A ``.tar.gz`` with the given regular files (plus raw extra headers)."""
+def tar_bytes(members: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None) -> bytes:
+    """An uncompressed tar with the given regular files (plus raw extra headers)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -138,10 +141,28 @@ def tar_gz(members: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None
     return buffer.getvalue()
 
 
+def tar_gz(members: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None) -> bytes:
+    """A ``.tar.gz`` with the given regular files (plus raw extra headers): :func:`tar_bytes`, gzipped."""
+    return gz(tar_bytes(members, extra))
+
+
 def expected_cifar(style_members: dict[str, bytes], batch: str) -> tuple[np.ndarray, np.ndarray]:
     """Reference decoding of one member with the standard (unsafe) unpickler."""
     d = pickle.loads(style_members[f"{cifar.CIFAR10_FOLDER}/{batch}"], encoding="bytes")
     return d[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(d[b"labels"])
 
 
-# --- the builders are right -------------------------------------------------
+
+class _RunsOnUnpickle:
+    """Pickles as the call ``os.system("touch MARKER")``: the code a malicious pickle runs when loaded."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def malicious_batch(marker: pathlib.Path, protocol: int = pickle.DEFAULT_PROTOCOL) -> bytes:
+    """A CIFAR batch pickle whose ``b"data"``, unpickled by the standard library, creates ``marker``."""
+    return pickle.dumps({b"data": _RunsOnUnpickle(marker), b"labels": [0]}, protocol=protocol)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import tarfile
 
 import pytest
-from tests.data.builders import tar_gz
 
 from jaxnet.data import safe_extract
 from jaxnet.errors import DataError
+from tests.data.builders import tar_gz
 
 
 def _link(name, target, kind=tarfile.SYMTYPE):

@@ -21,3 +21,8 @@ def test_idx_bytes_header():
     images, labels = make_mnist_arrays(3)
     assert idx_bytes(images)[:16] == bytes.fromhex("00000803 00000003 0000001c 0000001c")
     assert idx_bytes(labels)[:8] == bytes.fromhex("00000801 00000003")
+
+
+def test_make_cifar_batch_helper_is_deterministic():
+    a, b = make_cifar_batch(2, 5), make_cifar_batch(2, 5)
+    np.testing.assert_array_equal(a[b"data"], b[b"data"])

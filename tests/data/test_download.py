@@ -16,13 +16,13 @@ import time
 
 import numpy as np
 import pytest
-from tests.data.builders import gz, idx_bytes, make_mnist_arrays
 
 from jaxnet.data import download
 from jaxnet.data.download import Resource, fetch_resources
 from jaxnet.data.mnist import MNIST_FILES
 from jaxnet.data.registry import load_official
 from jaxnet.errors import ConfigError, DataError
+from tests.data.builders import gz, idx_bytes, make_mnist_arrays
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -17,10 +17,6 @@ may escape.
 from __future__ import annotations
 
 import gzip
-import io
-import os
-import pickle
-import tarfile
 import time
 import zlib
 
@@ -28,6 +24,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from jaxnet.data import read_cifar10, safe_extract
+from jaxnet.data.cifar import CIFAR10_FOLDER, parse_batch
+from jaxnet.data.mnist import IMAGES_MAGIC, LABELS_MAGIC, MAX_IDX_BYTES, read_idx
+from jaxnet.errors import DataError
 from tests.data.builders import (
     cifar_members,
     cifar_pickle,
@@ -35,13 +36,10 @@ from tests.data.builders import (
     idx_bytes,
     make_cifar_batch,
     make_mnist_arrays,
+    malicious_batch,
+    tar_bytes,
     tar_gz,
 )
-
-from jaxnet.data import read_cifar10, safe_extract
-from jaxnet.data.cifar import CIFAR10_FOLDER, parse_batch
-from jaxnet.data.mnist import IMAGES_MAGIC, LABELS_MAGIC, MAX_IDX_BYTES, read_idx
-from jaxnet.errors import DataError
 
 CASE_SECONDS = 2.0
 PICKLE_OPCODES = bytes(range(0x80, 0x96)) + b"()tl]}RbcKJMNVXUTCB.ehaseqpgu0123456789"
@@ -201,13 +199,7 @@ def _run_cifar_fuzz(num_pickles: int, num_archives: int, seed: int, tmp_path) ->
         assert time.perf_counter() - start < CASE_SECONDS, f"pickle case {case} was slow"
     members = cifar_members(2, "py2")
     base_archive = tar_gz(members)
-    tar_buffer = io.BytesIO()
-    with tarfile.open(fileobj=tar_buffer, mode="w") as tar:
-        for name, blob in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    base_tar = tar_buffer.getvalue()
+    base_tar = tar_bytes(members)
     path = tmp_path / "cifar-10-python.tar.gz"
     for case in range(num_archives):
         if case % 2:
@@ -241,15 +233,8 @@ def test_cifar_fuzz_2000(tmp_path):
 
 def test_malicious_pickle_batch_is_refused_and_the_marker_never_appears(tmp_path):
     marker = tmp_path / "MARKER"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     members = cifar_members(2)
-    members[f"{CIFAR10_FOLDER}/data_batch_1"] = pickle.dumps(
-        {b"data": Evil(), b"labels": [0]}, protocol=2
-    )
+    members[f"{CIFAR10_FOLDER}/data_batch_1"] = malicious_batch(marker, protocol=2)
     archive = tmp_path / "cifar-10-python.tar.gz"
     archive.write_bytes(tar_gz(members))
     with pytest.raises(DataError, match=r"data_batch_1: refused to unpickle the global posix\.system"):

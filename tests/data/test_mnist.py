@@ -8,12 +8,12 @@ import time
 
 import numpy as np
 import pytest
-from tests.data.builders import gz, idx_bytes, make_mnist_arrays, write_mnist_folder
 
 from jaxnet.data import load_dataset, read_mnist
 from jaxnet.data.mnist import IMAGES_MAGIC, LABELS_MAGIC, read_idx
 from jaxnet.data.registry import load_embedded_mnist_sample
 from jaxnet.errors import DataError
+from tests.data.builders import gz, idx_bytes, make_mnist_arrays, write_mnist_folder
 
 # Official MNIST class counts.
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

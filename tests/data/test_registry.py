@@ -6,12 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-from tests.data.builders import write_mnist_folder
 
 import jaxnet.data
-from jaxnet.data import DATASETS, load_dataset
-from jaxnet.data import registry
+from jaxnet.data import DATASETS, load_dataset, registry
 from jaxnet.errors import ConfigError, DataError
+from tests.data.builders import write_mnist_folder
 
 
 def test_unknown_name_lists_the_valid_ones():

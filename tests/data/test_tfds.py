@@ -19,7 +19,6 @@ makes tfds's fake generator encode PNGs with TensorFlow.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import socket
 import sys
@@ -32,11 +31,11 @@ tfds = pytest.importorskip("tensorflow_datasets")
 PIL_Image = pytest.importorskip("PIL.Image")
 
 from tensorflow_datasets.core import registered  # noqa: E402
-from tensorflow_datasets.testing import mocking  # noqa: E402
 
 from jaxnet.data.dataset import ArrayDataset  # noqa: E402
 from jaxnet.data.tfds import GrainArraySource, load_tfds  # noqa: E402
 from jaxnet.errors import ConfigError, DataError  # noqa: E402
+from tests.data.tfds_mocks import mocked, write_metadata  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -168,44 +167,7 @@ def check_against_generator(images, labels, example_fn):
         assert label == expected_label
 
 
-# --- mocked catalogue data sets ----------------------------------------------
-
-
-def write_metadata(data_dir, name: str, splits: dict[str, int], file_format: str = "array_record"):
-    """Writes dataset_info.json/features.json so tfds sees ``name`` as prepared."""
-    builder = tfds.builder(name, data_dir=data_dir, file_format=file_format)
-    infos = [
-        tfds.core.SplitInfo(
-            name=split,
-            shard_lengths=[n],
-            num_bytes=0,
-            filename_template=tfds.core.ShardedFileTemplate(
-                data_dir=builder.data_path,
-                dataset_name=builder.name,
-                split=split,
-                filetype_suffix=file_format,
-            ),
-        )
-        for split, n in splits.items()
-    ]
-    builder.info.set_splits(tfds.core.SplitDict(infos))
-    builder.data_path.mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_path)
-
-
-@contextlib.contextmanager
-def mocked(monkeypatch, data_dir, num_examples):
-    """``tfds.testing.mock_data`` reading metadata from ``data_dir``."""
-
-    # tfds 4.9.10's mock stores `__getitems__` as a plain attribute of a
-    # MagicMock, so it is called without `self` and fails; take the keys from
-    # the last positional argument whatever tfds passes.
-    def getitems(*args, generator, serialized=False):
-        return [generator[k] for k in args[-1]]
-
-    monkeypatch.setattr(mocking, "_getitems", getitems)
-    with tfds.testing.mock_data(num_examples=num_examples, data_dir=str(data_dir)):
-        yield
+# --- mocked catalogue data sets (tests/data/tfds_mocks.py) ----------------
 
 
 @pytest.mark.parametrize("name", ["mnist", "mnist:3.0.1"])

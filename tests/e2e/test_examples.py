@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 import pytest
 
 import jaxnet
-
-EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
+from tests.helpers import EXAMPLES
 
 
 @pytest.fixture()

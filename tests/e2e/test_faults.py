@@ -151,26 +151,19 @@ def test_metrics_count_nan_outputs_as_wrong():
 # -- the same through the command line, as a scheduler and an operator meet them ----------------------
 
 import json  # noqa: E402
-import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from tests.helpers import REPO
+
+from tests.helpers import offline_env as _env  # noqa: E402
+from tests.helpers import run_jaxnet  # noqa: E402
 
 TRAIN = ["train", "--model", "mlp128", "--epochs", "2", "--batch-size", "64", "--json", "--no-download",
          "--no-progress"]
 
 
-def _env(tmp_path: pathlib.Path) -> dict[str, str]:
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "empty-cache"), JAXNET_DATA_DIR="",
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
 def _jaxnet(tmp_path, *args, timeout=600) -> tuple[int, str, str]:
-    proc = subprocess.run([sys.executable, "-m", "jaxnet", *args], capture_output=True, text=True,
-                          env=_env(tmp_path), timeout=timeout)
+    proc = run_jaxnet(*args, env=_env(tmp_path), timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
 
 

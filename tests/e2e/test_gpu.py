@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tests.models.test_conv import lowered_convolutions, reference_values_and_grads, rel_err, values_and_grads
 
 from jaxnet import checkpoint, train
+from jaxnet.checkpoint.workdir import checkpoint_directory
 from jaxnet.data import load_dataset
 from jaxnet.models import create_model
-from jaxnet.checkpoint.workdir import checkpoint_directory
 from jaxnet.models.conv import CONV_IMPLS, conv2d, conv_impl, use_conv_impl
+from tests.models.helpers import lowered_convolutions, max_rel_err, reference_values_and_grads, values_and_grads
 
 
 def _gpu_devices() -> list[jax.Device]:
@@ -73,7 +73,7 @@ def test_every_implementation_matches_the_float64_reference_on_the_gpu(impl, geo
     assert all(next(iter(g.devices())).platform == "gpu" for g in got)
     expected = reference_values_and_grads(x, kernel, geometry, cotangent)
     for name, g, e in zip(("output", "input grad", "kernel grad"), got, expected):
-        assert rel_err(g, e) <= 1e-5, (impl, name)
+        assert max_rel_err(g, e) <= 1e-5, (impl, name)
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +106,8 @@ def test_mixed_precision_trains_on_the_gpu(sample, precision):
 
 
 def test_the_benchmark_keeps_jax_on_the_cpu_beside_pytorch():
-    from tests.bench.test_bench import run_cli
-
     from jaxnet.bench.machine import on_the_cpu
+    from tests.bench.helpers import run_cli
 
     with on_the_cpu():
         placed, computed = jax.device_put(np.ones(3)), jax.jit(lambda a: a * 2)(jnp.ones(3))

@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import pathlib
 import re
-import sys
 
 import pytest
-from tests.helpers import REPO
 
-EXAMPLES = REPO / "examples"
+from tests.helpers import EXAMPLES, HAVE_TORCH, REPO, import_file
+
 TUTORIAL_MAP = REPO.parent / "shared" / "TUTORIAL_MAP.md"  # beside the repository, never inside it
 LESSONS = ("01_tensors", "02_autograd", "03_dynamic_vs_static")
 TABLES = ("Tensors", "Autograd", "Dynamic graph vs static graph")  # TUTORIAL_MAP.md sections covered here
-HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"lesson_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and pickling look modules up by name
-    spec.loader.exec_module(module)
-    return module
+    return import_file(EXAMPLES / f"{name}.py", f"lesson_{name}")
 
 
 @pytest.fixture(scope="module")

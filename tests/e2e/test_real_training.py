@@ -8,21 +8,17 @@ files beside the repository.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
+from tests.helpers import run_jaxnet
+
 
 def train(*args: str, timeout: int = 1800, env: dict | None = None) -> tuple[dict, list[dict], float]:
     """Runs ``jaxnet train ... --json``; returns (summary, per-epoch records, wall seconds)."""
-    full_env = dict(os.environ, **(env or {}))
-    full_env.pop("XLA_FLAGS", None)  # one CPU device, as a user's process
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "jaxnet", "train", "--json", "--no-progress", *args],
-                          capture_output=True, text=True, timeout=timeout, env=full_env)
+    proc = run_jaxnet("train", "--json", "--no-progress", *args, env=env, timeout=timeout)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

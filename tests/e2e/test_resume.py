@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import random
 import re
@@ -23,7 +22,9 @@ import sys
 import time
 
 import pytest
-from tests.helpers import REPO
+
+from tests.cli.helpers import one_line_error as _one_line_error
+from tests.helpers import offline_env as _env
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -31,13 +32,6 @@ TRAIN = ["train", "--model", "mlp128", "--epochs", "2", "--batch-size", "128", "
          "--json", "--no-download", "--no-progress"]
 VOLATILE = ("seconds", "time", "compil", "rss")  # keys whose values differ between identical runs
 TMP_MARK = ".orbax-checkpoint-tmp"
-
-
-def _env(tmp_path: pathlib.Path) -> dict[str, str]:
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "empty-cache"), JAXNET_DATA_DIR="",
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    env.pop("XLA_FLAGS", None)  # a user's process: one CPU device
-    return env
 
 
 def _start(workdir: pathlib.Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
@@ -179,14 +173,6 @@ def test_resume_skips_a_damaged_checkpoint_and_says_so(reference, tmp_path):
     assert _summary(out)["params_sha256"] == ref_summary["params_sha256"]
     assert (workdir / "checkpoints" / "corrupt" / str(steps[-1])).is_dir()  # kept, not deleted
     assert _metrics(workdir) == _metrics(ref_workdir)
-
-
-def _one_line_error(code: int, err: str, *needles: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("jaxnet: error:")]
-    assert code == 2 and len(lines) == 1, err[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_workdir_errors_are_one_line_and_lose_nothing(reference, tmp_path):

@@ -1,4 +1,4 @@
-"""The convolution implementations: same numbers as lax.conv, the switch, XLA:CPU's kernel choice, max-pool."""
+"""The convolution implementations: same numbers as lax.conv, the switch, XLA:CPU's kernel choice."""
 
 from __future__ import annotations
 
@@ -9,14 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxnet.errors import ConfigError
 from jaxnet.models import MODELS, create_model, layers
-from jaxnet.models import conv as conv_mod
 from jaxnet.models.conv import (
     CONV_IMPLS,
     ENV_VAR,
@@ -31,47 +28,10 @@ from jaxnet.models.conv import (
 )
 from jaxnet.state import create_train_state
 from jaxnet.step import loss_for_output, make_train_step
+from tests.models.helpers import lowered_convolutions, max_rel_err, reference_values_and_grads, values_and_grads
 
 FAST = {"eigen": conv2d_eigen, "cpu": conv2d_cpu}
 TOL = 1e-5  # relative to the largest magnitude of the reference, fp32
-
-
-def rel_err(actual: jax.Array, expected: jax.Array) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape
-    return float(np.abs(actual - expected).max(initial=0.0) / max(np.abs(expected).max(initial=0.0), 1e-30))
-
-
-def values_and_grads(fn, x, kernel, geometry, cotangent):
-    """Output, and the gradients w.r.t. input and kernel of <output, cotangent> (one compiled call)."""
-
-    @jax.jit
-    def run(x, kernel, cotangent):
-        out, vjp = jax.vjp(lambda a, k: fn(a, k, **geometry), x, kernel)
-        return (out, *vjp(cotangent))
-
-    return run(x, kernel, cotangent)
-
-
-def reference_values_and_grads(x, kernel, geometry, cotangent):
-    """Output and both gradients in float64 NumPy, tap by tap (no XLA involved)."""
-    x, kernel, cotangent = (np.asarray(a, np.float64) for a in (x, kernel, cotangent))
-    (sh, sw), (dh, dw), pads = geometry["stride"], geometry["dilation"], geometry["padding"]
-    xp = np.pad(x, ((0, 0), *pads, (0, 0)))
-    kh, kw = kernel.shape[:2]
-    ho, wo = cotangent.shape[1:3]
-    out = np.zeros(cotangent.shape)
-    dxp, dk = np.zeros_like(xp), np.zeros_like(kernel)
-    for p in range(kh):
-        for q in range(kw):
-            window = (slice(None), slice(p * dh, p * dh + sh * (ho - 1) + 1, sh),
-                      slice(q * dw, q * dw + sw * (wo - 1) + 1, sw))
-            out += np.einsum("bijc,co->bijo", xp[window], kernel[p, q])
-            dk[p, q] = np.einsum("bijc,bijo->co", xp[window], cotangent)
-            dxp[window] += np.einsum("bijo,co->bijc", cotangent, kernel[p, q])
-    (top, bottom), (left, right) = pads
-    dx = dxp[:, top : xp.shape[1] - bottom, left : xp.shape[2] - right]
-    return out, dx, dk
 
 
 @st.composite
@@ -111,7 +71,7 @@ def test_fast_convolutions_match_lax_conv_values_and_grads(problem):
     for name, fn in FAST.items():
         actual = values_and_grads(fn, x, kernel, geometry, cotangent)
         for part, a, e in zip(("output", "input grad", "kernel grad"), actual, expected):
-            assert rel_err(a, e) <= TOL, (name, part, geometry)
+            assert max_rel_err(a, e) <= TOL, (name, part, geometry)
 
 
 @settings(max_examples=30, deadline=None)
@@ -124,7 +84,7 @@ def test_conv2d_matches_the_reference_for_every_impl_and_stride(problem):
     for impl in CONV_IMPLS:
         actual = values_and_grads(lambda a, k, **g: conv2d(a, k, impl=impl, **g), x, kernel, geometry, cotangent)
         for a, e in zip(actual, expected):
-            assert rel_err(a, e) <= TOL, (impl, geometry)
+            assert max_rel_err(a, e) <= TOL, (impl, geometry)
 
 
 def test_float64_reference_on_the_convnet_layer():
@@ -136,7 +96,7 @@ def test_float64_reference_on_the_convnet_layer():
     expected = np.einsum("bhwtc,tco->bhwo", patches.astype(np.float64), kernel.reshape(9, 32, 64).astype(np.float64))
     geometry = {"stride": (1, 1), "padding": ((0, 0), (0, 0)), "dilation": (1, 1)}
     for fn in (conv2d_xla, conv2d_eigen, conv2d_cpu):
-        assert rel_err(jax.jit(lambda a, k, fn=fn: fn(a, k, **geometry))(x, kernel), expected) <= 1e-6
+        assert max_rel_err(jax.jit(lambda a, k, fn=fn: fn(a, k, **geometry))(x, kernel), expected) <= 1e-6
 
 
 def test_cpu_convolution_supports_forward_mode_second_order_and_vmap():
@@ -152,13 +112,13 @@ def test_cpu_convolution_supports_forward_mode_second_order_and_vmap():
         tangents = (jnp.ones_like(x), jnp.full_like(kernel, 0.5))
         jvp_fast = jax.jvp(lambda a, k: conv2d_cpu(a, k, **geometry), (x, kernel), tangents)
         jvp_ref = jax.jvp(lambda a, k: conv2d_xla(a, k, **geometry), (x, kernel), tangents)
-        assert rel_err(jvp_fast[1], jvp_ref[1]) <= TOL
+        assert max_rel_err(jvp_fast[1], jvp_ref[1]) <= TOL
         small_x, small_kernel = x[..., :1], kernel[:, :, :1, :2]  # a (3, 2, 1, 2) kernel: a 12x12 Hessian
         hess_fast = jax.hessian(lambda k: loss(conv2d_cpu, k, small_x))(small_kernel)
         hess_ref = jax.hessian(lambda k: loss(conv2d_xla, k, small_x))(small_kernel)
-        assert rel_err(hess_fast, hess_ref) <= 1e-4
+        assert max_rel_err(hess_fast, hess_ref) <= 1e-4
         per_example = jax.vmap(lambda a: loss(conv2d_cpu, kernel, a[None]))(x)
-        assert rel_err(per_example, jax.vmap(lambda a: loss(conv2d_xla, kernel, a[None]))(x)) <= TOL
+        assert max_rel_err(per_example, jax.vmap(lambda a: loss(conv2d_xla, kernel, a[None]))(x)) <= TOL
 
 
 def test_fast_convolutions_reject_geometries_xla_cpu_gets_wrong():
@@ -194,7 +154,7 @@ def test_padding_beyond_the_kernel_extent_gives_right_input_gradients(x_shape, k
             jax.clear_caches()  # a fresh compilation each time, as when the bug shows
             actual = values_and_grads(lambda a, k, **g: conv2d(a, k, impl=impl, **g), x, kernel, geometry, cotangent)
             for part, a, e in zip(("output", "input grad", "kernel grad"), actual, expected):
-                assert rel_err(a, e) <= TOL, (impl, part, geometry)
+                assert max_rel_err(a, e) <= TOL, (impl, part, geometry)
 
 
 # --- The switch ---------------------------------------------------------------------
@@ -214,12 +174,6 @@ def test_auto_picks_the_cpu_path_on_cpu_only():
     for impl in CONV_IMPLS:
         assert resolve_conv_impl(impl, backend="cpu", **strided) == "xla"
         assert resolve_conv_impl(impl, backend="cpu", **too_padded) == "xla"
-
-
-def lowered_convolutions(fn, *args, platforms):
-    """The ``stablehlo.convolution`` lines of ``jax.jit(fn)`` lowered for ``platforms`` (no such device needed)."""
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=platforms).as_text()
-    return re.findall(r"stablehlo\.convolution.*", text)
 
 
 def test_auto_picks_the_form_per_platform_when_lowering():
@@ -326,38 +280,4 @@ def test_auto_and_plain_train_steps_agree():
         results[impl] = (losses, state.params)
     np.testing.assert_allclose(results["auto"][0], results["xla"][0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(results["auto"][1]), jax.tree.leaves(results["xla"][1])):
-        assert rel_err(a, b) <= 1e-4
-
-
-# --- max_pool2d: PyTorch's gradient on ties, in one pass -----------------------------
-
-
-@pytest.mark.parametrize(("size", "kernel"), [(8, 2), (9, 3), (12, (2, 3)), (18, 9)])
-def test_max_pool_sends_the_gradient_to_the_first_maximum_like_torch(size, kernel):
-    # Small integers and ReLU zeros: most windows hold several equal maxima.
-    rng = np.random.default_rng(3)
-    x = np.maximum(rng.integers(-2, 3, (2, 3, size, size)), 0).astype(np.float32)
-    xt = torch.tensor(x, requires_grad=True)
-    out = F.max_pool2d(xt, kernel)
-    weights = torch.randn(out.shape)
-    (out * weights).sum().backward()
-    xj = jnp.asarray(x.transpose(0, 2, 3, 1))
-    w = jnp.asarray(weights.numpy().transpose(0, 2, 3, 1))
-    pooled = layers.max_pool2d(xj, kernel)
-    np.testing.assert_array_equal(np.asarray(pooled).transpose(0, 3, 1, 2), out.detach().numpy())
-    grad = jax.grad(lambda a: jnp.sum(layers.max_pool2d(a, kernel) * w))(xj)
-    np.testing.assert_array_equal(np.asarray(grad).transpose(0, 3, 1, 2), xt.grad.numpy())
-
-
-def test_max_pool_forward_mode_and_second_order():
-    x = jnp.asarray(np.random.default_rng(4).standard_normal((1, 4, 6, 2), dtype=np.float32))
-    t = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape, dtype=np.float32))
-    out, tangent = jax.jvp(lambda a: layers.max_pool2d(a, 2), (x,), (t,))
-    ref_out, ref_tangent = jax.jvp(lambda a: jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
-                                                                   (1, 2, 2, 1), "VALID"), (x,), (t,))
-    np.testing.assert_array_equal(out, ref_out)
-    np.testing.assert_array_equal(tangent, ref_tangent)
-    # d2/dx2 of sum(max^2): 2 on the diagonal entry of each window's maximum, 0 elsewhere.
-    hess = jax.hessian(lambda a: jnp.sum(layers.max_pool2d(a, 2) ** 2))(x).reshape(x.size, x.size)
-    is_max = np.asarray(x == jnp.repeat(jnp.repeat(out, 2, axis=1), 2, axis=2)).reshape(-1)
-    np.testing.assert_array_equal(np.asarray(hess), np.diag(2.0 * is_max))
+        assert max_rel_err(a, b) <= 1e-4

@@ -1,4 +1,4 @@
-"""Layers against their PyTorch counterparts: values, gradients, modes, init."""
+"""Linear, Conv2d, flatten and Dropout against their PyTorch counterparts: values, gradients, modes, init."""
 
 from __future__ import annotations
 
@@ -9,47 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from flax import nnx
 
 from jaxnet.errors import ConfigError
 from jaxnet.models import layers
-from jaxnet.models.layers import (
-    BatchNorm1d,
-    BatchNorm2d,
-    Conv2d,
-    Dropout,
-    Dropout2d,
-    Linear,
-    flatten,
-    max_pool2d,
-)
-
-TOL = 1e-5
-
-
-def nchw_to_nhwc(t: torch.Tensor) -> jax.Array:
-    return jnp.asarray(t.detach().numpy().transpose(0, 2, 3, 1))
-
-
-def nhwc_to_numpy_nchw(a: jax.Array) -> np.ndarray:
-    return np.asarray(a).transpose(0, 3, 1, 2)
-
-
-def grads(module, loss, x):
-    """Gradients of ``loss(module, x)`` w.r.t. the module's params and ``x``, the train step's way."""
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    # copy=True: merge otherwise reuses the Variable objects of ``rest``, and
-    # BatchNorm may only update its stats at the trace level they were made in.
-    return jax.grad(lambda p, xj: loss(nnx.merge(graphdef, p, rest, copy=True), xj), argnums=(0, 1))(params, x)
-
-
-def close(actual, expected, tol: float = TOL) -> None:
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape
-    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=tol * scale)
-
+from jaxnet.models.layers import Conv2d, Dropout, Dropout2d, Linear, flatten
+from tests.models.helpers import close, grads, nchw_to_nhwc, nhwc_to_numpy_nchw
 
 # --- Linear -----------------------------------------------------------------
 
@@ -175,48 +140,6 @@ def test_conv2d_goes_through_conv2d_function(monkeypatch):
     assert calls == [dict(stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1))]
 
 
-# --- max_pool2d -------------------------------------------------------------
-
-POOL_CASES = [
-    # (input H, W, kernel, stride, padding, fast reshape path?)
-    (8, 8, 2, None, 0, True),
-    (7, 9, 2, 2, 0, True),  # floor mode drops the last row/columns
-    (9, 9, 3, None, 0, True),
-    (8, 6, (2, 3), None, 0, True),
-    (9, 9, 3, 2, 0, False),  # overlapping windows
-    (8, 8, 2, 1, 0, False),
-    (8, 8, 2, 2, 1, False),  # padding
-    (8, 7, 3, (2, 1), 1, False),
-]
-
-
-@pytest.mark.parametrize(("h", "w", "kernel", "stride", "padding", "fast"), POOL_CASES)
-def test_max_pool2d_matches_torch_values_and_grads(h, w, kernel, stride, padding, fast):
-    torch.manual_seed(2)
-    x = torch.randn(2, 3, h, w, requires_grad=True)  # continuous values: no ties
-    out = F.max_pool2d(x, kernel, stride, padding)
-    weights = torch.randn(out.shape)
-    (out * weights).sum().backward()
-
-    def loss(xj):
-        return (max_pool2d(xj, kernel, stride, padding) * nchw_to_nhwc(weights)).sum()
-
-    xj = nchw_to_nhwc(x)
-    np.testing.assert_array_equal(nhwc_to_numpy_nchw(max_pool2d(xj, kernel, stride, padding)), out.detach().numpy())
-    close(nhwc_to_numpy_nchw(jax.grad(loss)(xj)), x.grad.numpy())
-    jaxpr = str(jax.make_jaxpr(lambda a: max_pool2d(a, kernel, stride, padding))(xj))
-    assert ("reduce_window" not in jaxpr) == fast
-
-
-def test_max_pool2d_rejects_bad_input():
-    with pytest.raises(ConfigError, match=r"\(B, H, W, C\)"):
-        max_pool2d(jnp.ones((4, 4)), 2)
-    with pytest.raises(ConfigError, match="half the kernel"):
-        max_pool2d(jnp.ones((1, 4, 4, 1)), 2, padding=2)
-    with pytest.raises(ConfigError, match="does not fit"):
-        max_pool2d(jnp.ones((1, 2, 2, 1)), 3)
-
-
 def test_flatten_is_hwc_order():
     x = jnp.arange(24.0).reshape(1, 2, 3, 4)
     np.testing.assert_array_equal(flatten(x)[0], np.arange(24.0))
@@ -269,90 +192,3 @@ def test_dropout2d_drops_whole_channels():
     np.testing.assert_allclose(per_map[:, 0, :][kept], 1 / 0.75, rtol=1e-6)
     with pytest.raises(ConfigError, match="Dropout2d needs"):
         drop(jnp.ones((4, 8)), rngs=nnx.Rngs(0))
-
-
-# --- BatchNorm --------------------------------------------------------------
-
-
-def _copy_bn(ref: torch.nn.Module, bn) -> None:
-    bn.scale[...] = jnp.asarray(ref.weight.detach().numpy())
-    bn.bias[...] = jnp.asarray(ref.bias.detach().numpy())
-
-
-@pytest.mark.parametrize("momentum", [0.1, 0.3])
-def test_batchnorm2d_matches_torch_train_and_eval(momentum):
-    torch.manual_seed(4)
-    ref = torch.nn.BatchNorm2d(6, momentum=momentum)
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 1.5)
-        ref.bias.uniform_(-0.5, 0.5)
-    bn = BatchNorm2d(6, momentum=momentum)
-    _copy_bn(ref, bn)
-    for step in range(3):
-        x = torch.randn(4, 6, 5, 3) * (step + 1) + step
-        close(nhwc_to_numpy_nchw(bn(nchw_to_nhwc(x))), ref(x).detach().numpy())
-    close(bn.mean[...], ref.running_mean.numpy())
-    close(bn.var[...], ref.running_var.numpy())
-    ref.eval()
-    bn.eval()
-    x = torch.randn(2, 6, 5, 3)
-    close(nhwc_to_numpy_nchw(bn(nchw_to_nhwc(x))), ref(x).detach().numpy())
-    close(bn.var[...], ref.running_var.numpy())  # eval mode leaves the stats alone
-
-
-def test_batchnorm2d_train_grads_match_torch():
-    torch.manual_seed(5)
-    ref = torch.nn.BatchNorm2d(3)
-    bn = BatchNorm2d(3)
-    x = torch.randn(4, 3, 4, 4, requires_grad=True)
-    weights = torch.randn(4, 3, 4, 4)
-    (ref(x) * weights).sum().backward()
-    g, gx = grads(bn, lambda m, a: (m(a) * nchw_to_nhwc(weights)).sum(), nchw_to_nhwc(x))
-    close(nhwc_to_numpy_nchw(gx), x.grad.numpy())
-    close(g["scale"][...], ref.weight.grad.numpy())
-    close(g["bias"][...], ref.bias.grad.numpy())
-
-
-@pytest.mark.parametrize("shape", [(8, 5), (4, 7, 5)])
-def test_batchnorm1d_matches_torch(shape):
-    torch.manual_seed(6)
-    ref = torch.nn.BatchNorm1d(5)
-    bn = BatchNorm1d(5)
-    for _ in range(3):
-        x = torch.randn(*shape) * 2 + 1
-        if len(shape) == 2:
-            expected = ref(x).detach().numpy()
-        else:  # jaxnet (B, L, C) is PyTorch's (B, C, L)
-            expected = ref(x.transpose(1, 2)).detach().numpy().transpose(0, 2, 1)
-        close(bn(jnp.asarray(x.numpy())), expected)
-    close(bn.mean[...], ref.running_mean.numpy())
-    close(bn.var[...], ref.running_var.numpy())
-
-
-def test_batchnorm_state_is_param_and_batchstat_and_jit_updates_stats():
-    bn = BatchNorm2d(3)
-    graphdef, params, stats, rest = nnx.split(bn, nnx.Param, nnx.BatchStat, ...)
-    assert set(params.keys()) == {"scale", "bias"}
-    assert set(stats.keys()) == {"mean", "var"}
-    assert jax.tree.leaves(rest) == []
-
-    @jax.jit
-    def forward(params, stats, x):
-        model = nnx.merge(graphdef, params, stats)
-        y = model(x)
-        return y, nnx.state(model, nnx.BatchStat)
-
-    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 3))
-    y, new_stats = forward(params, stats, x)
-    close(y, bn(x))  # eager call on the module updates bn's own stats
-    close(new_stats["mean"][...], bn.mean[...])
-    close(new_stats["var"][...], bn.var[...])
-
-
-def test_batchnorm_errors():
-    with pytest.raises(ConfigError, match="more than 1 value"):
-        BatchNorm1d(3)(jnp.ones((1, 3)))
-    with pytest.raises(ConfigError, match=r"\(B, H, W, C\)"):
-        BatchNorm2d(3)(jnp.ones((4, 3)))
-    with pytest.raises(ConfigError, match="momentum=None"):
-        BatchNorm2d(3, momentum=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -282,7 +283,7 @@ def test_registry_and_create_model():
         create_model("resnet")
     for name in MODELS:
         assert name in str(info.value)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         MODELS["mlp"].name = "x"  # frozen
 
 

@@ -1,12 +1,12 @@
-"""A few data-parallel training steps, run by tests/parallel/test_launcher.py in every launched process.
+"""A few data-parallel training steps, run in every launched process by tests/parallel/test_multiprocess.py.
 
-``python tests/multiprocess_worker.py OUT_DIR {train,die}`` under ``jaxnet
-launch``: ``train`` runs the steps with the replicated and the FSDP layout,
-and process 0 alone writes ``OUT_DIR/result.npz``; ``die`` makes process 1
-exit with status 3 while process 0 waits in a collective that can never
-complete (its heartbeat timeout is 5 s, so even without the launcher it
-stops). The test imports :func:`run_steps` to compute the single-process
-reference with the same code.
+``python tests/parallel/multiprocess_worker.py OUT_DIR {train,die}`` under
+``jaxnet launch``: ``train`` runs the steps with the replicated and the FSDP
+layout, and process 0 alone writes ``OUT_DIR/result.npz``; ``die`` makes
+process 1 exit with status 3 while process 0 waits in a collective that can
+never complete (its heartbeat timeout is 5 s, so even without the launcher it
+stops; test_launcher.py launches that too). The test imports
+:func:`run_steps` to compute the single-process reference with the same code.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ def run_steps(*, fsdp: bool) -> dict[str, np.ndarray]:
     import jax
     import optax
 
+    from jaxnet.models import create_model
     from jaxnet.parallel import multiprocess as distributed
     from jaxnet.parallel import sharding
-    from jaxnet.models import create_model
     from jaxnet.state import create_train_state
     from jaxnet.step import loss_for_output
     from jaxnet.train import make_image_transform

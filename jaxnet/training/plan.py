@@ -20,30 +20,10 @@ from jaxnet import callbacks as jcallbacks
 from jaxnet import data as jdata
 from jaxnet.data.dataset import ArrayDataset
 from jaxnet.data.inputs import FitData, as_fit_data, batch_arrays
+from jaxnet.data.transforms import make_image_transform
 from jaxnet.errors import ConfigError, DataError
-from jaxnet.step import CLASSIFIER_KINDS, OUTPUT_KINDS, LossFn, MetricFn, Transform
-
-
-def make_image_transform(
-    mean: tuple[float, ...], std: tuple[float, ...], *, augment: bool = False
-) -> Transform:
-    """On-device preprocessing: ``ToTensor`` + ``Normalize`` (+ crop/flip when training).
-
-    Args:
-        mean, std: per-channel statistics in units of pixel/255.
-        augment: apply random crop (padding 4) and horizontal flip to
-            training batches, the torchvision CIFAR recipe.
-
-    Returns:
-        ``transform(key, images, train) -> float32 images``.
-    """
-
-    def transform(key: jax.Array, images: jax.Array, train: bool) -> jax.Array:
-        if augment and train:
-            images = jdata.augment(key, images)
-        return jdata.normalize(images, mean, std)
-
-    return transform
+from jaxnet.outputs import CLASSIFIER_KINDS, LOSSES, OUTPUT_KINDS
+from jaxnet.step import LossFn, MetricFn, Transform
 
 
 def _model_output_shape(model: nnx.Module, x: Any, what: str) -> tuple[int, ...]:
@@ -62,7 +42,7 @@ def _model_output_shape(model: nnx.Module, x: Any, what: str) -> tuple[int, ...]
 
 def resolve_output(model: nnx.Module, data: FitData, output: str | None, sample_x: Any,
                    out_shape: tuple[int, ...] | None = None) -> str:
-    """The output kind, checked against the model and the labels (see :data:`jaxnet.step.OUTPUT_KINDS`).
+    """The output kind, checked against the model and the labels (see :data:`jaxnet.outputs.OUTPUT_KINDS`).
 
     ``None`` infers it: a registered tutorial model's own kind; otherwise
     float targets mean ``"regression"`` (MSE), integer labels with a model of
@@ -171,16 +151,18 @@ def _named_metrics(metrics: Any) -> dict[str, MetricFn]:
 
 
 def _user_loss(loss_fn: Any) -> tuple[LossFn | None, str | None]:
-    """``loss_fn=``: a callable, or an output kind's name (``"huber"``); returns (loss, kind)."""
+    """``loss_fn=``: a callable, or a loss's name (:data:`jaxnet.outputs.LOSSES`, ``"huber"``); returns (loss, kind).
+
+    An output kind's own name (``"logits"``) and torch's ``"bce"`` name the same losses.
+    """
     if loss_fn is None:
         return None, None
     if isinstance(loss_fn, str):
-        aliases = {"cross_entropy": "logits", "nll": "log_probs", "bce": "binary", "mse": "regression"}
-        kind = aliases.get(loss_fn, loss_fn)
-        if kind not in OUTPUT_KINDS:
-            raise ConfigError(f"unknown loss {loss_fn!r}; choose one of "
-                              f"{', '.join(sorted(set(aliases) | set(OUTPUT_KINDS)))} or pass a function")
-        return None, kind
+        names = {**{kind: kind for kind in OUTPUT_KINDS}, **LOSSES, "bce": "binary"}
+        if loss_fn not in names:
+            raise ConfigError(f"unknown loss {loss_fn!r}; choose one of {', '.join(sorted(names))} "
+                              "or pass a function")
+        return None, names[loss_fn]
     if not callable(loss_fn):
         raise ConfigError(f"loss_fn must be a function (outputs, labels[, batch]) -> scalar; got {loss_fn!r}")
     return loss_fn, None

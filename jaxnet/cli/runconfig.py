@@ -1,4 +1,4 @@
-"""``jaxnet train``'s settings: flag types, losses, the ``--config`` file, the recorded run config.
+"""``jaxnet train``'s settings: the ``--config`` file, and the resolved run config it records.
 
 Three layers decide a setting, each overriding the one before: the model's
 recipe (:mod:`jaxnet.recipes`), a TOML file given with ``--config`` (keys
@@ -6,9 +6,10 @@ are the flags' names, ``lr = 0.01``, ``model = "mypkg.nets:build"``,
 ``val_split = 0.1``, and a ``[model_kwargs]`` table for a factory), and the
 command line. :class:`RunConfig` is the result, every setting that shapes the
 run; it is what ``W/config.json`` records and what ``--resume`` compares.
+A file's values are checked by the flags' own converters
+(:mod:`jaxnet.cli.converters`).
 
->>> LOSSES["cross_entropy"], LOSS_OF_OUTPUT["log_probs"]
-('logits', 'nll')
+Also importable as ``jaxnet.runconfig``, its place before the CLI became a package.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from jaxnet.cli.converters import fraction, json_object, nonnegative_float, positive_float, positive_int, seed
 from jaxnet.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -28,91 +30,16 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
-from jaxnet.outputs import CLASSIFIER_KINDS as CLASSIFIER_OUTPUTS  # noqa: E402
+# The other names jaxnet.runconfig held before the CLI became a package (its
+# flag types are the converters imported above); the output lists live in jaxnet.outputs.
+from jaxnet.cli.converters import SEED_MAX, HelpFormatter  # noqa: E402,F401
+from jaxnet.outputs import CLASSIFIER_KINDS as CLASSIFIER_OUTPUTS  # noqa: E402,F401
 from jaxnet.outputs import LOSS_OF_OUTPUT, LOSSES  # noqa: E402,F401
-from jaxnet.outputs import VALUE_KINDS as VALUE_OUTPUTS  # noqa: E402
-
+from jaxnet.outputs import VALUE_KINDS as VALUE_OUTPUTS  # noqa: E402,F401
 
 # ---------------------------------------------------------------------------
-# Flag types (argparse ``type=``), also applied to the values of a --config file
+# The --config file
 # ---------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    """``type=`` for counts: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """``type=`` for rates and decays: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """``type=`` for clipping thresholds: a finite number > 0."""
-    value = nonnegative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """``type=`` for ``--val-split``: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1 (e.g. 0.1), got {text}")
-    return value
-
-
-SEED_MAX = 2**32 - 1  # seeds are uint32, as numpy's and JAX's PRNG keys take them
-
-
-def seed(text: str) -> int:
-    """``--seed``: an integer in ``[0, 2**32 - 1]``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, {SEED_MAX}], got {value}")
-    return value
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with each flag's default once: not added where the help text already says it, nor for None/False."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default is None or action.default is False \
-                or action.default == argparse.SUPPRESS:
-            return text
-        return super()._get_help_string(action)
-
-
-def json_object(text: str) -> dict[str, Any]:
-    """``type=`` for ``--model-kwargs``: a JSON object such as ``'{"width": 128}'``."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 128}}', got {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 128}}', got {text!r}")
-    return value
 
 
 # What a --config value of each flag type must be in TOML (bool is an int in Python: refused apart).
@@ -121,11 +48,6 @@ _TOML_TYPES: dict[Any, tuple[type, ...]] = {
     fraction: (int, float), float: (int, float), json_object: (dict,), None: (str,), str: (str,),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", dict: "a table", str: "a string", bool: "true or false"}
-
-
-# ---------------------------------------------------------------------------
-# The --config file
-# ---------------------------------------------------------------------------
 
 
 def _kind(action: argparse.Action) -> tuple[type, ...]:
@@ -190,7 +112,8 @@ def _check_value(path: pathlib.Path, key: str, value: Any, action: argparse.Acti
         try:
             return json.loads(json.dumps(value))  # recorded in config.json: JSON values only
         except (TypeError, ValueError):
-            raise ConfigError(f"--config {path}: {key} holds a value JSON cannot record (a date?); use numbers, strings, lists and tables") from None
+            raise ConfigError(f"--config {path}: {key} holds a value JSON cannot record (a date?); "
+                              "use numbers, strings, lists and tables") from None
     if callable(action.type) and not isinstance(value, bool):
         try:
             return action.type(str(value))  # the flag's own range check

@@ -1,7 +1,11 @@
-"""``jaxnet bench``: the command line of the benchmark suite.
+"""``jaxnet bench``: the command line of the benchmark suite (:mod:`jaxnet.bench`).
 
 ``register_cli(subparsers)`` adds the ``bench`` subcommand to ``jaxnet``'s
-parser; ``python -m jaxnet.bench bench ...`` runs the same command on its own.
+parser; ``python -m jaxnet.bench bench ...`` runs the same command on its own
+(:func:`main`). Also importable as ``jaxnet.bench.cli``, its place before the
+CLI became a package. The harness is imported inside the functions, when the
+command runs: ``jaxnet.bench`` re-exports names of this module, so importing
+it here at the top would be circular.
 
 Examples::
 
@@ -9,7 +13,7 @@ Examples::
     jaxnet bench --model mlp --batch-size 64,512 --variants torch-eager,jax-jit --steps 50 --repeats 5
     jaxnet bench --quick --json                    # CI: one small model, few steps
     jaxnet bench --time-to-accuracy --data-dir DIR
-    jaxnet bench --full --out docs/                # the published run (< 15 min on 2 cores)
+    jaxnet bench --full --out docs/                # the published run (docs/static_vs_dynamic.md)
 """
 
 from __future__ import annotations
@@ -25,46 +29,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from jaxnet.bench.workload import (
-    DEFAULT_PLAN,
-    FULL_PLAN,
-    QUICK_PLAN,
-    TORCH_VARIANTS,
-    VARIANTS,
-    default_steps,
-    model_info,
-)
+from jaxnet.cli.converters import add_command, name_list, positive_float, positive_int, positive_int_list
 from jaxnet.errors import ConfigError, JaxnetError
-from jaxnet.runconfig import HelpFormatter
 
 __all__ = ["build_workloads", "main", "register_cli", "run_bench"]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,512; got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 64,512; got {text!r}")
-    return values
-
-
-def _name_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-
-    return parse
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -76,8 +44,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     Returns:
         The ``bench`` parser.
     """
-    p = subparsers.add_parser(
-        "bench",
+    from jaxnet.bench.workload import VARIANTS
+
+    p = add_command(
+        subparsers, "bench",
         help="measure PyTorch eager / torch.compile vs jaxnet jit / scan on the tutorial models",
         description=(
             "On the CPU (both frameworks, also where a GPU is visible), train the same model from the same "
@@ -86,17 +56,16 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
             "its whole-epoch lax.scan; report steps/s (median, min, max of interleaved repeats), "
             "first-step latency with a cold and a warm compilation cache, GFLOP/s and share of the "
             "CPU's peak, peak memory, compile counts and whether the losses agree."),
-        formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", type=_name_list, default=None,
+    p.add_argument("--model", type=name_list, default=None,
                    help="comma-separated model names (default: every tutorial model)")
-    p.add_argument("--batch-size", type=_int_list, default=None,
+    p.add_argument("--batch-size", type=positive_int_list, default=None,
                    help="comma-separated batch sizes (default: each model's tutorial batch size)")
-    p.add_argument("--variants", type=_name_list, default=list(VARIANTS), help="comma-separated variants")
-    p.add_argument("--steps", type=_positive(int), default=None,
+    p.add_argument("--variants", type=name_list, default=list(VARIANTS), help="comma-separated variants")
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="steps per timed repeat, also the jax-scan length (default: per model, ~1 s)")
-    p.add_argument("--repeats", type=_positive(int), default=5, help="timed, interleaved repeats per variant")
-    p.add_argument("--threads", type=_positive(int), default=None,
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed, interleaved repeats per variant")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch.set_num_threads (default: the cores XLA uses)")
     p.add_argument("--no-probe", action="store_true",
                    help="skip the first-step and memory measurements (fresh subprocesses)")
@@ -105,17 +74,17 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="every model and batch size of the published run, plus time to accuracy")
     p.add_argument("--time-to-accuracy", action="store_true",
                    help="only measure wall time to 98%% (MLP) / 99%% (ConvNet) MNIST test accuracy")
-    p.add_argument("--tta-models", type=_name_list, default=["mlp", "convnet"], help="models for time to accuracy")
-    p.add_argument("--tta-variants", type=_name_list, default=None,
+    p.add_argument("--tta-models", type=name_list, default=["mlp", "convnet"], help="models for time to accuracy")
+    p.add_argument("--tta-variants", type=name_list, default=None,
                    help="variants for time to accuracy (default: torch-eager, torch-eager-ftz and jax-jit "
                         "for mlp; torch-eager and jax-jit for convnet)")
-    p.add_argument("--tta-max-seconds", type=_positive(float), default=150.0,
+    p.add_argument("--tta-max-seconds", type=positive_float, default=150.0,
                    help="give up on a time-to-accuracy run after this much training time")
     p.add_argument("--data-dir", default=None, help="folder holding mnist/ (default: $JAXNET_DATA_DIR, cache)")
     p.add_argument("--out", default=None, help="write bench.json, bench.md, PNG charts and static_vs_dynamic.md here")
     p.add_argument("--render", default=None, metavar="BENCH_JSON",
                    help="measure nothing: rewrite the table, charts and page of --out from an earlier bench.json")
-    p.add_argument("--fma-units", type=_positive(int), default=2, help="FMA units per core, for the peak FLOP/s")
+    p.add_argument("--fma-units", type=positive_int, default=2, help="FMA units per core, for the peak FLOP/s")
     p.add_argument("--json", action="store_true", help="end with the whole result as one JSON line")
     p.set_defaults(func=run_bench)
     return p
@@ -127,7 +96,7 @@ def build_workloads(args: argparse.Namespace) -> list[Any]:
     Raises:
         ConfigError: unknown model names.
     """
-    from jaxnet.bench.workload import make_workload
+    from jaxnet.bench.workload import DEFAULT_PLAN, FULL_PLAN, QUICK_PLAN, default_steps, make_workload, model_info
     from jaxnet.recipes import RECIPES
 
     if args.model:
@@ -167,6 +136,8 @@ def _git_commit() -> str | None:
 
 
 def _check_variants(variants: Sequence[str], what: str) -> None:
+    from jaxnet.bench.workload import TORCH_VARIANTS, VARIANTS
+
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown {what} {unknown}; choose from {', '.join(VARIANTS)}")
@@ -251,7 +222,7 @@ def _run_tta(args: argparse.Namespace, threads: int, log: logging.Logger) -> lis
             log.info("time to accuracy: %s, %s", name, variant)
             res = time_to_accuracy(name, data, variant, max_seconds=args.tta_max_seconds, threads=threads)
             res["dataset_source"] = data.source
-            log.info("  %s", "reached %.0f%% after %.1f s" % (100 * res["target"], res["seconds"])
+            log.info("  %s", f"reached {100 * res['target']:.0f}% after {res['seconds']:.1f} s"
                      if res["reached"] else f"best {100 * res['final_accuracy']:.2f}% (not reached)")
             out.append(res)
     return out
@@ -259,16 +230,6 @@ def _run_tta(args: argparse.Namespace, threads: int, log: logging.Logger) -> lis
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m jaxnet.bench bench ...``: the subcommand on its own; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="jaxnet", description="jaxnet's benchmark suite")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    register_cli(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="jaxnet: %(message)s", stream=sys.stderr)
-    logging.getLogger("jaxnet").setLevel(logging.INFO)
-    try:
-        args.func(args)
-    except (JaxnetError, FileNotFoundError) as exc:
-        print(f"jaxnet: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from jaxnet.cli import main as cli_main
+
+    return cli_main(argv, commands=("bench",))

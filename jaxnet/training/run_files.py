@@ -16,9 +16,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxnet.fit_plan import _Plan
 from jaxnet.state import TrainState
 from jaxnet.tracking import METRICS_FILE, MetricsLogger
+from jaxnet.training.plan import _Plan
 
 
 class RunFiles:

@@ -1,4 +1,4 @@
-"""``jaxnet export --workdir W`` for any run: ``jaxnet.fit`` records the model's forward function in W/model."""
+"""Exporting any run from its workdir (jaxnet.export.workdir): ``fit`` records the forward function in W/model."""
 
 from __future__ import annotations
 
@@ -17,29 +17,16 @@ from flax import nnx
 import jaxnet
 from jaxnet.cli import main
 from jaxnet.compilation import CompileCounter
+from jaxnet.data.transforms import make_image_transform
 from jaxnet.errors import ConfigError, DataError
-from jaxnet.export import MODEL_DIR, export_model, load_exported, make_forward, write_workdir_model
+from jaxnet.export import MODEL_DIR, load_exported, write_workdir_model
 from jaxnet.models import create_model
 from jaxnet.state import create_train_state
 from jaxnet.step import make_predict_fn
-from jaxnet.train import make_image_transform
+from tests.export.helpers import Net
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 MEAN, STD = (0.1307,), (0.3081,)
-
-
-class Net(nnx.Module):
-    """A model as the Flax docs write one: BatchNorm statistics and a Dropout that keeps its own RNG stream."""
-
-    def __init__(self, *, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(1, 8, kernel_size=(3, 3), rngs=rngs)
-        self.bn = nnx.BatchNorm(8, rngs=rngs)
-        self.dropout = nnx.Dropout(0.1, rngs=rngs)
-        self.linear = nnx.Linear(14 * 14 * 8, 10, rngs=rngs)
-
-    def __call__(self, x):
-        x = nnx.avg_pool(nnx.relu(self.bn(self.conv(x))), window_shape=(2, 2), strides=(2, 2))
-        return self.linear(self.dropout(x.reshape(x.shape[0], -1)))
 
 
 @pytest.fixture(scope="module")
@@ -103,25 +90,13 @@ def test_python_fit_of_the_tutorial_mlp_exports_recorded_and_rebuilt(mnist, tmp_
     np.testing.assert_array_equal(rebuilt(images), recorded(images))
 
 
-def test_export_model_leaves_rng_variables_out(tmp_path):
-    graphdef, state = create_train_state(Net(rngs=nnx.Rngs(0)), optax.sgd(0.1))
-    forward = make_forward(graphdef, state.params, state.model_state)
-    assert len(forward.names) == len(jax.tree.leaves(state.params)) + 2  # + BatchNorm mean and var
-    assert all(not jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key) for s in forward.specs)
-    path = tmp_path / "net.jaxexport"
-    path.write_bytes(export_model(graphdef, state, input_shape=(28, 28, 1)))
-    x = np.random.default_rng(0).normal(size=(4, 28, 28, 1)).astype(np.float32)
-    model = nnx.merge(graphdef, state.params, state.model_state)
-    model.eval()
-    np.testing.assert_allclose(load_exported(path)(x), np.asarray(model(jnp.asarray(x))), rtol=1e-5, atol=1e-5)
-
-
 def test_write_workdir_model_lowers_from_shapes_without_compiling(tmp_path):
     graphdef, state = create_train_state(create_model("convnet"), optax.sgd(0.1))
     abstract = jax.eval_shape(lambda: (state.params, state.model_state))  # shapes only: nothing is read
     with CompileCounter() as counter:
-        folder = write_workdir_model(tmp_path, graphdef, *abstract, input_shape=(28, 28, 1), input_dtype=np.dtype("uint8"),
-                                     transform=make_image_transform(MEAN, STD), output="log_probs")
+        folder = write_workdir_model(tmp_path, graphdef, *abstract, input_shape=(28, 28, 1),
+                                     input_dtype=np.dtype("uint8"), transform=make_image_transform(MEAN, STD),
+                                     output="log_probs")
     assert counter.compiles == 0
     info = json.loads((folder / "model.json").read_text())
     assert (info["input_dtype"], info["output"], info["platforms"]) == ("uint8", "log_probs", ["cpu", "cuda"])

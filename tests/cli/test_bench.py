@@ -1,0 +1,45 @@
+"""``jaxnet bench`` (jaxnet.cli.bench): its parser, its one-line errors, and ``python -m jaxnet.bench``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+
+from jaxnet.cli import bench as cli
+from jaxnet.cli import build_parser
+from tests.cli.helpers import run_main
+
+
+def test_cli_narrows_the_run_and_rejects_bad_names(capsys):
+    parser = build_parser(("bench",))
+    args = parser.parse_args(["bench", "--model", "mlp", "--batch-size", "64,512", "--variants",
+                              "torch-eager,jax-jit", "--steps", "10", "--repeats", "7"])
+    assert args.variants == ["torch-eager", "jax-jit"] and args.repeats == 7 and args.func is cli.run_bench
+    workloads = cli.build_workloads(args)
+    assert [(w.model, w.batch_size, w.steps, w.optimizer) for w in workloads] == [
+        ("mlp", 64, 10, "adam"), ("mlp", 512, 10, "adam")]
+    code, _, err = run_main(capsys, "bench", "--variants", "torch-eager,jax-pmap", "--no-probe")
+    assert code == 2 and "unknown variants ['jax-pmap']" in err
+    code, _, err = run_main(capsys, "bench", "--model", "resnet", "--no-probe")
+    assert code == 2 and "unknown model 'resnet'" in err and "mlp" in err
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        parser.parse_args(["bench", "--batch-size", "0"])
+
+
+def test_python_m_jaxnet_bench_offers_only_bench(capsys):
+    code = cli.main(["bench", "--model", "resnet", "--no-probe"])
+    assert code == 2 and "jaxnet: error: unknown model 'resnet'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train"])
+    assert info.value.code == 2 and "invalid choice: 'train'" in capsys.readouterr().err
+
+
+def test_the_old_module_path_is_the_same_module():
+    import jaxnet.bench
+    import jaxnet.bench.cli
+
+    assert jaxnet.bench.cli is cli
+    assert (jaxnet.bench.register_cli, jaxnet.bench.run_bench, jaxnet.bench.build_workloads) == (
+        cli.register_cli, cli.run_bench, cli.build_workloads)
