@@ -56,8 +56,9 @@ def one_run(train_args: list[str], workdir: str | None, *, in_process: bool) -> 
     """
     argv = ["train", *train_args, "--no-progress", "--json"] + (["--workdir", workdir] if workdir else [])
     if not in_process:
-        done = subprocess.run([sys.executable, "-m", "jaxnet", *argv], capture_output=True, text=True,
-                              cwd=ROOT, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "jaxnet", *argv], capture_output=True, text=True, cwd=ROOT, check=False
+        )
         if done.returncode != 0:
             last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
             raise SystemExit(f"`python -m jaxnet {' '.join(argv)}` failed: {last}")
@@ -82,13 +83,21 @@ def measure(train_args: list[str], pairs: int, *, in_process: bool = False) -> d
             finally:
                 if workdir:
                     shutil.rmtree(workdir, ignore_errors=True)
-            runs[kind].append({"train_seconds": summary["train_seconds"],
-                               "checkpoint_seconds": summary.get("checkpoint_seconds", 0.0),
-                               "test_accuracy": summary.get("test_accuracy"),
-                               "load": round(os.getloadavg()[0], 2)})
-            print(f"pair {i + 1}/{pairs} {kind:>7}: train {summary['train_seconds']:.3f} s, "
-                  f"blocked in saves {summary.get('checkpoint_seconds', 0.0):.3f} s, "
-                  f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+            runs[kind].append(
+                {
+                    "train_seconds": summary["train_seconds"],
+                    "checkpoint_seconds": summary.get("checkpoint_seconds", 0.0),
+                    "test_accuracy": summary.get("test_accuracy"),
+                    "load": round(os.getloadavg()[0], 2),
+                }
+            )
+            print(
+                f"pair {i + 1}/{pairs} {kind:>7}: train {summary['train_seconds']:.3f} s, "
+                f"blocked in saves {summary.get('checkpoint_seconds', 0.0):.3f} s, "
+                f"load {os.getloadavg()[0]:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
     ratios = [w["train_seconds"] / wo["train_seconds"] for w, wo in zip(runs["with"], runs["without"])]
     median_without = statistics.median(r["train_seconds"] for r in runs["without"])
     median_with = statistics.median(r["train_seconds"] for r in runs["with"])
@@ -127,7 +136,8 @@ def save_costs(model: str, saves: int = 12, *, model_kwargs: dict | None = None)
 
     _, state = create_train_state(build_model(model, kwargs=model_kwargs), optax.adam(1e-3))
     samples: dict[str, dict[str, list[float]]] = {
-        name: {"blocked_ms": [], "write_ms": [], "cpu_ms": []} for name in checkpoint.ARRAY_FORMATS}
+        name: {"blocked_ms": [], "write_ms": [], "cpu_ms": []} for name in checkpoint.ARRAY_FORMATS
+    }
     for array_format in checkpoint.ARRAY_FORMATS * 2:
         folder = tempfile.mkdtemp(prefix="jaxnet-ckpt-cost-")
         try:
@@ -145,8 +155,10 @@ def save_costs(model: str, saves: int = 12, *, model_kwargs: dict | None = None)
             checkpoint.close(ckpt)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    return {name: {key: round(statistics.median(values), 2) for key, values in kinds.items()}
-            for name, kinds in samples.items()}
+    return {
+        name: {key: round(statistics.median(values), 2) for key, values in kinds.items()}
+        for name, kinds in samples.items()
+    }
 
 
 def state_size(model: str, model_kwargs: dict | None = None) -> dict[str, float]:
@@ -165,9 +177,11 @@ def state_size(model: str, model_kwargs: dict | None = None) -> dict[str, float]
 
 def print_save_costs(model: str, costs: dict[str, dict[str, float]], size: dict[str, float]) -> None:
     for name, cost in costs.items():
-        print(f"{model} ({size['arrays']} arrays, {size['mb']} MB), {name}: blocked in save "
-              f"{cost['blocked_ms']:.1f} ms, written in {cost['write_ms']:.1f} ms, CPU {cost['cpu_ms']:.1f} ms "
-              "(medians per save)")
+        print(
+            f"{model} ({size['arrays']} arrays, {size['mb']} MB), {name}: blocked in save "
+            f"{cost['blocked_ms']:.1f} ms, written in {cost['write_ms']:.1f} ms, CPU {cost['cpu_ms']:.1f} ms "
+            "(medians per save)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,14 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=5, help="(without, with) pairs to run (default: 5)")
     parser.add_argument("--data-dir", default=None, help="folder with mnist/ and cifar10/ (as for jaxnet train)")
     parser.add_argument("--no-download", action="store_true", help="never go online (embedded MNIST sample)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run every training in this process (shares compilation and imports) "
-                             "instead of one `python -m jaxnet` process per run")
-    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
-                        help="keyword arguments of a package.module:factory --model, as for jaxnet train")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every training in this process (shares compilation and imports) "
+        "instead of one `python -m jaxnet` process per run",
+    )
+    parser.add_argument(
+        "--model-kwargs",
+        default=None,
+        metavar="JSON",
+        help="keyword arguments of a package.module:factory --model, as for jaxnet train",
+    )
     parser.add_argument("--saves", type=int, default=12, help="saves per array format and round (default: 12)")
-    parser.add_argument("--save-costs-only", action="store_true",
-                        help="only measure the cost of single saves in both array formats, no training runs")
+    parser.add_argument(
+        "--save-costs-only",
+        action="store_true",
+        help="only measure the cost of single saves in both array formats, no training runs",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     args = parser.parse_args(argv)
     if args.pairs < 1:
@@ -213,13 +237,19 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         result.update(measure(train_args, args.pairs, in_process=args.in_process))
         result["wall_seconds"] = round(time.perf_counter() - start, 1)
-        print(f"jaxnet train {' '.join(train_args)}: {args.pairs} pairs, "
-              f"median train_seconds without {result['median_train_seconds_without']:.3f} s, "
-              f"with a checkpoint every epoch {result['median_train_seconds_with']:.3f} s")
-        print(f"overhead (median of per-pair ratios): {result['overhead_percent']:+.1f}%; "
-              f"pair ratios {result['pair_ratios']}")
-        print(f"time blocked in saves: {result['median_checkpoint_seconds']:.3f} s "
-              f"({result['blocked_percent']:.1f}% of the training loop)")
+        print(
+            f"jaxnet train {' '.join(train_args)}: {args.pairs} pairs, "
+            f"median train_seconds without {result['median_train_seconds_without']:.3f} s, "
+            f"with a checkpoint every epoch {result['median_train_seconds_with']:.3f} s"
+        )
+        print(
+            f"overhead (median of per-pair ratios): {result['overhead_percent']:+.1f}%; "
+            f"pair ratios {result['pair_ratios']}"
+        )
+        print(
+            f"time blocked in saves: {result['median_checkpoint_seconds']:.3f} s "
+            f"({result['blocked_percent']:.1f}% of the training loop)"
+        )
     result["state"] = state_size(args.model, model_kwargs)
     result["save_costs"] = save_costs(args.model, args.saves, model_kwargs=model_kwargs)
     print_save_costs(args.model, result["save_costs"], result["state"])

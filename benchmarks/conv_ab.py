@@ -53,8 +53,10 @@ def compiled_step(name: str, impl: str, batch: dict[str, jax.Array]):
 def compare(name: str, batch_size: int, *, steps: int, repeats: int) -> dict[str, float]:
     """Median steps per second of each implementation in :data:`IMPLS`, timed interleaved."""
     rng = np.random.default_rng(0)
-    batch = {"image": jax.device_put(rng.random((batch_size, *MODELS[name].input_shape), dtype=np.float32)),
-             "label": jax.device_put(rng.integers(0, 10, batch_size).astype(np.int32))}
+    batch = {
+        "image": jax.device_put(rng.random((batch_size, *MODELS[name].input_shape), dtype=np.float32)),
+        "label": jax.device_put(rng.integers(0, 10, batch_size).astype(np.int32)),
+    }
     runs = {impl: compiled_step(name, impl, batch) for impl in IMPLS}
     states = {impl: state for impl, (_, state) in runs.items()}
     rates: dict[str, list[float]] = {impl: [] for impl in IMPLS}
@@ -78,8 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}", flush=True)
     for name, batch_size in WORKLOADS:
         rate = compare(name, batch_size, steps=args.steps, repeats=args.repeats)
-        print(f"{name} batch {batch_size}: plain lax.conv {rate['xla']:.1f} steps/s, "
-              f"jaxnet auto {rate['auto']:.1f} steps/s, ratio {rate['auto'] / rate['xla']:.2f}x", flush=True)
+        print(
+            f"{name} batch {batch_size}: plain lax.conv {rate['xla']:.1f} steps/s, "
+            f"jaxnet auto {rate['auto']:.1f} steps/s, ratio {rate['auto'] / rate['xla']:.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

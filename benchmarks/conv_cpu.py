@@ -114,7 +114,12 @@ def free_weight_gradients() -> Iterator[None]:
 
 
 def jax_runner(
-    name: str, batch: int, impl: str, compiler_options: dict | None = None, *, before: bool = False,
+    name: str,
+    batch: int,
+    impl: str,
+    compiler_options: dict | None = None,
+    *,
+    before: bool = False,
     bound: bool = False,
 ) -> Callable[[int], None]:
     """``run(n)`` takes n jaxnet train steps (convolution implementation ``impl``) and waits for them.
@@ -126,8 +131,11 @@ def jax_runner(
     images, labels = make_batch(name, batch)
     batch_arrays = {"image": jax.device_put(images), "label": jax.device_put(labels)}
     tx, _, _ = optimizer(name)
-    with use_conv_impl(impl), original_max_pool() if before else contextlib.nullcontext(), \
-            free_weight_gradients() if bound else contextlib.nullcontext():
+    with (
+        use_conv_impl(impl),
+        original_max_pool() if before else contextlib.nullcontext(),
+        free_weight_gradients() if bound else contextlib.nullcontext(),
+    ):
         graphdef, state = create_train_state(create_model(name, seed=0), tx, seed=0)
         loss_fn = loss_for_output(MODELS[name].output)
         if compiler_options is None:
@@ -160,8 +168,10 @@ def torch_runner(name: str, batch: int, compiled: bool) -> Callable[[int], None]
     # the PyTorch twin of the tutorial model, holding the same initial weights as the jax side
     model = build_torch_model(name, to_torch_state_dict(create_model(name, seed=0)))
     _, opt_name, lr = optimizer(name)
-    opt = torch.optim.Adam(model.parameters(), lr) if opt_name == "adam" else torch.optim.SGD(
-        model.parameters(), lr, momentum=0.9
+    opt = (
+        torch.optim.Adam(model.parameters(), lr)
+        if opt_name == "adam"
+        else torch.optim.SGD(model.parameters(), lr, momentum=0.9)
     )
     images, labels = make_batch(name, batch)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -225,7 +235,11 @@ def wait_for_idle(max_busy: float, timeout: float) -> float:
 
 
 def measure(
-    runners: dict[str, Callable[[int], None]], repeats: int, seconds: float, *, max_busy: float = 1.0,
+    runners: dict[str, Callable[[int], None]],
+    repeats: int,
+    seconds: float,
+    *,
+    max_busy: float = 1.0,
     idle_timeout: float = 0.0,
 ) -> dict[str, list[float]]:
     """Steps/s of each runner, ``repeats`` times, interleaved; each repetition lasts about ``seconds``.
@@ -357,8 +371,10 @@ def run_steps(args: argparse.Namespace) -> dict:
         wait_for_idle(args.max_busy, args.idle_timeout)
     peak_measured = matmul_peak(args.seconds, args.repeats)
     peak = max(peak_nominal, peak_measured)
-    print(f"fp32 peak: nominal {peak_nominal:.0f} GFLOP/s ({how}); 2048^3 matmul best {peak_measured:.0f}; "
-          f"using {peak:.0f}")
+    print(
+        f"fp32 peak: nominal {peak_nominal:.0f} GFLOP/s ({how}); 2048^3 matmul best {peak_measured:.0f}; "
+        f"using {peak:.0f}"
+    )
     for spec in args.workloads.split(","):
         name, batch = spec.split(":")
         batch = int(batch)
@@ -413,15 +429,26 @@ def run_mnist(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     data = load_dataset("mnist", data_dir=args.data_dir, download=False)
     steps_per_epoch = num_batches(data.num_train, args.batch_size, drop_last=True)
-    schedule = create_schedule("warmup_cosine", args.lr, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
-                               warmup_steps=steps_per_epoch // 5)
+    schedule = create_schedule(
+        "warmup_cosine", args.lr, steps_per_epoch=steps_per_epoch, epochs=args.epochs, warmup_steps=steps_per_epoch // 5
+    )
     tx = create_optimizer("adam", schedule)
-    result = fit(create_model("convnet", seed=args.seed), data, tx, epochs=args.epochs, batch_size=args.batch_size,
-                 output="log_probs", seed=args.seed, progress=False)
+    result = fit(
+        create_model("convnet", seed=args.seed),
+        data,
+        tx,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        output="log_probs",
+        seed=args.seed,
+        progress=False,
+    )
     wall = time.perf_counter() - start
-    print(f"\nMNIST ConvNet, Adam warmup_cosine peak {args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
-          f"seed {args.seed}: test accuracy {result.summary['test_accuracy']:.4f}, {wall:.1f} s wall "
-          f"(data loading, compilation and evaluation included), load {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nMNIST ConvNet, Adam warmup_cosine peak {args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
+        f"seed {args.seed}: test accuracy {result.summary['test_accuracy']:.4f}, {wall:.1f} s wall "
+        f"(data loading, compilation and evaluation included), load {os.getloadavg()[0]:.1f}"
+    )
     keys = ("epoch", "epoch_seconds", "train_accuracy", "test_accuracy")
     for record in result.history:
         print({k: round(record[k], 4) if isinstance(record[k], float) else record[k] for k in keys if k in record})
@@ -430,14 +457,19 @@ def run_mnist(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default="convnet:64,convnet:256,cifar_cnn:100,mlp:64",
-                        help="comma-separated model:batch")
+    parser.add_argument(
+        "--workloads", default="convnet:64,convnet:256,cifar_cnn:100,mlp:64", help="comma-separated model:batch"
+    )
     parser.add_argument("--variants", default="", help="semicolon-separated subset of: " + "; ".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="length of one repetition")
     parser.add_argument("--layers", action="store_true", help="time conv2's pieces instead of whole steps")
-    parser.add_argument("--idle-timeout", type=float, default=120.0,
-                        help="before each round, wait up to this many seconds for an idle machine (0: never wait)")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=120.0,
+        help="before each round, wait up to this many seconds for an idle machine (0: never wait)",
+    )
     parser.add_argument("--max-busy", type=float, default=0.15, help="CPU fraction that counts as idle")
     parser.add_argument("--mnist", action="store_true", help="train the ConvNet on real MNIST instead")
     parser.add_argument("--data-dir", default=None, help="folder holding mnist/ (for --mnist)")

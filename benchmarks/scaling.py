@@ -54,14 +54,19 @@ def measure(num_devices: int, *, model: str, batch_size: int, steps: int, repeat
 
     spec = MODELS[model]
     rng = np.random.default_rng(0)
-    host = {"image": rng.integers(0, 256, (batch_size, *spec.input_shape), dtype=np.uint8),
-            "label": rng.integers(0, 10, batch_size).astype(np.int32)}
+    host = {
+        "image": rng.integers(0, 256, (batch_size, *spec.input_shape), dtype=np.uint8),
+        "label": rng.integers(0, 10, batch_size).astype(np.int32),
+    }
     mesh = sharding.make_mesh(num_devices)
     batch = sharding.shard_batch(host, mesh)
     transform = make_image_transform((0.5,) * spec.input_shape[-1], (0.5,) * spec.input_shape[-1])
     loss = loss_for_output(spec.output)
-    result = {"devices": num_devices, "platform": jax.devices()[0].platform,
-              "device_kind": jax.devices()[0].device_kind}
+    result = {
+        "devices": num_devices,
+        "platform": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+    }
     runs = {}
     for mode in MODES:
         tx = optax.adam(1e-3)
@@ -100,8 +105,20 @@ def run_worker(num_devices: int, args: argparse.Namespace) -> dict:
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
         env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={num_devices}"])
         env["JAX_PLATFORMS"] = "cpu"
-    command = [sys.executable, os.path.abspath(__file__), "--worker", str(num_devices), "--model", args.model,
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--repeats", str(args.repeats)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        str(num_devices),
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+    ]
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -126,22 +143,34 @@ def markdown(rows: list[dict], args: argparse.Namespace, versions: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--platform", choices=("cpu", "gpu"), default="cpu",
-                        help="cpu: simulated devices; gpu: the machine's GPUs")
-    parser.add_argument("--devices", type=int, nargs="+", default=None,
-                        help="device counts to measure (default: 1 2 4 8 on cpu, powers of 2 up to all GPUs)")
+    parser.add_argument(
+        "--platform", choices=("cpu", "gpu"), default="cpu", help="cpu: simulated devices; gpu: the machine's GPUs"
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        nargs="+",
+        default=None,
+        help="device counts to measure (default: 1 2 4 8 on cpu, powers of 2 up to all GPUs)",
+    )
     parser.add_argument("--model", default="mlp", help="jaxnet model name")
     parser.add_argument("--batch-size", type=int, default=512, help="global batch (divisible by every count)")
     parser.add_argument("--steps", type=int, default=50, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timings per mode in each worker run")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="passes over the device counts; each cell is the median over rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="passes over the device counts; each cell is the median over rounds"
+    )
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        print(json.dumps(measure(args.worker, model=args.model, batch_size=args.batch_size,
-                                 steps=args.steps, repeats=args.repeats)))
+        print(
+            json.dumps(
+                measure(
+                    args.worker, model=args.model, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats
+                )
+            )
+        )
         return
 
     import flax
@@ -157,11 +186,15 @@ def main() -> None:
         for n in counts:
             samples[n].append(run_worker(n, args))
             print(json.dumps(samples[n][-1]), file=sys.stderr)
-    rows = [{**runs[0], **{m: statistics.median(r[m] for r in runs) for m in MODES}}
-            for runs in samples.values()]
-    versions = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-                "python": platform.python_version(), "cpu cores": os.cpu_count(),
-                "machine": platform.processor() or platform.machine()}
+    rows = [{**runs[0], **{m: statistics.median(r[m] for r in runs) for m in MODES}} for runs in samples.values()]
+    versions = {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "python": platform.python_version(),
+        "cpu cores": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+    }
     table = markdown(rows, args, versions)
     print(table)
     if args.markdown:

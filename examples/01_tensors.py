@@ -125,8 +125,11 @@ def joining() -> dict[str, Any]:
     y = a
     z = y.at[0, 0].set(5.0)
     show("y = a.clone(); y[0,0] = 5", "z = a.at[0, 0].set(5.0)  (no clone needed)", (float(a[0, 0]), float(z[0, 0])))
-    result = {"cat0": jnp.concatenate([a, b], axis=0).shape, "cat1": jnp.concatenate([a, b], axis=1).shape,
-              "broadcast": grid.shape}
+    result = {
+        "cat0": jnp.concatenate([a, b], axis=0).shape,
+        "cat1": jnp.concatenate([a, b], axis=1).shape,
+        "broadcast": grid.shape,
+    }
     if torch is not None:
         result["broadcast_matches"] = same(grid, torch.arange(3.0).reshape(3, 1) + torch.arange(4.0).reshape(1, 4))
     return result
@@ -155,8 +158,14 @@ def masking() -> dict[str, Any]:
     # F.pad lists pads from the LAST axis backwards; jnp.pad lists (before, after) per axis in order.
     padded = jnp.pad(img, ((0, 0), (1, 1), (2, 2)))
     show("F.pad(img, (2, 2, 1, 1))", "jnp.pad(img, ((0,0), (1,1), (2,2)))", padded.shape)
-    result = {"masked": x[x > 3].tolist(), "jit_mask_error": jit_error, "where": kept.tolist(),
-              "nonzero": idx.tolist(), "masked_sum": float(total), "padded_shape": padded.shape}
+    result = {
+        "masked": x[x > 3].tolist(),
+        "jit_mask_error": jit_error,
+        "where": kept.tolist(),
+        "nonzero": idx.tolist(),
+        "masked_sum": float(total),
+        "padded_shape": padded.shape,
+    }
     if torch is not None:
         tpad = torch.nn.functional.pad(torch.ones(1, 2, 2), (2, 2, 1, 1))
         result["pad_matches"] = same(padded, tpad)
@@ -191,8 +200,10 @@ def main(quick: bool = False) -> dict[str, Any]:
         results[section.__name__] = section()
     checks = {f"{s}.{k}": v for s, r in results.items() for k, v in r.items() if k.endswith("_matches")}
     if checks:
-        print(f"\nSame numbers as torch: {sum(checks.values())} of {len(checks)} checks "
-              f"({', '.join(k for k, v in checks.items() if not v) or 'all match'})")
+        print(
+            f"\nSame numbers as torch: {sum(checks.values())} of {len(checks)} checks "
+            f"({', '.join(k for k, v in checks.items() if not v) or 'all match'})"
+        )
     return results
 
 

@@ -59,8 +59,9 @@ def gradients() -> dict[str, Any]:
         (tx**2).backward()
         tw = torch.tensor([1.0, -2.0], requires_grad=True)
         torch.mean((torch.tensor(np.asarray(x)) @ tw) ** 2).backward()
-        result["matches_torch"] = bool(np.isclose(float(tx.grad), float(g))
-                                       and np.allclose(tw.grad.numpy(), np.asarray(dw)))
+        result["matches_torch"] = bool(
+            np.isclose(float(tx.grad), float(g)) and np.allclose(tw.grad.numpy(), np.asarray(dw))
+        )
     return result
 
 
@@ -119,8 +120,11 @@ def accumulation() -> dict[str, Any]:
         updates, state = tx.update(jax.grad(loss)(w, x[half], y[half]), state, w)
         w = optax.apply_updates(w, updates)
     full = w0 - 0.1 * jax.grad(loss)(w0, x, y)  # one step on the whole batch
-    show("loss / 2; backward() x2; step(); zero_grad()", "optax.MultiSteps(sgd, every_k_schedule=2)",
-         f"max |difference| to one full-batch step: {float(jnp.max(jnp.abs(w - full))):.1e}")
+    show(
+        "loss / 2; backward() x2; step(); zero_grad()",
+        "optax.MultiSteps(sgd, every_k_schedule=2)",
+        f"max |difference| to one full-batch step: {float(jnp.max(jnp.abs(w - full))):.1e}",
+    )
     result["multisteps_diff"] = float(jnp.max(jnp.abs(w - full)))
     return result
 
@@ -143,9 +147,12 @@ def manual_update(steps: int) -> dict[str, Any]:
 
     for _ in range(steps):
         params = step(params)
-    show("with torch.no_grad(): w -= lr * w.grad; ...", "jax.tree.map(lambda p, g: p - lr * g, ...)",
-         f"after {steps} steps: w={float(params['w'][0, 0]):.4f}, b={float(params['b'][0]):.4f}, "
-         f"loss={float(loss(params)):.5f}")
+    show(
+        "with torch.no_grad(): w -= lr * w.grad; ...",
+        "jax.tree.map(lambda p, g: p - lr * g, ...)",
+        f"after {steps} steps: w={float(params['w'][0, 0]):.4f}, b={float(params['b'][0]):.4f}, "
+        f"loss={float(loss(params)):.5f}",
+    )
     result = {"w": float(params["w"][0, 0]), "b": float(params["b"][0]), "loss": float(loss(params))}
     if torch is not None:
         tw = torch.tensor([[0.5]], requires_grad=True)
@@ -159,8 +166,9 @@ def manual_update(steps: int) -> dict[str, Any]:
                 tb -= lr * tb.grad
             tw.grad.zero_()
             tb.grad.zero_()
-        result["matches_torch"] = bool(np.isclose(tw.item(), result["w"], atol=1e-5)
-                                       and np.isclose(tb.item(), result["b"], atol=1e-5))
+        result["matches_torch"] = bool(
+            np.isclose(tw.item(), result["w"], atol=1e-5) and np.isclose(tb.item(), result["b"], atol=1e-5)
+        )
     return result
 
 
@@ -175,8 +183,10 @@ def main(quick: bool = False) -> dict[str, Any]:
     }
     checks = {name: r["matches_torch"] for name, r in results.items() if "matches_torch" in r}
     if checks:
-        print(f"\nSame numbers as torch: {sum(checks.values())} of {len(checks)} sections "
-              f"({', '.join(k for k, v in checks.items() if not v) or 'all match'})")
+        print(
+            f"\nSame numbers as torch: {sum(checks.values())} of {len(checks)} sections "
+            f"({', '.join(k for k, v in checks.items() if not v) or 'all match'})"
+        )
     return results
 
 

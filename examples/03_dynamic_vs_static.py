@@ -86,16 +86,21 @@ def if_on_values(calls: int) -> dict[str, Any]:
     host_jit = jax.jit(host_branch, static_argnames="positive")
     expected = {sign: dynamic(x) for sign, x in (("+", pos), ("-", neg))}  # eager, outside the counter
     counts = {}
-    for name, fn in (("lax.cond", lambda x: cond_jit(x)), ("jnp.where", lambda x: where_jit(x)),
-                     ("static bool, host sync", lambda x: host_jit(x, positive=bool(x.sum() > 0)))):
+    for name, fn in (
+        ("lax.cond", lambda x: cond_jit(x)),
+        ("jnp.where", lambda x: where_jit(x)),
+        ("static bool, host sync", lambda x: host_jit(x, positive=bool(x.sum() > 0))),
+    ):
         with CompileCounter() as counter:
             outputs = {sign: fn(x) for sign, x in (("+", pos), ("-", neg))}
         same = all(bool(jnp.all(outputs[k] == expected[k])) for k in expected)
         counts[name] = {"compiles": counter.compiles, "matches_python_if": same}
-        rate = timed(lambda: fn(pos).block_until_ready(), calls)
+        rate = timed(lambda fn=fn: fn(pos).block_until_ready(), calls)
         counts[name]["calls_per_sec"] = rate
-        print(f"  {name:<24} compiles for both signs: {counter.compiles}   same as the Python if: {same}"
-              f"   {rate:,.0f} calls/s")
+        print(
+            f"  {name:<24} compiles for both signs: {counter.compiles}   same as the Python if: {same}"
+            f"   {rate:,.0f} calls/s"
+        )
     if torch is not None:
         tpos = torch.arange(1.0, 5.0)
 
@@ -103,8 +108,10 @@ def if_on_values(calls: int) -> dict[str, Any]:
             return tpos * 2.0 if tpos.sum() > 0 else -tpos
 
         counts["torch eager"] = {"calls_per_sec": timed(torch_dynamic, calls)}
-        print(f"  {'torch eager (Python if)':<24} no compile                              "
-              f"{counts['torch eager']['calls_per_sec']:,.0f} calls/s")
+        print(
+            f"  {'torch eager (Python if)':<24} no compile                              "
+            f"{counts['torch eager']['calls_per_sec']:,.0f} calls/s"
+        )
     return {"jit_error": error, "variants": counts}
 
 
@@ -117,10 +124,12 @@ def init_deep(key: jax.Array) -> dict[str, jax.Array]:
     keys = jax.random.split(key, 3)
     scale = lambda fan_in: 1.0 / np.sqrt(fan_in)  # noqa: E731
     return {
-        "w_in": jax.random.normal(keys[0], (IN, WIDTH)) * scale(IN), "b_in": jnp.zeros(WIDTH),
+        "w_in": jax.random.normal(keys[0], (IN, WIDTH)) * scale(IN),
+        "b_in": jnp.zeros(WIDTH),
         "w_hidden": jax.random.normal(keys[1], (DEPTH_MAX, WIDTH, WIDTH)) * scale(WIDTH),  # stacked: (L, H, H)
         "b_hidden": jnp.zeros((DEPTH_MAX, WIDTH)),
-        "w_out": jax.random.normal(keys[2], (WIDTH, CLASSES)) * scale(WIDTH), "b_out": jnp.zeros(CLASSES),
+        "w_out": jax.random.normal(keys[2], (WIDTH, CLASSES)) * scale(WIDTH),
+        "b_out": jnp.zeros(CLASSES),
     }
 
 
@@ -157,14 +166,17 @@ def random_depth(steps: int) -> dict[str, Any]:
     def make_step(forward):
         def step(params, opt_state, depth):
             loss, grads = jax.value_and_grad(
-                lambda p: optax.softmax_cross_entropy_with_integer_labels(forward(p, x, depth), y).mean())(params)
+                lambda p: optax.softmax_cross_entropy_with_integer_labels(forward(p, x, depth), y).mean()
+            )(params)
             updates, opt_state = tx.update(grads, opt_state)
             return optax.apply_updates(params, updates), opt_state, loss
 
         return step
 
-    same = all(bool(jnp.allclose(deep_unrolled(params, x, d), deep_scanned(params, x, d), atol=1e-5))
-               for d in range(1, DEPTH_MAX + 1))
+    same = all(
+        bool(jnp.allclose(deep_unrolled(params, x, d), deep_scanned(params, x, d), atol=1e-5))
+        for d in range(1, DEPTH_MAX + 1)
+    )
     print(f"  scan-with-mask output equals the Python loop's for every depth: {same}")
     # fori_loop takes a traced trip count, but reverse-mode grad cannot go through it:
     fori = lambda p, d: lax.fori_loop(0, d, lambda i, h: h @ p["w_hidden"][i], x @ p["w_in"]).sum()  # noqa: E731
@@ -196,16 +208,26 @@ def random_depth(steps: int) -> dict[str, Any]:
             state = (p, o)
         loss.block_until_ready()
         rate = steps / (time.perf_counter() - start)
-        results[name] = {"compiles": counter.compiles, "compile_seconds": counter.compile_seconds,
-                         "first_pass_seconds": total, "steps_per_sec": rate}
-        print(f"  {name:<18} compiles: {counter.compiles} ({counter.compile_seconds:.2f} s compiling; "
-              f"first {steps} steps {total:.2f} s)   steady state {rate:,.0f} steps/s")
+        results[name] = {
+            "compiles": counter.compiles,
+            "compile_seconds": counter.compile_seconds,
+            "first_pass_seconds": total,
+            "steps_per_sec": rate,
+        }
+        print(
+            f"  {name:<18} compiles: {counter.compiles} ({counter.compile_seconds:.2f} s compiling; "
+            f"first {steps} steps {total:.2f} s)   steady state {rate:,.0f} steps/s"
+        )
     if torch is not None:
         results["torch eager"] = {"steps_per_sec": _torch_random_depth(params, x, y, depths)}
-        print(f"  {'torch eager':<18} compiles: 0                                          "
-              f"steady state {results['torch eager']['steps_per_sec']:,.0f} steps/s")
-    print(f"  the price of one program: scan + mask computes all {DEPTH_MAX} layers every step (the unused ones "
-          f"are masked),\n  retracing computes only `depth` layers but compiles a program per depth")
+        print(
+            f"  {'torch eager':<18} compiles: 0                                          "
+            f"steady state {results['torch eager']['steps_per_sec']:,.0f} steps/s"
+        )
+    print(
+        f"  the price of one program: scan + mask computes all {DEPTH_MAX} layers every step (the unused ones "
+        f"are masked),\n  retracing computes only `depth` layers but compiles a program per depth"
+    )
     return results
 
 
@@ -260,9 +282,15 @@ def init_gru(key: jax.Array) -> dict[str, jax.Array]:
     k = jax.random.split(key, 4)
     bound = 1.0 / np.sqrt(HIDDEN)
     uniform = lambda key, shape: jax.random.uniform(key, shape, minval=-bound, maxval=bound)  # noqa: E731
-    return {"embed": jax.random.normal(k[0], (VOCAB, EMBED)), "w_i": uniform(k[1], (EMBED, 3 * HIDDEN)),
-            "w_h": uniform(k[2], (HIDDEN, 3 * HIDDEN)), "b_i": jnp.zeros(3 * HIDDEN), "b_h": jnp.zeros(3 * HIDDEN),
-            "w_o": uniform(k[3], (HIDDEN, 2)), "b_o": jnp.zeros(2)}
+    return {
+        "embed": jax.random.normal(k[0], (VOCAB, EMBED)),
+        "w_i": uniform(k[1], (EMBED, 3 * HIDDEN)),
+        "w_h": uniform(k[2], (HIDDEN, 3 * HIDDEN)),
+        "b_i": jnp.zeros(3 * HIDDEN),
+        "b_h": jnp.zeros(3 * HIDDEN),
+        "w_o": uniform(k[3], (HIDDEN, 2)),
+        "b_o": jnp.zeros(2),
+    }
 
 
 def gru_classify(params, tokens, mask):
@@ -277,8 +305,8 @@ def gru_classify(params, tokens, mask):
         gx, m = inputs
         gh = h @ params["w_h"] + params["b_h"]
         r = jax.nn.sigmoid(gx[:, :HIDDEN] + gh[:, :HIDDEN])
-        z = jax.nn.sigmoid(gx[:, HIDDEN:2 * HIDDEN] + gh[:, HIDDEN:2 * HIDDEN])
-        n = jnp.tanh(gx[:, 2 * HIDDEN:] + r * gh[:, 2 * HIDDEN:])
+        z = jax.nn.sigmoid(gx[:, HIDDEN : 2 * HIDDEN] + gh[:, HIDDEN : 2 * HIDDEN])
+        n = jnp.tanh(gx[:, 2 * HIDDEN :] + r * gh[:, 2 * HIDDEN :])
         return jnp.where(m[:, None], (1.0 - z) * n + z * h, h), None
 
     h0 = jnp.zeros((tokens.shape[0], HIDDEN))
@@ -317,8 +345,9 @@ def variable_length(steps: int, batch_size: int = 32, buckets: tuple[int, ...] =
 
     def make_step():  # a new function each time: jit's cache is per function, so nothing is compiled yet
         def train_step(params, opt_state, tokens, mask, y):
-            loss, grads = jax.value_and_grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-                gru_classify(p, tokens, mask), y).mean())(params)
+            loss, grads = jax.value_and_grad(
+                lambda p: optax.softmax_cross_entropy_with_integer_labels(gru_classify(p, tokens, mask), y).mean()
+            )(params)
             updates, opt_state = tx.update(grads, opt_state)
             return optax.apply_updates(params, updates), opt_state, loss
 
@@ -337,8 +366,10 @@ def variable_length(steps: int, batch_size: int = 32, buckets: tuple[int, ...] =
         idx = rng.choice(len(sentences), size=batch_size, replace=False)
         batch = [sentences[i] for i in idx]
         exact.append((*pad_batch(batch, max(len(s) for s in batch)), labels[idx]))
-    plans = {"pad to batch max": exact,
-             f"{len(buckets)} length buckets": list(bucketed_batches(sentences, labels, batch_size, steps, 2, buckets))}
+    plans = {
+        "pad to batch max": exact,
+        f"{len(buckets)} length buckets": list(bucketed_batches(sentences, labels, batch_size, steps, 2, buckets)),
+    }
     for name, batches in plans.items():
         step = make_step()
         state = (params, tx.init(params))
@@ -356,18 +387,27 @@ def variable_length(steps: int, batch_size: int = 32, buckets: tuple[int, ...] =
         tokens, mask = pad_batch(test_s, MAX_LEN)
         accuracy = float(jnp.mean(jnp.argmax(gru_classify(state[0], tokens, mask), -1) == test_y))
         shapes = len({b[0].shape for b in batches})
-        results[name] = {"compiles": counter.compiles, "distinct_shapes": shapes, "first_pass_seconds": first,
-                         "steps_per_sec": rate, "accuracy": accuracy}
-        print(f"  {name:<22} {shapes:>2} shapes -> {counter.compiles:>2} compiles ({counter.compile_seconds:.1f} s); "
-              f"first pass {first:.1f} s, then {rate:,.1f} steps/s; "
-              f"test accuracy after {2 * steps} steps {accuracy:.3f}")
+        results[name] = {
+            "compiles": counter.compiles,
+            "distinct_shapes": shapes,
+            "first_pass_seconds": first,
+            "steps_per_sec": rate,
+            "accuracy": accuracy,
+        }
+        print(
+            f"  {name:<22} {shapes:>2} shapes -> {counter.compiles:>2} compiles ({counter.compile_seconds:.1f} s); "
+            f"first pass {first:.1f} s, then {rate:,.1f} steps/s; "
+            f"test accuracy after {2 * steps} steps {accuracy:.3f}"
+        )
     if torch is not None:
         batches = plans["pad to batch max"][: min(steps, 10)]  # the same sentences, unpadded again
         rate = _torch_variable_length(batches, batch_size)
         results["torch per-sentence"] = {"steps_per_sec": rate, "compiles": 0}
         print(f"  torch, one sentence at a time, no padding: 0 compiles; {rate:,.1f} steps/s")
-    print("  buckets bound the number of programs and waste less compute on padding than one maximum length;\n"
-          "  the batched, padded step beats a per-sentence loop because each time step is one (B, H) matmul")
+    print(
+        "  buckets bound the number of programs and waste less compute on padding than one maximum length;\n"
+        "  the batched, padded step beats a per-sentence loop because each time step is one (B, H) matmul"
+    )
     return results
 
 
@@ -384,8 +424,9 @@ def _torch_variable_length(batches, batch_size: int) -> float:
 
     def step(tokens, mask, y):
         opt.zero_grad()
-        loss = sum(nn.functional.cross_entropy(logits(t[m]), torch.tensor([int(c)]))
-                   for t, m, c in zip(tokens, mask, y))
+        loss = sum(
+            nn.functional.cross_entropy(logits(t[m]), torch.tensor([int(c)])) for t, m, c in zip(tokens, mask, y)
+        )
         (loss / batch_size).backward()
         opt.step()
 
@@ -422,10 +463,16 @@ def printing() -> dict[str, Any]:
             f(0.5)
     print(buffer.getvalue().rstrip())
     tracer_seen = "Tracer" in buffer.getvalue()
-    print(f"  three jitted calls: Python print ran {python_prints.count(1) - 1} time(s) while tracing "
-          f"(plus once under disable_jit), jax.debug.print {len(debug_prints) - 1} times (plus once)")
-    return {"python_print_calls_jitted": python_prints.count(1) - 1, "debug_print_calls": len(debug_prints) - 1,
-            "python_print_saw_tracer": tracer_seen, "debug_values": debug_prints}
+    print(
+        f"  three jitted calls: Python print ran {python_prints.count(1) - 1} time(s) while tracing "
+        f"(plus once under disable_jit), jax.debug.print {len(debug_prints) - 1} times (plus once)"
+    )
+    return {
+        "python_print_calls_jitted": python_prints.count(1) - 1,
+        "debug_print_calls": len(debug_prints) - 1,
+        "python_print_saw_tracer": tracer_seen,
+        "debug_values": debug_prints,
+    }
 
 
 # --- 5. Optimized globally, deployed without Python ----------------------------------------------
@@ -444,7 +491,7 @@ def optimized_globally(calls: int) -> dict[str, Any]:
     lowered = jax.jit(gelu_layer).lower(x, w)
     ops = len(re.findall(r"= stablehlo\.", lowered.as_text()))
     hlo = lowered.compile().as_text()
-    entry = hlo[hlo.index("ENTRY"):]
+    entry = hlo[hlo.index("ENTRY") :]
     entry = entry[: entry.index("\n}")]
     kernels = sum(1 for line in entry.splitlines()[1:] if " = " in line and "parameter(" not in line)
     print(f"  the traced function has {ops} StableHLO ops; after XLA's fusion the program runs {kernels} kernel(s)")
@@ -454,10 +501,16 @@ def optimized_globally(calls: int) -> dict[str, Any]:
     eager_rate = timed(lambda: gelu_layer(x, w).block_until_ready(), calls)
     jit_rate = timed(lambda: fused(x, w).block_until_ready(), calls)
     same = bool(jnp.allclose(fused(x, w), gelu_layer(x, w), rtol=1e-5, atol=1e-3))
-    print(f"  op by op (no jit): {eager_rate:,.0f} calls/s;  jit (fused): {jit_rate:,.0f} calls/s;"
-          f"  same numbers: {same}")
-    result = {"stablehlo_ops": ops, "compiled_kernels": kernels, "eager_calls_per_sec": eager_rate,
-              "jit_calls_per_sec": jit_rate, "jit_matches_eager": same}
+    print(
+        f"  op by op (no jit): {eager_rate:,.0f} calls/s;  jit (fused): {jit_rate:,.0f} calls/s;  same numbers: {same}"
+    )
+    result = {
+        "stablehlo_ops": ops,
+        "compiled_kernels": kernels,
+        "eager_calls_per_sec": eager_rate,
+        "jit_calls_per_sec": jit_rate,
+        "jit_matches_eager": same,
+    }
     if torch is not None:
         tx_, tw = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(w))
 
@@ -471,13 +524,16 @@ def optimized_globally(calls: int) -> dict[str, Any]:
     # Deployment: the compiled computation, serialized; any batch size; no Python model code needed to run it.
     batch = export.symbolic_shape("batch")
     exported = export.export(jax.jit(gelu_layer))(
-        jax.ShapeDtypeStruct((batch[0], 128), jnp.float32), jax.ShapeDtypeStruct((128, 128), jnp.float32))
+        jax.ShapeDtypeStruct((batch[0], 128), jnp.float32), jax.ShapeDtypeStruct((128, 128), jnp.float32)
+    )
     blob = exported.serialize()
     restored = export.deserialize(blob)
     outs = {n: restored.call(x[:n], w) for n in (3, 17)}
     exact = all(bool(jnp.allclose(o, fused(x[: o.shape[0]], w), atol=1e-4)) for o in outs.values())
-    print(f"  jax.export: {len(blob):,} bytes of serialized StableHLO for inputs {restored.in_avals[0]}; "
-          f"reloaded and called with batch 3 and 17: same outputs: {exact}")
+    print(
+        f"  jax.export: {len(blob):,} bytes of serialized StableHLO for inputs {restored.in_avals[0]}; "
+        f"reloaded and called with batch 3 and 17: same outputs: {exact}"
+    )
     print("  (torch.jit.trace/script's role; see also jaxnet.export for whole models)")
     result.update(export_bytes=len(blob), export_matches=exact)
     return result

@@ -43,11 +43,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tx = create_optimizer("sgd", 1e-3, momentum=0.9)
 
     # --- Train and evaluate every epoch --------------------------------------------------------
-    result = fit(model, data, tx, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                 augment=args.augment, workdir=args.workdir)
+    result = fit(
+        model,
+        data,
+        tx,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        augment=args.augment,
+        workdir=args.workdir,
+    )
     s = result.summary
-    print(f"measured: test accuracy {100 * s['test_accuracy']:.2f}% after {s['epochs']} epochs "
-          f"in {s['train_seconds']:.1f} s (compilation included)")
+    print(
+        f"measured: test accuracy {100 * s['test_accuracy']:.2f}% after {s['epochs']} epochs "
+        f"in {s['train_seconds']:.1f} s (compilation included)"
+    )
     return s
 
 

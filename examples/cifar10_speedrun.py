@@ -1,6 +1,6 @@
 """CIFAR-10 to 94%, fast: airbench94's net and recipe (Jordan, arXiv 2404.00498) on jaxnet.
 
-The net (``create_model("cifar_speed")``): a frozen 2x2 patch-whitening
+The net (``jaxnet.models.cifar_speed.CifarSpeedNet``): a frozen 2x2 patch-whitening
 convolution initialised from the training images, three conv groups
 (64-256-256) with BatchNorm and GELU, a linear head scaled by 1/9. The
 recipe (``jaxnet.speedrun.SpeedrunRecipe``): batch 1024 for 9.9 epochs,

@@ -63,8 +63,11 @@ def fit_with_jaxnet(epochs: int, lr: float, seed: int) -> dict[str, jax.Array]:
     batch = {"image": data.train_images, "label": data.train_labels}  # the 4 points, one batch
     for _ in range(epochs):
         state, metrics = step(state, batch)
-    return {"loss": metrics["loss"], "w": state.params["linear"]["kernel"][...],
-            "b": state.params["linear"]["bias"][...]}
+    return {
+        "loss": metrics["loss"],
+        "w": state.params["linear"]["kernel"][...],
+        "b": state.params["linear"]["bias"][...],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -82,18 +85,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     t0 = time.perf_counter()
     manual = fit_with_grad(x, y, epochs=args.epochs, lr=args.lr)
     t_manual = time.perf_counter() - t0
-    print(f"jax.grad loop:   w = {float(manual['w'][0, 0]):.4f}  b = {float(manual['b'][0]):.4f}  "
-          f"loss = {float(manual['loss']):.5f}")
+    print(
+        f"jax.grad loop:   w = {float(manual['w'][0, 0]):.4f}  b = {float(manual['b'][0]):.4f}  "
+        f"loss = {float(manual['loss']):.5f}"
+    )
 
     # --- Fit 2: jaxnet model + compiled step --------------------------------------------
     t0 = time.perf_counter()
     fitted = fit_with_jaxnet(args.epochs, args.lr, args.seed)
     t_jaxnet = time.perf_counter() - t0
-    print(f"jaxnet step:     w = {float(fitted['w'].ravel()[0]):.4f}  b = {float(fitted['b'][0]):.4f}  "
-          f"loss = {float(fitted['loss']):.5f}")
+    print(
+        f"jaxnet step:     w = {float(fitted['w'].ravel()[0]):.4f}  b = {float(fitted['b'][0]):.4f}  "
+        f"loss = {float(fitted['loss']):.5f}"
+    )
     print(f"measured: {t_manual:.2f} s and {t_jaxnet:.2f} s for {args.epochs} epochs, compilation included")
-    return {"manual_loss": float(manual["loss"]), "jaxnet_loss": float(fitted["loss"]),
-            "w": float(fitted["w"].ravel()[0])}
+    return {
+        "manual_loss": float(manual["loss"]),
+        "jaxnet_loss": float(fitted["loss"]),
+        "w": float(fitted["w"].ravel()[0]),
+    }
 
 
 if __name__ == "__main__":

@@ -53,8 +53,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # --- Train: for epoch ...: for images, labels in trainloader: ... -------------------
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        batches = iterate_batches(data.train_images, data.train_labels, args.batch_size,
-                                  shuffle=True, seed=args.seed, epoch=epoch, drop_last=True)
+        batches = iterate_batches(
+            data.train_images,
+            data.train_labels,
+            args.batch_size,
+            shuffle=True,
+            seed=args.seed,
+            epoch=epoch,
+            drop_last=True,
+        )
         running_loss, steps = 0.0, 0
         for batch in prefetch_to_device(batches):
             state, metrics = train_step(state, batch)  # zero_grad/forward/backward/step in one call
@@ -62,11 +69,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             steps += 1
         # --- Evaluate: model.eval(), torch.no_grad(), torch.max(outputs, 1) --------------
         test = evaluate(eval_step, state, data.test_images, data.test_labels, num_classes=10)
-        print(f"epoch {epoch + 1}: loss {float(running_loss) / steps:.3f}  "
-              f"test accuracy {100 * test['accuracy']:.2f}%  ({time.perf_counter() - start:.1f} s)")
+        print(
+            f"epoch {epoch + 1}: loss {float(running_loss) / steps:.3f}  "
+            f"test accuracy {100 * test['accuracy']:.2f}%  ({time.perf_counter() - start:.1f} s)"
+        )
     seconds = time.perf_counter() - start
-    print(f"measured: test accuracy {100 * test['accuracy']:.2f}% after {args.epochs} epochs "
-          f"in {seconds:.1f} s (compilation included)")
+    print(
+        f"measured: test accuracy {100 * test['accuracy']:.2f}% after {args.epochs} epochs "
+        f"in {seconds:.1f} s (compilation included)"
+    )
     return {"test_accuracy": test["accuracy"], "seconds": seconds}
 
 

@@ -56,7 +56,7 @@ def load(seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np
         raise SystemExit("this example reads scikit-learn's bundled data: pip install scikit-learn") from None
     x, y = load_breast_cancer(return_X_y=True)
     order = np.random.default_rng(seed).permutation(len(y))
-    test, train = order[: len(y) // 5], order[len(y) // 5:]
+    test, train = order[: len(y) // 5], order[len(y) // 5 :]
     mean, std = x[train].mean(axis=0), x[train].std(axis=0) + 1e-8
     scale = lambda rows: ((x[rows] - mean) / std).astype(np.float32)  # noqa: E731
     return (scale(train), y[train].astype(np.int32)), (scale(test), y[test].astype(np.int32))
@@ -75,17 +75,27 @@ def main(argv: list[str] | None = None) -> dict:
     (x_train, y_train), (x_test, y_test) = load(args.seed)
     model = TabularNet(x_train.shape[1], rngs=nnx.Rngs(args.seed))
     result = jaxnet.fit(
-        model, {"train": (x_train, y_train), "test": (x_test, y_test)}, create_optimizer("adamw", args.lr),
-        epochs=args.epochs, batch_size=args.batch_size, validation_split=0.2, seed=args.seed,
+        model,
+        {"train": (x_train, y_train), "test": (x_test, y_test)},
+        create_optimizer("adamw", args.lr),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        validation_split=0.2,
+        seed=args.seed,
         callbacks=[EarlyStopping("val_loss", patience=args.patience, restore_best=True)],
-        workdir=args.workdir, progress=False,
+        workdir=args.workdir,
+        progress=False,
     )
     s = result.summary
     probabilities = 1 / (1 + np.exp(-jaxnet.predict(model, x_test)[:, 0]))  # the model holds the best weights
-    print(f"{s['epochs_run']} epochs ({'stopped early' if s['stopped_early'] else 'all'}), "
-          f"{s['train_seconds']:.1f} s; validation loss {s['val_loss']:.4f}")
-    print(f"test accuracy: {100 * s['test_accuracy']:.2f}%  (ROC AUC {s['test_roc_auc']:.4f}; "
-          f"{int(np.sum((probabilities > 0.5) == y_test))}/{len(y_test)} right)")
+    print(
+        f"{s['epochs_run']} epochs ({'stopped early' if s['stopped_early'] else 'all'}), "
+        f"{s['train_seconds']:.1f} s; validation loss {s['val_loss']:.4f}"
+    )
+    print(
+        f"test accuracy: {100 * s['test_accuracy']:.2f}%  (ROC AUC {s['test_roc_auc']:.4f}; "
+        f"{int(np.sum((probabilities > 0.5) == y_test))}/{len(y_test)} right)"
+    )
     return s
 
 

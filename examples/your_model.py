@@ -62,11 +62,13 @@ class ResNet(nnx.Module):
     def __init__(self, num_classes: int = 10, width: int = 16, *, rngs: nnx.Rngs):
         self.stem = nnx.Conv(3, width, (3, 3), padding=1, use_bias=False, rngs=rngs)
         self.bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
-        self.blocks = nnx.List([
-            ResidualBlock(width, width, 1, rngs=rngs),
-            ResidualBlock(width, 2 * width, 2, rngs=rngs),
-            ResidualBlock(2 * width, 4 * width, 2, rngs=rngs),
-        ])
+        self.blocks = nnx.List(
+            [
+                ResidualBlock(width, width, 1, rngs=rngs),
+                ResidualBlock(width, 2 * width, 2, rngs=rngs),
+                ResidualBlock(2 * width, 4 * width, 2, rngs=rngs),
+            ]
+        )
         self.dropout = nnx.Dropout(0.2, rngs=rngs)
         self.head = nnx.Linear(4 * width, num_classes, rngs=rngs)
 
@@ -96,15 +98,23 @@ def main(argv: list[str] | None = None, *, data=None) -> dict:
     steps_per_epoch = int(data.num_train * (1 - args.val_split)) // args.batch_size
     schedule = create_schedule("cosine", args.lr, steps_per_epoch=steps_per_epoch, epochs=args.epochs)
     result = jaxnet.fit(
-        model, data, create_optimizer("adamw", schedule, weight_decay=5e-4),
-        epochs=args.epochs, batch_size=args.batch_size, validation_split=args.val_split, seed=args.seed,
-        augment=True, precision=args.precision, workdir=args.workdir,
-        callbacks=[EarlyStopping("val_accuracy", patience=args.patience, restore_best=True),
-                   LearningRateLogger()],
+        model,
+        data,
+        create_optimizer("adamw", schedule, weight_decay=5e-4),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        validation_split=args.val_split,
+        seed=args.seed,
+        augment=True,
+        precision=args.precision,
+        workdir=args.workdir,
+        callbacks=[EarlyStopping("val_accuracy", patience=args.patience, restore_best=True), LearningRateLogger()],
     )
     s = result.summary
-    print(f"{s['epochs_run']} of {s['epochs']} epochs in {s['train_seconds']:.0f} s "
-          f"({'stopped early' if s['stopped_early'] else 'all run'}), precision {s['precision']}")
+    print(
+        f"{s['epochs_run']} of {s['epochs']} epochs in {s['train_seconds']:.0f} s "
+        f"({'stopped early' if s['stopped_early'] else 'all run'}), precision {s['precision']}"
+    )
     print(f"validation accuracy {100 * s['val_accuracy']:.2f}% (best epoch's weights)")
     print(f"test accuracy: {100 * s['test_accuracy']:.2f}%")
     return s

@@ -97,8 +97,9 @@ def monitored(logs: dict[str, Any], monitor: str, who: str) -> float:
     """The value of ``monitor`` in an epoch's logs, or an error listing what there is."""
     if monitor not in logs:
         numeric = sorted(k for k, v in logs.items() if isinstance(v, (int, float)) and k not in ("epoch", "step"))
-        raise ConfigError(f"{who} monitors {monitor!r}, which the epoch records do not have; "
-                          f"choose one of {', '.join(numeric)}")
+        raise ConfigError(
+            f"{who} monitors {monitor!r}, which the epoch records do not have; choose one of {', '.join(numeric)}"
+        )
     return float(logs[monitor])
 
 
@@ -133,8 +134,15 @@ class EarlyStopping(Callback):
         stopped_epoch: the epoch (1-based) the run stopped after, or ``None``.
     """
 
-    def __init__(self, monitor: str = "val_loss", mode: str = "auto", patience: int = 3,
-                 restore_best: bool = False, *, min_delta: float = 0.0):
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        mode: str = "auto",
+        patience: int = 3,
+        restore_best: bool = False,
+        *,
+        min_delta: float = 0.0,
+    ):
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ConfigError(f"EarlyStopping patience must be an integer >= 0; got {patience!r}")
         if not min_delta >= 0:
@@ -254,8 +262,10 @@ class LearningRateLogger(Callback):
     def on_epoch_end(self, run: Run, epoch: int, logs: dict[str, Any]) -> None:
         lr = self._lr(run)
         if lr is None:
-            raise ConfigError("LearningRateLogger cannot read the learning rate from this optimizer's "
-                              "state; pass LearningRateLogger(schedule=...) with its learning rate or schedule")
+            raise ConfigError(
+                "LearningRateLogger cannot read the learning rate from this optimizer's "
+                "state; pass LearningRateLogger(schedule=...) with its learning rate or schedule"
+            )
         logs["lr"] = lr
 
 

@@ -37,8 +37,11 @@ class TrainingDiverged(JaxnetError):
     def __init__(self, step: int, loss: float | None, last_finite_checkpoint: int | None):
         self.step, self.loss, self.last_finite_checkpoint = step, loss, last_finite_checkpoint
         what = f"loss {loss}" if loss is not None else "the parameters or optimizer state are not finite"
-        where = (f"last finite checkpoint: step {last_finite_checkpoint}" if last_finite_checkpoint is not None
-                 else "no checkpoint was written")
+        where = (
+            f"last finite checkpoint: step {last_finite_checkpoint}"
+            if last_finite_checkpoint is not None
+            else "no checkpoint was written"
+        )
         super().__init__(f"training diverged at step {step} ({what}); {where}")
 
 

@@ -26,9 +26,14 @@ def _graph_and_state(model_or_result: Any) -> tuple[nnx.GraphDef, TrainState, Tr
     if isinstance(model_or_result, FitResult):
         return model_or_result.graphdef, model_or_result.state, model_or_result.transform
     if isinstance(model_or_result, nnx.Module):
-        graphdef, params, rest = nnx.split(model_or_result, nnx.Param, ...)
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=copy_state(params), opt_state=(),
-                           model_state=copy_state(rest), rng=jax.random.PRNGKey(0))
+        graphdef, params, rest = nnx.split(model_or_result, nnx.Param, ...)  # type: ignore[misc]  # flax types nnx.split's result as a variadic tuple
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=copy_state(params),
+            opt_state=(),
+            model_state=copy_state(rest),
+            rng=jax.random.PRNGKey(0),
+        )
         return graphdef, state, _PREPROCESSING.get(model_or_result)
     raise ConfigError(f"predict takes a model (nnx.Module) or fit's result; got a {type(model_or_result).__name__}")
 
@@ -71,7 +76,7 @@ def predict(
     size = min(batch_size, n)
     outputs = []
     for start in range(0, n, size):
-        chunk = np.asarray(x[start:start + size])
+        chunk = np.asarray(x[start : start + size])
         real = len(chunk)
         if real < size:  # pad the last batch: one compiled shape for every call
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - real, axis=0)])

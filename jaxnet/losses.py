@@ -26,9 +26,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def _check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> None:
     if reduction not in allowed:
-        raise ConfigError(
-            f"unknown reduction {reduction!r}; use one of {', '.join(map(repr, allowed))}"
-        )
+        raise ConfigError(f"unknown reduction {reduction!r}; use one of {', '.join(map(repr, allowed))}")
 
 
 def _reduce(loss: jax.Array, reduction: str) -> jax.Array:
@@ -70,10 +68,7 @@ def _check_class_inputs(
         )
     num_classes = scores.shape[-1]
     if weight is not None and jnp.shape(weight) != (num_classes,):
-        raise JaxnetError(
-            f"weight must have shape ({num_classes},), one entry per class; "
-            f"got {jnp.shape(weight)}"
-        )
+        raise JaxnetError(f"weight must have shape ({num_classes},), one entry per class; got {jnp.shape(weight)}")
     if _is_concrete(labels) and labels.size:
         values = np.asarray(labels)
         if ignore_index is not None:
@@ -98,9 +93,7 @@ def _picked_and_weights(
     if weight is None:
         w = keep.astype(log_probs.dtype)
     else:
-        w = jnp.where(keep, jnp.asarray(weight, log_probs.dtype)[safe_labels], 0).astype(
-            log_probs.dtype
-        )
+        w = jnp.where(keep, jnp.asarray(weight, log_probs.dtype)[safe_labels], 0).astype(log_probs.dtype)
     return picked, w
 
 
@@ -266,9 +259,7 @@ def l1_loss(pred: jax.Array, target: jax.Array, *, reduction: str = "mean") -> j
     return _reduce(jnp.abs(pred - target.astype(pred.dtype)), reduction)
 
 
-def huber_loss(
-    pred: jax.Array, target: jax.Array, *, delta: float = 1.0, reduction: str = "mean"
-) -> jax.Array:
+def huber_loss(pred: jax.Array, target: jax.Array, *, delta: float = 1.0, reduction: str = "mean") -> jax.Array:
     """Huber loss: squared error near 0, absolute error beyond ``delta``.
 
     Counterpart of ``torch.nn.functional.huber_loss`` (``nn.HuberLoss``): per

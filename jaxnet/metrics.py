@@ -76,8 +76,12 @@ def metrics_init(num_classes: int, *, k: int = 5) -> ClassificationMetrics:
             raise ConfigError(f"{name} must be a positive int; got {value!r}")
     return ClassificationMetrics(
         confusion=jnp.zeros((num_classes, num_classes), jnp.int32),
-        loss_sum=jnp.zeros([], jnp.float32), loss_count=jnp.zeros([], jnp.int32),
-        count=jnp.zeros([], jnp.int32), topk_correct=jnp.zeros([], jnp.int32), k=k)
+        loss_sum=jnp.zeros([], jnp.float32),
+        loss_count=jnp.zeros([], jnp.int32),
+        count=jnp.zeros([], jnp.int32),
+        topk_correct=jnp.zeros([], jnp.int32),
+        k=k,
+    )
 
 
 def _check_range(values: jax.Array, num_classes: int, mask: jax.Array | None, name: str) -> None:
@@ -92,8 +96,9 @@ def _check_range(values: jax.Array, num_classes: int, mask: jax.Array | None, na
     if mask is not None and not isinstance(mask, jax.core.Tracer):
         host = host[np.asarray(mask).astype(bool)]
     if host.size and (host.min() < 0 or host.max() >= num_classes):
-        raise JaxnetError(f"{name} must lie in [0, {num_classes}); found {host.min()} to "
-                          f"{host.max()}. Mask out padding with mask=.")
+        raise JaxnetError(
+            f"{name} must lie in [0, {num_classes}); found {host.min()} to {host.max()}. Mask out padding with mask=."
+        )
 
 
 def _check_scores_labels(scores: jax.Array, labels: jax.Array, mask: jax.Array | None) -> None:
@@ -101,7 +106,8 @@ def _check_scores_labels(scores: jax.Array, labels: jax.Array, mask: jax.Array |
     if scores.ndim < 1 or labels.shape != scores.shape[:-1]:
         raise JaxnetError(
             f"scores/logits shape {scores.shape} and labels shape {labels.shape} do not "
-            "match; expected logits (..., C) and labels (...), e.g. (B, C) and (B,)")
+            "match; expected logits (..., C) and labels (...), e.g. (B, C) and (B,)"
+        )
     _check_range(labels, scores.shape[-1], mask, "labels")
 
 
@@ -157,8 +163,7 @@ def confusion_matrix(
     _check_range(preds, num_classes, mask, "preds")
     valid = _valid(labels, num_classes, mask) & (preds >= 0) & (preds < num_classes)
     flat = jnp.where(valid, labels * num_classes + preds, 0).reshape(-1)
-    counts = jnp.zeros(num_classes * num_classes, jnp.int32).at[flat].add(
-        valid.reshape(-1).astype(jnp.int32))
+    counts = jnp.zeros(num_classes * num_classes, jnp.int32).at[flat].add(valid.reshape(-1).astype(jnp.int32))
     return counts.reshape(num_classes, num_classes)
 
 
@@ -195,8 +200,10 @@ def metrics_update(
     _check_scores_labels(logits, labels, mask)
     num_classes = m.confusion.shape[0]
     if logits.shape[-1] != num_classes:
-        raise JaxnetError(f"logits have {logits.shape[-1]} classes but the metrics were "
-                          f"initialized for {num_classes}; use metrics_init({logits.shape[-1]})")
+        raise JaxnetError(
+            f"logits have {logits.shape[-1]} classes but the metrics were "
+            f"initialized for {num_classes}; use metrics_init({logits.shape[-1]})"
+        )
     valid = _valid(labels, num_classes, mask)
     n_valid = jnp.sum(valid, dtype=jnp.int32)
     # A row of scores holding NaN (a diverged model) is a wrong prediction for every metric: NaN
@@ -212,13 +219,15 @@ def metrics_update(
         elif loss.shape == labels.shape:
             loss_sum = loss_sum + jnp.sum(jnp.where(valid, loss, 0.0))
         else:
-            raise JaxnetError(f"loss must be a scalar or per-example {labels.shape}; "
-                              f"got shape {loss.shape}")
+            raise JaxnetError(f"loss must be a scalar or per-example {labels.shape}; got shape {loss.shape}")
         loss_count = loss_count + n_valid
     return m.replace(
         confusion=m.confusion + confusion_matrix(preds, labels, num_classes, mask=valid),
-        loss_sum=loss_sum, loss_count=loss_count, count=m.count + n_valid,
-        topk_correct=m.topk_correct + jnp.sum(hits, dtype=jnp.int32))
+        loss_sum=loss_sum,
+        loss_count=loss_count,
+        count=m.count + n_valid,
+        topk_correct=m.topk_correct + jnp.sum(hits, dtype=jnp.int32),
+    )
 
 
 def metrics_compute(m: ClassificationMetrics) -> dict[str, float]:
@@ -240,8 +249,7 @@ def metrics_compute(m: ClassificationMetrics) -> dict[str, float]:
     if count == 0:
         raise JaxnetError("no examples in the metrics; call metrics_update before computing")
     confusion = np.asarray(m.confusion)
-    out = {"accuracy": float(np.trace(confusion) / count),
-           f"top{m.k}_accuracy": float(int(m.topk_correct) / count)}
+    out = {"accuracy": float(np.trace(confusion) / count), f"top{m.k}_accuracy": float(int(m.topk_correct) / count)}
     if int(m.loss_count):
         out["loss"] = float(m.loss_sum) / int(m.loss_count)
     for average in ("macro", "micro", "weighted"):
@@ -273,8 +281,10 @@ def accuracy(logits_or_preds: jax.Array, labels: jax.Array) -> jax.Array:
     if x.ndim == labels.ndim + 1:
         x = jnp.argmax(x, axis=-1)
     if x.shape != labels.shape:
-        raise JaxnetError(f"got {logits_or_preds.shape} and labels {labels.shape}; pass logits "
-                          "(B, C) or predictions (B,) with labels (B,)")
+        raise JaxnetError(
+            f"got {logits_or_preds.shape} and labels {labels.shape}; pass logits "
+            "(B, C) or predictions (B,) with labels (B,)"
+        )
     return jnp.mean((x == labels).astype(jnp.float32))
 
 
@@ -353,8 +363,7 @@ def precision_recall_f1(
     """
     if average not in AVERAGES:
         raise ConfigError(f"unknown average {average!r}; use one of {AVERAGES}")
-    if not (isinstance(zero_division, (int, float))
-            and (np.isnan(zero_division) or zero_division in (0.0, 1.0))):
+    if not (isinstance(zero_division, (int, float)) and (np.isnan(zero_division) or zero_division in (0.0, 1.0))):
         raise ConfigError(f"zero_division must be 0.0, 1.0 or nan; got {zero_division!r}")
     confusion = np.asarray(confusion, np.float64)
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
@@ -362,8 +371,7 @@ def precision_recall_f1(
     tp = np.diag(confusion)
     pred_sum, true_sum = confusion.sum(axis=0), confusion.sum(axis=1)
     if average == "micro":
-        tp, pred_sum, true_sum = tp.sum(keepdims=True), pred_sum.sum(keepdims=True), \
-            true_sum.sum(keepdims=True)
+        tp, pred_sum, true_sum = tp.sum(keepdims=True), pred_sum.sum(keepdims=True), true_sum.sum(keepdims=True)
     precision = _divide(tp, pred_sum, zero_division)
     recall = _divide(tp, true_sum, zero_division)
     f1 = _divide(2 * tp, true_sum + pred_sum, zero_division)
@@ -396,8 +404,9 @@ def _binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def roc_auc_ovr(scores: np.ndarray | jax.Array, labels: np.ndarray | jax.Array, *,
-                average: str | None = "macro") -> float | np.ndarray:
+def roc_auc_ovr(
+    scores: np.ndarray | jax.Array, labels: np.ndarray | jax.Array, *, average: str | None = "macro"
+) -> float | np.ndarray:
     """One-vs-rest ROC AUC of multiclass scores; numpy, on the host.
 
     Counterpart of ``sklearn.metrics.roc_auc_score(labels, scores,
@@ -422,17 +431,16 @@ def roc_auc_ovr(scores: np.ndarray | jax.Array, labels: np.ndarray | jax.Array, 
         ConfigError: unknown ``average``.
     """
     if average not in ("macro", "weighted", "micro", None):
-        raise ConfigError(f"unknown average {average!r}; use 'macro', 'weighted', 'micro' "
-                          "or None")
+        raise ConfigError(f"unknown average {average!r}; use 'macro', 'weighted', 'micro' or None")
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
     if scores.ndim != 2 or scores.shape[1] < 2 or labels.shape != scores.shape[:1]:
-        raise JaxnetError(f"expected scores (N, C) with C >= 2 and labels (N,); got "
-                          f"{scores.shape} and {labels.shape}")
+        raise JaxnetError(f"expected scores (N, C) with C >= 2 and labels (N,); got {scores.shape} and {labels.shape}")
     if np.isnan(scores).any():
         raise JaxnetError("scores contain NaN; ROC AUC needs finite scores")
     num_classes = scores.shape[1]
     if not np.issubdtype(labels.dtype, np.integer) or (
-            labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
+        labels.size and (labels.min() < 0 or labels.max() >= num_classes)
+    ):
         raise JaxnetError(f"labels must be integers in [0, {num_classes})")
     one_hot = labels[:, None] == np.arange(num_classes)  # (N, C)
     support = one_hot.sum(axis=0)
@@ -441,7 +449,8 @@ def roc_auc_ovr(scores: np.ndarray | jax.Array, labels: np.ndarray | jax.Array, 
         raise JaxnetError(
             f"ROC AUC is undefined for class {int(bad[0])}: it has {int(support[bad[0]])} "
             f"positive examples out of {len(labels)} (one-vs-rest needs both positives and "
-            "negatives; scikit-learn raises too). Evaluate on more data.")
+            "negatives; scikit-learn raises too). Evaluate on more data."
+        )
     if average == "micro":
         return _binary_auc(scores.ravel(), one_hot.ravel())
     per_class = np.array([_binary_auc(scores[:, c], one_hot[:, c]) for c in range(num_classes)])

@@ -57,20 +57,30 @@ __all__ = [
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 
 # torch.optim's defaults; None means torch has none (SGD's lr is required).
-_DEFAULT_LR = {"sgd": None, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-2,
-               "adagrad": 1e-2, "adadelta": 1.0}
-_DEFAULT_EPS = {"sgd": None, "adam": 1e-8, "adamw": 1e-8, "rmsprop": 1e-8,
-                "adagrad": 1e-10, "adadelta": 1e-6}
+_DEFAULT_LR = {"sgd": None, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-2, "adagrad": 1e-2, "adadelta": 1.0}
+_DEFAULT_EPS = {"sgd": None, "adam": 1e-8, "adamw": 1e-8, "rmsprop": 1e-8, "adagrad": 1e-10, "adadelta": 1e-6}
 _DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2}  # 0 for the others
 # Options that only some optimizers read, with the value that means "unset".
-_OPTION_DEFAULTS = {"momentum": 0.0, "nesterov": False, "dampening": 0.0,
-                    "betas": (0.9, 0.999), "alpha": 0.99, "rho": 0.9, "centered": False,
-                    "initial_accumulator_value": 0.0, "lr_decay": 0.0, "amsgrad": False}
-_OPTIONS_OF = {"sgd": {"momentum", "nesterov", "dampening"},
-               "adam": {"betas", "amsgrad"}, "adamw": {"betas", "amsgrad"},
-               "rmsprop": {"momentum", "alpha", "centered"},
-               "adagrad": {"initial_accumulator_value", "lr_decay"},
-               "adadelta": {"rho"}}
+_OPTION_DEFAULTS = {
+    "momentum": 0.0,
+    "nesterov": False,
+    "dampening": 0.0,
+    "betas": (0.9, 0.999),
+    "alpha": 0.99,
+    "rho": 0.9,
+    "centered": False,
+    "initial_accumulator_value": 0.0,
+    "lr_decay": 0.0,
+    "amsgrad": False,
+}
+_OPTIONS_OF = {
+    "sgd": {"momentum", "nesterov", "dampening"},
+    "adam": {"betas", "amsgrad"},
+    "adamw": {"betas", "amsgrad"},
+    "rmsprop": {"momentum", "alpha", "centered"},
+    "adagrad": {"initial_accumulator_value", "lr_decay"},
+    "adadelta": {"rho"},
+}
 
 
 class DampenedTraceState(NamedTuple):
@@ -101,8 +111,8 @@ def dampened_trace(momentum: float, dampening: float) -> optax.GradientTransform
         del params
         first = state.count == 0
         trace = jax.tree.map(
-            lambda g, t: jnp.where(first, g, momentum * t + (1.0 - dampening) * g),
-            updates, state.trace)
+            lambda g, t: jnp.where(first, g, momentum * t + (1.0 - dampening) * g), updates, state.trace
+        )
         return trace, DampenedTraceState(optax.safe_increment(state.count), trace)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -129,9 +139,7 @@ class TorchAmsgradState(NamedTuple):
     nu_max: optax.Updates
 
 
-def scale_by_torch_adam(
-    b1: float, b2: float, eps: float, *, amsgrad: bool = False
-) -> optax.GradientTransformation:
+def scale_by_torch_adam(b1: float, b2: float, eps: float, *, amsgrad: bool = False) -> optax.GradientTransformation:
     """Adam's scaling exactly as ``torch.optim.Adam`` computes it.
 
     With ``t`` the step and ``mu``/``nu`` the first/second moments, the update
@@ -170,9 +178,10 @@ def scale_by_torch_adam(
         correction2_sqrt = jnp.sqrt(_one_minus_power(b2, count))
         nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu) if amsgrad else nu
         new_updates = jax.tree.map(
-            lambda m, v: (m / correction1.astype(m.dtype))
-            / (jnp.sqrt(v) / correction2_sqrt.astype(v.dtype) + eps),
-            mu, nu_max)
+            lambda m, v: (m / correction1.astype(m.dtype)) / (jnp.sqrt(v) / correction2_sqrt.astype(v.dtype) + eps),
+            mu,
+            nu_max,
+        )
         if amsgrad:
             return new_updates, TorchAmsgradState(count, mu, nu, nu_max)
         return new_updates, optax.ScaleByAdamState(count, mu, nu)
@@ -206,15 +215,13 @@ def scale_by_torch_adagrad(
     """
 
     def init_fn(params: optax.Params) -> TorchAdagradState:
-        return TorchAdagradState(jnp.zeros([], jnp.int32),
-                                 optax.tree.full_like(params, initial_accumulator_value))
+        return TorchAdagradState(jnp.zeros([], jnp.int32), optax.tree.full_like(params, initial_accumulator_value))
 
     def update_fn(updates, state, params=None):
         del params
         sums = jax.tree.map(lambda g, s: s + g * g, updates, state.sum_of_squares)
         decay = 1.0 + state.count.astype(jnp.float32) * lr_decay
-        new_updates = jax.tree.map(
-            lambda g, s: g / (jnp.sqrt(s) + eps) / decay.astype(g.dtype), updates, sums)
+        new_updates = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps) / decay.astype(g.dtype), updates, sums)
         return new_updates, TorchAdagradState(optax.safe_increment(state.count), sums)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -231,27 +238,46 @@ def _check_options(name: str, given: dict[str, Any]) -> None:
             )
 
 
-def _check_values(name: str, lr: Any, momentum: float, nesterov: bool, dampening: float,
-                  weight_decay: float, betas: tuple[float, float], eps: float,
-                  alpha: float, rho: float, initial_accumulator_value: float,
-                  lr_decay: float, clip_norm: float | None, clip_value: float | None) -> None:
+def _check_values(
+    name: str,
+    lr: Any,
+    momentum: float,
+    nesterov: bool,
+    dampening: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    alpha: float,
+    rho: float,
+    initial_accumulator_value: float,
+    lr_decay: float,
+    clip_norm: float | None,
+    clip_value: float | None,
+) -> None:
     """torch.optim's own argument checks, with the fix in each message."""
     if lr is None:
         raise ConfigError(
-            f"{name!r} has no default learning rate in torch.optim; pass one, "
-            f"e.g. create_optimizer({name!r}, 0.01)")
+            f"{name!r} has no default learning rate in torch.optim; pass one, e.g. create_optimizer({name!r}, 0.01)"
+        )
     if not callable(lr) and not lr >= 0.0:
         raise ConfigError(f"learning_rate must be >= 0 (or an optax schedule); got {lr}")
-    nonnegative = {"momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
-                   "eps": eps, "alpha": alpha, "initial_accumulator_value":
-                   initial_accumulator_value, "lr_decay": lr_decay}
+    nonnegative = {
+        "momentum": momentum,
+        "dampening": dampening,
+        "weight_decay": weight_decay,
+        "eps": eps,
+        "alpha": alpha,
+        "initial_accumulator_value": initial_accumulator_value,
+        "lr_decay": lr_decay,
+    }
     for option, value in nonnegative.items():
         if not value >= 0.0:
             raise ConfigError(f"{option} must be >= 0; got {value}")
     if nesterov and (momentum <= 0.0 or dampening != 0.0):
         raise ConfigError(
             "nesterov=True needs momentum > 0 and dampening=0 (as in torch.optim.SGD); "
-            f"got momentum={momentum}, dampening={dampening}. E.g. momentum=0.9")
+            f"got momentum={momentum}, dampening={dampening}. E.g. momentum=0.9"
+        )
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"betas must be two values in [0, 1), like (0.9, 0.999); got {betas}")
     if not 0.0 <= rho <= 1.0:
@@ -326,18 +352,43 @@ def create_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    _check_options(name, dict(
-        momentum=momentum, nesterov=nesterov, dampening=dampening, betas=tuple(betas),
-        alpha=alpha, rho=rho, centered=centered, lr_decay=lr_decay, amsgrad=amsgrad,
-        initial_accumulator_value=initial_accumulator_value))
+    _check_options(
+        name,
+        dict(
+            momentum=momentum,
+            nesterov=nesterov,
+            dampening=dampening,
+            betas=tuple(betas),
+            alpha=alpha,
+            rho=rho,
+            centered=centered,
+            lr_decay=lr_decay,
+            amsgrad=amsgrad,
+            initial_accumulator_value=initial_accumulator_value,
+        ),
+    )
     if name == "sgd" and eps is not None:
         raise ConfigError("eps does not apply to 'sgd'; remove it")
     lr = _DEFAULT_LR[name] if learning_rate is None else learning_rate
     if eps is None:
         eps = _DEFAULT_EPS[name] or 0.0
     weight_decay = _DEFAULT_WEIGHT_DECAY.get(name, 0.0) if weight_decay is None else weight_decay
-    _check_values(name, lr, momentum, nesterov, dampening, weight_decay, tuple(betas), eps,
-                  alpha, rho, initial_accumulator_value, lr_decay, clip_norm, clip_value)
+    _check_values(
+        name,
+        lr,
+        momentum,
+        nesterov,
+        dampening,
+        weight_decay,
+        tuple(betas),
+        eps,
+        alpha,
+        rho,
+        initial_accumulator_value,
+        lr_decay,
+        clip_norm,
+        clip_value,
+    )
 
     chain: list[optax.GradientTransformation] = []
     if clip_norm is not None:
@@ -346,18 +397,45 @@ def create_optimizer(
         chain.append(optax.clip(clip_value))
     if weight_decay and name != "adamw":
         chain.append(optax.add_decayed_weights(weight_decay))  # torch: grad += wd * p
-    chain.extend(_core(name, momentum, nesterov, dampening, betas, eps, alpha, centered,
-                       rho, initial_accumulator_value, lr_decay, amsgrad))
+    chain.extend(
+        _core(
+            name,
+            momentum,
+            nesterov,
+            dampening,
+            betas,
+            eps,
+            alpha,
+            centered,
+            rho,
+            initial_accumulator_value,
+            lr_decay,
+            amsgrad,
+        )
+    )
     if weight_decay and name == "adamw":
         # -lr * (adam + wd * p) == torch's p *= 1 - lr * wd, then p -= lr * adam.
         chain.append(optax.add_decayed_weights(weight_decay))
     chain.append(optax.scale_by_learning_rate(lr))
     tx = optax.chain(*chain)
-    settings = {"optimizer": name, "lr": lr if not callable(lr) else getattr(lr, "__name__", "schedule"),
-                "momentum": momentum, "nesterov": nesterov, "dampening": dampening,
-                "weight_decay": weight_decay, "betas": list(betas), "eps": eps, "alpha": alpha, "rho": rho,
-                "centered": centered, "initial_accumulator_value": initial_accumulator_value,
-                "lr_decay": lr_decay, "amsgrad": amsgrad, "clip_norm": clip_norm, "clip_value": clip_value}
+    settings = {
+        "optimizer": name,
+        "lr": lr if not callable(lr) else getattr(lr, "__name__", "schedule"),
+        "momentum": momentum,
+        "nesterov": nesterov,
+        "dampening": dampening,
+        "weight_decay": weight_decay,
+        "betas": list(betas),
+        "eps": eps,
+        "alpha": alpha,
+        "rho": rho,
+        "centered": centered,
+        "initial_accumulator_value": initial_accumulator_value,
+        "lr_decay": lr_decay,
+        "amsgrad": amsgrad,
+        "clip_norm": clip_norm,
+        "clip_value": clip_value,
+    }
     _BUILT[id(tx)] = (tx, lr, settings)
     return tx
 
@@ -379,10 +457,20 @@ def describe(tx: optax.GradientTransformation) -> dict[str, Any] | None:
     return dict(built[2]) if built is not None and built[0] is tx else None
 
 
-def _core(name: str, momentum: float, nesterov: bool, dampening: float,
-          betas: tuple[float, float], eps: float, alpha: float, centered: bool, rho: float,
-          initial_accumulator_value: float, lr_decay: float,
-          amsgrad: bool) -> list[optax.GradientTransformation]:
+def _core(
+    name: str,
+    momentum: float,
+    nesterov: bool,
+    dampening: float,
+    betas: tuple[float, float],
+    eps: float,
+    alpha: float,
+    centered: bool,
+    rho: float,
+    initial_accumulator_value: float,
+    lr_decay: float,
+    amsgrad: bool,
+) -> list[optax.GradientTransformation]:
     """The optimizer-specific part, between weight decay and the learning rate."""
     if name == "sgd":
         if momentum == 0.0:

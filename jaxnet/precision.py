@@ -85,9 +85,7 @@ def get_policy(name: str) -> Policy:
     return Policy(compute_dtype=_COMPUTE_DTYPES[name])
 
 
-def apply_policy(
-    policy: Policy, transform: Transform | None, loss_fn: LossFn
-) -> tuple[Transform, LossFn]:
+def apply_policy(policy: Policy, transform: Transform | None, loss_fn: LossFn) -> tuple[Transform, LossFn]:
     """Wraps a step's preprocessing and loss so that the step follows ``policy``.
 
     Args:
@@ -132,8 +130,14 @@ def _param_owners(model: nnx.Module) -> dict[tuple[Any, ...], nnx.Module]:
     owners = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Param):
-            owner = next((path[:i] for i in range(len(path) - 1, 0, -1)
-                          if path[:i] in modules and not isinstance(modules[path[:i]], _CONTAINERS)), ())
+            owner = next(
+                (
+                    path[:i]
+                    for i in range(len(path) - 1, 0, -1)
+                    if path[:i] in modules and not isinstance(modules[path[:i]], _CONTAINERS)
+                ),
+                (),
+            )
             owners[owner] = modules[owner]
     return owners
 
@@ -197,9 +201,11 @@ def apply_to_model(model: nnx.Module, policy: Policy) -> nnx.Module:
     copy = nnx.clone(model)
     if jnp.dtype(policy.compute_dtype) == jnp.dtype(jnp.float32):
         return copy
-    refused = [f"{_layer_name(path)} ({type(module).__name__})"
-               for path, module in sorted(_param_owners(copy).items(), key=lambda item: [str(p) for p in item[0]])
-               if not hasattr(module, "dtype") and not isinstance(module, _FOLLOWS_INPUT_DTYPE)]
+    refused = [
+        f"{_layer_name(path)} ({type(module).__name__})"
+        for path, module in sorted(_param_owners(copy).items(), key=lambda item: [str(p) for p in item[0]])
+        if not hasattr(module, "dtype") and not isinstance(module, _FOLLOWS_INPUT_DTYPE)
+    ]
     if refused:
         name = jnp.dtype(policy.compute_dtype).name
         holds, it = ("holds", "it") if len(refused) == 1 else ("each hold", "each")
@@ -347,7 +353,11 @@ def loss_scaled_train_step_fn(
 
 
 def make_loss_scaled_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, *, donate: bool = True,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    *,
+    donate: bool = True,
     **step_options: Any,
 ) -> StepFn:
     """The jit-compiled :func:`loss_scaled_train_step_fn` (single device).

@@ -31,29 +31,68 @@ RECIPES: dict[str, Recipe] = {
     # annealed to 0 over the run (torch's CosineAnnealingLR), which ended 5 epochs higher than the
     # constant rate in every run compared (benchmarks/RECIPES.md). examples/mnist_mlp.py keeps
     # the tutorial's constant lr.
-    "mlp": Recipe("mnist", "adam", 1e-3, 64, 5, normalize=False, schedule="cosine",
-                  source="MLP tutorial: ToTensor, Adam lr 1e-3, batch 64; cosine-annealed lr"),
+    "mlp": Recipe(
+        "mnist",
+        "adam",
+        1e-3,
+        64,
+        5,
+        normalize=False,
+        schedule="cosine",
+        source="MLP tutorial: ToTensor, Adam lr 1e-3, batch 64; cosine-annealed lr",
+    ),
     # Tutorial "784-512-10 net": SGD(lr=0.01, momentum=0.9), batch 64.
-    "mlp512": Recipe("mnist", "sgd", 1e-2, 64, 5, momentum=0.9, normalize=False,
-                     source="784-512-10 tutorial: ToTensor, SGD lr 0.01 momentum 0.9, batch 64"),
+    "mlp512": Recipe(
+        "mnist",
+        "sgd",
+        1e-2,
+        64,
+        5,
+        momentum=0.9,
+        normalize=False,
+        source="784-512-10 tutorial: ToTensor, SGD lr 0.01 momentum 0.9, batch 64",
+    ),
     # Tutorial "Flatten-784-128-10": Adam(lr=0.001), batch 64, 10 epochs.
-    "mlp128": Recipe("mnist", "adam", 1e-3, 64, 10,
-                     source="nn tutorial: Normalize(0.1307, 0.3081), Adam lr 1e-3, batch 64, 10 epochs"),
+    "mlp128": Recipe(
+        "mnist",
+        "adam",
+        1e-3,
+        64,
+        10,
+        source="nn tutorial: Normalize(0.1307, 0.3081), Adam lr 1e-3, batch 64, 10 epochs",
+    ),
     # The tutorial gives the ConvNet no optimizer; PyTorch's own MNIST example
     # (Adadelta lr 1.0, StepLR(step_size=1, gamma=0.7), batch 64) is the usual one.
-    "convnet": Recipe("mnist", "adadelta", 1.0, 64, 5, schedule="step", gamma=0.7, step_size=1,
-                      source="pytorch/examples mnist: Adadelta lr 1.0, StepLR gamma 0.7, batch 64"),
+    "convnet": Recipe(
+        "mnist",
+        "adadelta",
+        1.0,
+        64,
+        5,
+        schedule="step",
+        gamma=0.7,
+        step_size=1,
+        source="pytorch/examples mnist: Adadelta lr 1.0, StepLR gamma 0.7, batch 64",
+    ),
     # Tutorial "CIFAR-10": SGD(lr=0.001, momentum=0.9), batch 100, 10 epochs.
-    "cifar_cnn": Recipe("cifar10", "sgd", 1e-3, 100, 10, momentum=0.9,
-                        source="CIFAR-10 tutorial: SGD lr 1e-3 momentum 0.9, batch 100, 10 epochs"),
+    "cifar_cnn": Recipe(
+        "cifar10",
+        "sgd",
+        1e-3,
+        100,
+        10,
+        momentum=0.9,
+        source="CIFAR-10 tutorial: SGD lr 1e-3 momentum 0.9, batch 100, 10 epochs",
+    ),
     # Tutorial "autograd": Linear(1, 1), MSELoss, SGD(lr=0.01), 100 full-batch epochs on y = 2x.
     "linear": Recipe("linear", "sgd", 1e-2, 4, 100, source="autograd tutorial: SGD lr 0.01, 100 epochs"),
 }
 
 # A model of your own (--model package.module:factory) has no tutorial: Adam at PyTorch's default
 # rate with a constant schedule, the first tutorial's batch size, and --dataset must be given.
-USER_MODEL_RECIPE = Recipe("", "adam", 1e-3, 64, 5,
-                           source="Adam lr 1e-3 (constant), batch 64, 5 epochs, Normalize(mean, std)")
+USER_MODEL_RECIPE = Recipe(
+    "", "adam", 1e-3, 64, 5, source="Adam lr 1e-3 (constant), batch 64, 5 epochs, Normalize(mean, std)"
+)
 
 
 def recipe_for(model: str) -> Recipe:

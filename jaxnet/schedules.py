@@ -103,19 +103,19 @@ def create_schedule(
     if warmup == 0:
         return _cosine(base_lr, end_lr, total)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=base_lr, warmup_steps=warmup,
-        decay_steps=total, end_value=end_lr)
+        init_value=0.0, peak_value=base_lr, warmup_steps=warmup, decay_steps=total, end_value=end_lr
+    )
 
 
-def _warmup_steps(warmup_steps: int | None, warmup_epochs: float | None, steps_per_epoch: int,
-                  total: int) -> int:
+def _warmup_steps(warmup_steps: int | None, warmup_epochs: float | None, steps_per_epoch: int, total: int) -> int:
     """The warm-up of ``warmup_cosine`` in steps: given in steps or epochs, else a share of the run."""
     if warmup_steps is not None and warmup_epochs is not None:
         raise ConfigError(f"give warmup_steps or warmup_epochs, not both; got {warmup_steps} and {warmup_epochs}")
     if warmup_epochs is not None:
         if not (isinstance(warmup_epochs, (int, float)) and 0 <= warmup_epochs * steps_per_epoch < total):
-            raise ConfigError(f"warmup_epochs must be in [0, {total / steps_per_epoch:g}) (the run's epochs); "
-                              f"got {warmup_epochs!r}")
+            raise ConfigError(
+                f"warmup_epochs must be in [0, {total / steps_per_epoch:g}) (the run's epochs); got {warmup_epochs!r}"
+            )
         return round(warmup_epochs * steps_per_epoch)
     if warmup_steps is None:  # the default: a short warm-up, never the whole run
         return min(max(1, round(WARMUP_FRACTION * total)), total - 1)
@@ -124,14 +124,17 @@ def _warmup_steps(warmup_steps: int | None, warmup_epochs: float | None, steps_p
     return warmup_steps
 
 
-def _epoch_decay(name: str, base_lr: float, steps_per_epoch: int, step_size: int | None,
-                 gamma: float) -> optax.Schedule:
+def _epoch_decay(
+    name: str, base_lr: float, steps_per_epoch: int, step_size: int | None, gamma: float
+) -> optax.Schedule:
     """``StepLR``/``ExponentialLR`` as a function of the step count."""
     if not gamma > 0.0:
         raise ConfigError(f"gamma must be > 0; got {gamma}")
     if name == "step" and not (isinstance(step_size, int) and step_size > 0):
-        raise ConfigError(f"schedule 'step' needs step_size=, a positive int of epochs; "
-                          f"got {step_size!r}. E.g. step_size=30 like StepLR(step_size=30)")
+        raise ConfigError(
+            f"schedule 'step' needs step_size=, a positive int of epochs; "
+            f"got {step_size!r}. E.g. step_size=30 like StepLR(step_size=30)"
+        )
     every = steps_per_epoch * (step_size if name == "step" else 1)
 
     def schedule(count: jax.Array) -> jax.Array:

@@ -66,7 +66,7 @@ def create_train_state(
         >>> int(state.step)
         0
     """
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # flax types nnx.split's result as a variadic tuple
     # Buffers of its own: the first donated step must not delete the arrays of the user's model.
     params, model_state = copy_state(params), copy_state(model_state)
     state = TrainState(

@@ -48,8 +48,9 @@ EvalFn = Callable[[TrainState, Batch], dict[str, Any]]
 EpochFn = Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
 
-def compile_step(fn: Callable[..., Any], *, donate: bool = True, compiler: Callable[..., Any] = jax.jit,
-                 **compile_kwargs: Any) -> Callable[..., Any]:
+def compile_step(
+    fn: Callable[..., Any], *, donate: bool = True, compiler: Callable[..., Any] = jax.jit, **compile_kwargs: Any
+) -> Callable[..., Any]:
     """Compiles a step whose first argument is the state, donating the state's buffers.
 
     The one place where jaxnet's steps are compiled: ``jax.jit(fn,
@@ -93,6 +94,7 @@ def loss_for_output(output: str) -> LossFn:
     Raises:
         ConfigError: for any other ``output``.
     """
+
     def reshaped(loss: Callable[[jax.Array, jax.Array], jax.Array]) -> LossFn:
         return lambda pred, target: loss(pred, target.reshape(pred.shape).astype(pred.dtype))
 
@@ -129,8 +131,11 @@ def takes_batch(fn: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return False
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return (len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params)
-            or any(p.name == "batch" for p in params))
+    return (
+        len(positional) >= 3
+        or any(p.kind is p.VAR_POSITIONAL for p in params)
+        or any(p.name == "batch" for p in params)
+    )
 
 
 def apply_loss(fn: Callable[..., jax.Array], outputs: jax.Array, labels: jax.Array, batch: Batch | None) -> jax.Array:
@@ -140,12 +145,14 @@ def apply_loss(fn: Callable[..., jax.Array], outputs: jax.Array, labels: jax.Arr
     return fn(outputs, labels)
 
 
-def _step_metrics(
-    metrics: Mapping[str, MetricFn] | None, classification: bool
-) -> Mapping[str, MetricFn]:
+def _step_metrics(metrics: Mapping[str, MetricFn] | None, classification: bool) -> Mapping[str, MetricFn]:
     if metrics is not None:
         return metrics
-    return {"accuracy": accuracy_for_output("logits")} if classification else {}
+    if not classification:
+        return {}
+    accuracy = accuracy_for_output("logits")
+    assert accuracy is not None  # "logits" is a classifier kind
+    return {"accuracy": accuracy}
 
 
 def accepts_rngs(model: nnx.Module) -> bool:
@@ -216,17 +223,14 @@ def train_step_fn(
             model = nnx.merge(graphdef, params, state.model_state, copy=True)
             model.train()  # model.train() in PyTorch: dropout on, BatchNorm uses batch statistics
             outputs = call_model(model, inputs, dropout_key)
-            _, _, model_state = nnx.split(model, nnx.Param, ...)  # updated running statistics
+            # The updated running statistics.
+            _, _, model_state = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # flax types nnx.split's result as a variadic tuple
             return apply_loss(loss_fn, outputs, labels, batch), (outputs, model_state)
 
-        (loss, (outputs, model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-            state.params
-        )
+        (loss, (outputs, model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
-        )
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
         values = {"loss": loss}
         for name, fn in batch_metrics.items():
             values[name] = jnp.asarray(apply_loss(fn, outputs, labels, batch), jnp.float32)
@@ -280,8 +284,7 @@ def make_train_step(
         >>> int(state.step)
         1
     """
-    step = train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification,
-                         metrics=metrics)
+    step = train_step_fn(graphdef, tx, loss_fn, transform=transform, classification=classification, metrics=metrics)
     return compile_step(step, donate=donate)
 
 
@@ -297,8 +300,9 @@ def scan_epoch_fn(step: StepFn) -> EpochFn:
         (see :func:`make_scan_epoch`).
     """
 
-    def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array,
-                    batch_indices: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_epoch(
+        state: TrainState, images: jax.Array, labels: jax.Array, batch_indices: jax.Array
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         def body(state: TrainState, idx: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:  # idx: (B,)
             batch = {"image": jnp.take(images, idx, axis=0), "label": jnp.take(labels, idx, axis=0)}
             return step(state, batch)
@@ -309,7 +313,11 @@ def scan_epoch_fn(step: StepFn) -> EpochFn:
 
 
 def make_scan_epoch(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, *, donate: bool = True,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    *,
+    donate: bool = True,
     **step_options: Any,
 ) -> EpochFn:
     """Builds a whole training epoch as one compiled ``lax.scan`` over device-resident data.

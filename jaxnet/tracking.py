@@ -120,9 +120,7 @@ class MetricsLogger:
         if tensorboard:
             from tensorboardX import SummaryWriter  # heavy import, only when used
 
-            self._writer = SummaryWriter(
-                str(self.workdir / TENSORBOARD_DIR), purge_step=purge_step, flush_secs=30
-            )
+            self._writer = SummaryWriter(str(self.workdir / TENSORBOARD_DIR), purge_step=purge_step, flush_secs=30)
 
     def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Records scalar ``metrics`` of ``split`` ("train", "test", ...) at ``step``."""
@@ -168,8 +166,14 @@ class MetricsLogger:
             counts, edges = _histogram(x, bins)
             total, squares = _sums(x)
             self._writer.add_histogram_raw(
-                name, min=float(edges[0]), max=float(edges[-1]), num=int(x.size), sum=total,
-                sum_squares=squares, bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(),
+                name,
+                min=float(edges[0]),
+                max=float(edges[-1]),
+                num=int(x.size),
+                sum=total,
+                sum_squares=squares,
+                bucket_limits=edges[1:].tolist(),
+                bucket_counts=counts.tolist(),
                 global_step=int(step),
             )
         return nonfinite

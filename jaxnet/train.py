@@ -52,8 +52,18 @@ from jaxnet.training.steps import FitSteps, build_steps, default_train_metrics
 from jaxnet.training.stops import NO_STEP, StopSignals
 
 __all__ = [  # jaxnet.train's public names, wherever they are defined
-    "FitResult", "FitSteps", "build_steps", "check_dataset", "default_config", "evaluate", "fit",
-    "make_image_transform", "model_name", "plan_fit", "resolve_output", "spec_of",
+    "FitResult",
+    "FitSteps",
+    "build_steps",
+    "check_dataset",
+    "default_config",
+    "evaluate",
+    "fit",
+    "make_image_transform",
+    "model_name",
+    "plan_fit",
+    "resolve_output",
+    "spec_of",
 ]
 
 
@@ -164,22 +174,71 @@ def fit(
     fit_data = as_fit_data(data, validation_split=validation_split, validation_data=validation_data, seed=seed)
     user_loss, loss_kind = _user_loss(loss_fn)
     user_metrics, callbacks = _named_metrics(metrics), list(callbacks)
-    plan = plan_fit(model, fit_data, epochs=epochs, batch_size=batch_size, output=output or loss_kind,
-                    callbacks=callbacks, augment=augment, scan=scan, devices=devices)
+    plan = plan_fit(
+        model,
+        fit_data,
+        epochs=epochs,
+        batch_size=batch_size,
+        output=output or loss_kind,
+        callbacks=callbacks,
+        augment=augment,
+        scan=scan,
+        devices=devices,
+    )
     _check_run_args(workdir, resume, fsdp, on_nan)
-    config = _run_config(config, model, fit_data, plan, tx, batch_size=batch_size, seed=seed, epochs=epochs,
-                         validation_split=validation_split, loss_fn=loss_fn, metrics=user_metrics,
-                         precision=precision, devices=devices, fsdp=fsdp, augment=augment)
-    with (RunFiles(workdir, config, plan, resume=resume, keep_checkpoints=keep_checkpoints) as files,
-          CompileCounter() as counter, StopSignals(handle_signals) as signals):
-        steps = build_steps(model, tx, output=plan.output, transform=plan.transform, seed=seed, devices=devices,
-                            fsdp=fsdp, precision=precision, scan=scan, loss_fn=user_loss,
-                            train_metrics={**default_train_metrics(plan.output), **user_metrics},
-                            eval_metrics=user_metrics)
+    config = _run_config(
+        config,
+        model,
+        fit_data,
+        plan,
+        tx,
+        batch_size=batch_size,
+        seed=seed,
+        epochs=epochs,
+        validation_split=validation_split,
+        loss_fn=loss_fn,
+        metrics=user_metrics,
+        precision=precision,
+        devices=devices,
+        fsdp=fsdp,
+        augment=augment,
+    )
+    with (
+        RunFiles(workdir, config, plan, resume=resume, keep_checkpoints=keep_checkpoints) as files,
+        CompileCounter() as counter,
+        StopSignals(handle_signals) as signals,
+    ):
+        steps = build_steps(
+            model,
+            tx,
+            output=plan.output,
+            transform=plan.transform,
+            seed=seed,
+            devices=devices,
+            fsdp=fsdp,
+            precision=precision,
+            scan=scan,
+            loss_fn=user_loss,
+            train_metrics={**default_train_metrics(plan.output), **user_metrics},
+            eval_metrics=user_metrics,
+        )
         _add_learning_rate_logging(callbacks, tx)
         run = jcallbacks.Run(steps.graphdef, steps.state, epochs, workdir=files.workdir)
-        loop = FitLoop(run, steps, files, callbacks, batch_size, seed, log_every, checkpoint_every,
-                       plan.steps_per_epoch, progress, signals, on_nan, bad=jnp.asarray(NO_STEP, jnp.int32))
+        loop = FitLoop(
+            run,
+            steps,
+            files,
+            callbacks,
+            batch_size,
+            seed,
+            log_every,
+            checkpoint_every,
+            plan.steps_per_epoch,
+            progress,
+            signals,
+            on_nan,
+            bad=jnp.asarray(NO_STEP, jnp.int32),
+        )
         first_epoch = loop.restore(files.restore(run.state))
         files.write_model(steps.graphdef, run.state, plan)
         scan_data = jax.device_put((plan.data.train.x, plan.data.train.y)) if scan else None
@@ -201,19 +260,41 @@ def fit(
                 break
         trained = run.state
         jcallbacks.call(callbacks, "on_fit_end", run, run.history[-1] if run.history else {})
-    return finish(model, loop, plan, counter, replaced=run.state is not trained, precision=precision,
-                  eval_batch_size=eval_batch_size)
+    return finish(
+        model,
+        loop,
+        plan,
+        counter,
+        replaced=run.state is not trained,
+        precision=precision,
+        eval_batch_size=eval_batch_size,
+    )
 
 
-def _run_config(config: dict[str, Any] | None, model: nnx.Module, data: FitData, plan: _Plan,
-                tx: optax.GradientTransformation, *, loss_fn: Any, metrics: Mapping[str, Any],
-                **settings: Any) -> dict[str, Any]:
+def _run_config(
+    config: dict[str, Any] | None,
+    model: nnx.Module,
+    data: FitData,
+    plan: _Plan,
+    tx: optax.GradientTransformation,
+    *,
+    loss_fn: Any,
+    metrics: Mapping[str, Any],
+    **settings: Any,
+) -> dict[str, Any]:
     """The config recorded in the workdir: the caller's, or the run's own; plus how to pick the best."""
     if config is None:
-        config = default_config(model, data, output=plan.output, loss_fn=_describe_fn(loss_fn),
-                                input_shape=list(np.shape(plan.sample_x)[1:]),
-                                input_dtype=str(np.asarray(plan.sample_x).dtype),
-                                metrics=sorted(metrics), optimizer=_optimizer_config(tx), **settings)
+        config = default_config(
+            model,
+            data,
+            output=plan.output,
+            loss_fn=_describe_fn(loss_fn),
+            input_shape=list(np.shape(plan.sample_x)[1:]),
+            input_dtype=str(np.asarray(plan.sample_x).dtype),
+            metrics=sorted(metrics),
+            optimizer=_optimizer_config(tx),
+            **settings,
+        )
     if plan.best_metric is not None:
         config = {**config, "best_metric": plan.best_metric, "best_mode": plan.best_mode}
     return config

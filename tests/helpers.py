@@ -48,14 +48,20 @@ def user_env(**overrides: str) -> dict[str, str]:
 
 def offline_env(tmp_path: pathlib.Path) -> dict[str, str]:
     """:func:`user_env` on a machine with nothing cached: an empty cache, no data folder, the CPU, this checkout."""
-    return user_env(XDG_CACHE_HOME=str(tmp_path / "empty-cache"), JAXNET_DATA_DIR="", JAX_PLATFORMS="cpu",
-                    PYTHONPATH=str(REPO))
+    return user_env(
+        XDG_CACHE_HOME=str(tmp_path / "empty-cache"), JAXNET_DATA_DIR="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)
+    )
 
 
 def run_jaxnet(*args: str, env: Mapping[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs ``python -m jaxnet ARGS`` in a fresh process, as a user would; ``env`` is added to :func:`user_env`."""
-    return subprocess.run([sys.executable, "-m", "jaxnet", *args], capture_output=True, text=True,
-                          env=user_env(**(env or {})), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxnet", *args],
+        capture_output=True,
+        text=True,
+        env=user_env(**(env or {})),
+        timeout=timeout,
+    )
 
 
 # --- comparing training runs (steps, precision, accumulation, parallel) --------------------------
@@ -81,8 +87,13 @@ def trees_equal(a, b) -> bool:
 def mnist_batches(n_steps: int, batch_size: int = 32, seed: int = 0) -> list[dict]:
     """``n_steps`` random MNIST-shaped batches: uint8 ``(B, 28, 28, 1)`` images, int32 labels in [0, 10)."""
     rng = np.random.default_rng(seed)
-    return [{"image": rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8),
-             "label": rng.integers(0, 10, batch_size).astype(np.int32)} for _ in range(n_steps)]
+    return [
+        {
+            "image": rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8),
+            "label": rng.integers(0, 10, batch_size).astype(np.int32),
+        }
+        for _ in range(n_steps)
+    ]
 
 
 def mnist_batch(batch_size: int = 32, seed: int = 0) -> dict:

@@ -34,7 +34,7 @@ def test_k_accumulation_steps_equal_one_step_of_k_times_the_batch(clip):
     start = jax.tree.map(np.asarray, state.params)
     losses = []
     for i in range(k):
-        micro = {key: v[i * b:(i + 1) * b] for key, v in big.items()}
+        micro = {key: v[i * b : (i + 1) * b] for key, v in big.items()}
         state, m = step(state, micro)
         losses.append(float(m["loss"]))
         if i < k - 1:
@@ -65,5 +65,5 @@ def test_accumulation_composes_with_data_parallel_steps():
     step = sharding.make_sharded_train_step(graphdef, tx, LOSS, mesh, shardings, transform=TRANSFORM)
     state = sharding.shard_state(state, shardings)
     for i in range(2):
-        state, _ = step(state, {key: v[i * 16:(i + 1) * 16] for key, v in big.items()})
+        state, _ = step(state, {key: v[i * 16 : (i + 1) * 16] for key, v in big.items()})
     assert leafwise_rel_err(state.params, ref.params) <= 1e-5

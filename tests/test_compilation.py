@@ -35,10 +35,16 @@ def test_compile_counter_catches_a_shape_unstable_loop():
             state, _ = step(state, {"image": images[:size], "label": labels[:size]})
     assert unstable.compiles == 3 and unstable.traces >= 3
 
+
 def test_fit_reports_zero_steady_state_compilations():
     sample = load_dataset("mnist", download=False)
-    small = dataclasses.replace(sample, train_images=sample.train_images[:640], train_labels=sample.train_labels[:640],
-                                test_images=sample.test_images[:200], test_labels=sample.test_labels[:200])
+    small = dataclasses.replace(
+        sample,
+        train_images=sample.train_images[:640],
+        train_labels=sample.train_labels[:640],
+        test_images=sample.test_images[:200],
+        test_labels=sample.test_labels[:200],
+    )
     result = fit(create_model("mlp128", seed=0), small, optax.adam(1e-3), epochs=2, batch_size=64, progress=False)
     assert result.summary["compilations"] > 0
     assert result.summary["steady_state_compilations"] == 0

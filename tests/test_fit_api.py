@@ -43,8 +43,13 @@ def tiny_mnist():
     import dataclasses
 
     full = jaxnet.load_dataset("mnist", download=False, data_dir=None)
-    return dataclasses.replace(full, train_images=full.train_images[:256], train_labels=full.train_labels[:256],
-                               test_images=full.test_images[:100], test_labels=full.test_labels[:100])
+    return dataclasses.replace(
+        full,
+        train_images=full.train_images[:256],
+        train_labels=full.train_labels[:256],
+        test_images=full.test_images[:100],
+        test_labels=full.test_labels[:100],
+    )
 
 
 def fit(data, model=None, **kw):
@@ -53,6 +58,7 @@ def fit(data, model=None, **kw):
 
 
 # -- data forms ----------------------------------------------------------------------------------
+
 
 def test_tuple_dict_and_splits_train_the_same():
     x, y = tabular()
@@ -85,7 +91,7 @@ def test_source_of_records_and_iterable_of_batches():
 
     records = fit(Records(), batch_size=16)
     assert records.summary["steps"] == 16
-    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 128, 16)] + [(x[:5], y[:5])]  # last: other size
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 128, 16)] + [(x[:5], y[:5])]  # last: other size
     streamed = fit(batches, batch_size=16, validation_data=(x[:32], y[:32]))
     assert streamed.summary["steps"] == 2 * 8  # the 5-example batch is skipped (it would recompile)
     assert streamed.summary["steady_state_compilations"] == 0
@@ -101,22 +107,26 @@ def test_one_shot_iterator_over_several_epochs_is_refused():
         fit(iter([(x[:16], y[:16])] * 4), batch_size=16, epochs=2)
 
 
-@pytest.mark.parametrize("data, message", [
-    ((np.zeros((4, 2)),), "tuple of 1"),
-    ({"x": np.zeros((4, 2))}, "expected an input key"),
-    ({"train": (np.zeros((4, 2)), np.zeros(4)), "extra": 1}, "beside splits"),
-    ({"validation": (np.zeros((4, 2)), np.zeros(4))}, "no 'train' split"),
-    ((np.zeros((4, 2)), np.zeros(3)), "4 inputs but 3 labels"),
-    ((np.zeros((4, 2)), np.array(["a", "b", "c", "d"])), "labels must be numbers"),
-    (42, "cannot train on a int"),
-    (np.zeros((4, 2)), "single ndarray, with no labels"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ((np.zeros((4, 2)),), "tuple of 1"),
+        ({"x": np.zeros((4, 2))}, "expected an input key"),
+        ({"train": (np.zeros((4, 2)), np.zeros(4)), "extra": 1}, "beside splits"),
+        ({"validation": (np.zeros((4, 2)), np.zeros(4))}, "no 'train' split"),
+        ((np.zeros((4, 2)), np.zeros(3)), "4 inputs but 3 labels"),
+        ((np.zeros((4, 2)), np.array(["a", "b", "c", "d"])), "labels must be numbers"),
+        (42, "cannot train on a int"),
+        (np.zeros((4, 2)), "single ndarray, with no labels"),
+    ],
+)
 def test_bad_data_forms_get_one_clear_error(data, message):
     with pytest.raises((ConfigError, DataError), match=message):
         as_fit_data(data)
 
 
 # -- validation ----------------------------------------------------------------------------------
+
 
 def test_validation_split_is_a_seeded_holdout():
     x, y = tabular(100)
@@ -152,8 +162,12 @@ def test_validation_never_touches_the_test_split():
         def on_fit_end(self, run, logs):
             phase["training"] = False
 
-    result = fit({"train": (x[:160], y[:160]), "test": (TestSplit(), y[160:])}, validation_split=0.25,
-                 callbacks=[EndOfTraining()], epochs=3)
+    result = fit(
+        {"train": (x[:160], y[:160]), "test": (TestSplit(), y[160:])},
+        validation_split=0.25,
+        callbacks=[EndOfTraining()],
+        epochs=3,
+    )
     assert all(not any(k.startswith("test_") for k in h) for h in result.history)
     assert all("val_loss" in h for h in result.history)
     assert result.summary["test_accuracy"] is not None
@@ -161,12 +175,18 @@ def test_validation_never_touches_the_test_split():
 
 def test_best_checkpoint_is_chosen_by_validation_not_test(tmp_path):
     x, y = tabular(200)
-    result = fit({"train": (x[:160], y[:160]), "test": (x[160:], y[160:])}, validation_split=0.25,
-                 epochs=3, workdir=tmp_path / "w", keep_checkpoints=1)
+    result = fit(
+        {"train": (x[:160], y[:160]), "test": (x[160:], y[160:])},
+        validation_split=0.25,
+        epochs=3,
+        workdir=tmp_path / "w",
+        keep_checkpoints=1,
+    )
     config = workdir.read_config(tmp_path / "w")
     assert (config["best_metric"], config["best_mode"]) == ("val_accuracy", "max")
-    ckpt = checkpoint.create_checkpoint_manager(workdir.checkpoint_directory(tmp_path / "w"), read_only=True,
-                                                best_metric="val_accuracy", best_mode="max")
+    ckpt = checkpoint.create_checkpoint_manager(
+        workdir.checkpoint_directory(tmp_path / "w"), read_only=True, best_metric="val_accuracy", best_mode="max"
+    )
     try:
         best = checkpoint.best(ckpt)
         by_step = {h["step"]: h for h in result.history}
@@ -176,13 +196,20 @@ def test_best_checkpoint_is_chosen_by_validation_not_test(tmp_path):
 
 
 def test_tutorial_dataset_keeps_per_epoch_test_evaluation(tiny_mnist):
-    result = jaxnet.fit(jaxnet.create_model("mlp128"), tiny_mnist, create_optimizer("adam", 1e-3),
-                        epochs=1, batch_size=32, progress=False)
+    result = jaxnet.fit(
+        jaxnet.create_model("mlp128"),
+        tiny_mnist,
+        create_optimizer("adam", 1e-3),
+        epochs=1,
+        batch_size=32,
+        progress=False,
+    )
     assert "test_accuracy" in result.history[0]
     assert result.summary["test_accuracy"] == result.history[0]["test_accuracy"]
 
 
 # -- losses and metrics --------------------------------------------------------------------------
+
 
 def test_loss_fn_and_metrics_computed_in_step_and_at_evaluation():
     x, y = tabular(160)
@@ -231,13 +258,17 @@ def test_l1_and_huber_match_torch():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(1)
     pred, target = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32) * 3
-    for ours, theirs in ((jaxnet.losses.l1_loss, torch.nn.L1Loss()),
-                         (lambda p, t: jaxnet.losses.huber_loss(p, t, delta=0.7), torch.nn.HuberLoss(delta=0.7))):
-        np.testing.assert_allclose(float(ours(pred, target)),
-                                   float(theirs(torch.tensor(pred), torch.tensor(target))), rtol=1e-6)
+    for ours, theirs in (
+        (jaxnet.losses.l1_loss, torch.nn.L1Loss()),
+        (lambda p, t: jaxnet.losses.huber_loss(p, t, delta=0.7), torch.nn.HuberLoss(delta=0.7)),
+    ):
+        np.testing.assert_allclose(
+            float(ours(pred, target)), float(theirs(torch.tensor(pred), torch.tensor(target))), rtol=1e-6
+        )
 
 
 # -- callbacks -----------------------------------------------------------------------------------
+
 
 class Scripted(jcb.Callback):
     """Logs a scalar of its own each epoch: ``score`` from a fixed script."""
@@ -252,8 +283,9 @@ class Scripted(jcb.Callback):
 def test_early_stopping_stops_at_the_right_epoch_without_recompiling(tmp_path):
     x, y = tabular(160)
     stop = jcb.EarlyStopping("score", mode="max", patience=2)
-    result = fit((x, y), epochs=10, callbacks=[Scripted([1, 2, 3, 2.5, 2.9, 9, 9, 9, 9, 9]), stop],
-                 workdir=tmp_path / "w")
+    result = fit(
+        (x, y), epochs=10, callbacks=[Scripted([1, 2, 3, 2.5, 2.9, 9, 9, 9, 9, 9]), stop], workdir=tmp_path / "w"
+    )
     assert result.summary["epochs_run"] == 5 and result.summary["stopped_early"]
     assert (stop.best, stop.best_epoch, stop.stopped_epoch) == (3, 3, 5)
     assert result.summary["steady_state_compilations"] == 0
@@ -270,8 +302,15 @@ def test_early_stopping_restore_best_gives_the_best_epochs_weights():
         def on_epoch_end(self, run, epoch, logs):
             digests.append(jaxnet.checkpoint.params_sha256(run.state.params))
 
-    result = fit((x, y), epochs=6, callbacks=[Scripted([1, 5, 2, 2, 2, 2]), Digest(),
-                                              jcb.EarlyStopping("score", mode="max", patience=3, restore_best=True)])
+    result = fit(
+        (x, y),
+        epochs=6,
+        callbacks=[
+            Scripted([1, 5, 2, 2, 2, 2]),
+            Digest(),
+            jcb.EarlyStopping("score", mode="max", patience=3, restore_best=True),
+        ],
+    )
     assert result.summary["epochs_run"] == 5
     assert result.summary["params_sha256"] == digests[1]  # epoch 2 scored best
 
@@ -284,10 +323,16 @@ def test_early_stopping_on_a_missing_metric_names_the_available_ones():
 
 def test_best_checkpoints_by_any_metric_and_mode(tmp_path):
     x, y = tabular(160)
-    fit((x, y), epochs=4, callbacks=[Scripted([3, 1, 2, 4]), jcb.BestCheckpoints("score", mode="min", keep=1)],
-        workdir=tmp_path / "w", keep_checkpoints=1)
-    ckpt = checkpoint.create_checkpoint_manager(workdir.checkpoint_directory(tmp_path / "w"), read_only=True,
-                                                best_metric="score", best_mode="min")
+    fit(
+        (x, y),
+        epochs=4,
+        callbacks=[Scripted([3, 1, 2, 4]), jcb.BestCheckpoints("score", mode="min", keep=1)],
+        workdir=tmp_path / "w",
+        keep_checkpoints=1,
+    )
+    ckpt = checkpoint.create_checkpoint_manager(
+        workdir.checkpoint_directory(tmp_path / "w"), read_only=True, best_metric="score", best_mode="min"
+    )
     try:
         assert checkpoint.best(ckpt) == 20  # epoch 2 (10 steps per epoch) scored lowest
         assert set(checkpoint.steps(ckpt)) == {20, 40}  # the best plus the newest
@@ -300,18 +345,35 @@ def test_learning_rate_logger_reads_the_schedule(tmp_path):
     x, y = tabular(160)
     schedule = create_schedule("step", 0.1, steps_per_epoch=10, step_size=1, gamma=0.5)
     tx = create_optimizer("sgd", schedule, momentum=0.9)
-    result = jaxnet.fit(Net(rngs=nnx.Rngs(0)), (x, y), tx, epochs=3, batch_size=16, progress=False,
-                        callbacks=[jcb.LearningRateLogger()], workdir=tmp_path / "w", log_every=5)
+    result = jaxnet.fit(
+        Net(rngs=nnx.Rngs(0)),
+        (x, y),
+        tx,
+        epochs=3,
+        batch_size=16,
+        progress=False,
+        callbacks=[jcb.LearningRateLogger()],
+        workdir=tmp_path / "w",
+        log_every=5,
+    )
     assert [round(h["lr"], 6) for h in result.history] == [0.05, 0.025, 0.0125]  # the lr of the next step
     train_records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert any("lr" in r for r in train_records if r["split"] == "train")
     injected = optax.inject_hyperparams(optax.sgd)(learning_rate=0.3)
-    plain = jaxnet.fit(Net(rngs=nnx.Rngs(0)), (x, y), injected, epochs=1, batch_size=16, progress=False,
-                       callbacks=[jcb.LearningRateLogger()])
+    plain = jaxnet.fit(
+        Net(rngs=nnx.Rngs(0)),
+        (x, y),
+        injected,
+        epochs=1,
+        batch_size=16,
+        progress=False,
+        callbacks=[jcb.LearningRateLogger()],
+    )
     assert plain.history[0]["lr"] == pytest.approx(0.3)
 
 
 # -- nothing the user holds is destroyed -----------------------------------------------------------
+
 
 def test_the_model_passed_in_holds_the_trained_weights():
     x, y = tabular(160)
@@ -354,15 +416,26 @@ def test_tfds_data_source_splits(monkeypatch, tmp_path):
     write_metadata(tmp_path, "mnist", {"train": 60000, "test": 10000})
     with mocked(monkeypatch, tmp_path, num_examples=64):
         source = tfds.data_source("mnist", data_dir=str(tmp_path))  # {"train": ..., "test": ...}
-        result = jaxnet.fit(jaxnet.create_model("mlp128"), dict(source), create_optimizer("adam", 1e-3),
-                            epochs=1, batch_size=16, progress=False)
+        result = jaxnet.fit(
+            jaxnet.create_model("mlp128"),
+            dict(source),
+            create_optimizer("adam", 1e-3),
+            epochs=1,
+            batch_size=16,
+            progress=False,
+        )
     assert result.summary["steps"] == 4 and "test_accuracy" in result.history[0]
 
 
 def test_early_stopping_positional_contract():
     stop = jcb.EarlyStopping("val_accuracy", "max", 4, True)
-    assert (stop.monitor, stop.mode, stop.patience, stop.restore_best, stop.min_delta) == \
-        ("val_accuracy", "max", 4, True, 0.0)
+    assert (stop.monitor, stop.mode, stop.patience, stop.restore_best, stop.min_delta) == (
+        "val_accuracy",
+        "max",
+        4,
+        True,
+        0.0,
+    )
     with pytest.raises(ConfigError, match="patience"):
         jcb.EarlyStopping("val_loss", "min", -1)
     with pytest.raises(ConfigError, match="mode"):

@@ -79,14 +79,25 @@ def _tiny_data() -> ArrayDataset:
     def images(n):
         return rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)  # (N, H, W, C)
 
-    return ArrayDataset("tiny", images(96), rng.integers(0, 10, 96).astype(np.int32), images(32),
-                        rng.integers(0, 10, 32).astype(np.int32), 10, (0.5,), (0.25,), "generated")
+    return ArrayDataset(
+        "tiny",
+        images(96),
+        rng.integers(0, 10, 96).astype(np.int32),
+        images(32),
+        rng.integers(0, 10, 32).astype(np.int32),
+        10,
+        (0.5,),
+        (0.25,),
+        "generated",
+    )
 
 
 def _equal_trees(a, b) -> bool:
     la, lb = jax.tree.leaves(integrity.key_data_tree(a)), jax.tree.leaves(integrity.key_data_tree(b))
-    return len(la) == len(lb) and all(np.asarray(x).dtype == np.asarray(y).dtype
-                                      and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+    return len(la) == len(lb) and all(
+        np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(la, lb)
+    )
 
 
 # --- RNG keys in checkpoints -------------------------------------------------------------------
@@ -107,8 +118,9 @@ def test_params_sha256_hashes_key_data():
     state = _trained_state(0)
     digest = integrity.params_sha256(state)
     assert digest == integrity.params_sha256(jax.tree.map(np.asarray, integrity.key_data_tree(state)))
-    other = state.replace(model_state=jax.tree.map(
-        lambda x: jax.random.key(9) if integrity.is_prng_key(x) else x, state.model_state))
+    other = state.replace(
+        model_state=jax.tree.map(lambda x: jax.random.key(9) if integrity.is_prng_key(x) else x, state.model_state)
+    )
     assert integrity.params_sha256(other) != digest
     record = integrity.make_record(state, {}, None)
     assert integrity.shapes_problem(record, state, ["model_state"]) is None
@@ -119,8 +131,9 @@ def test_params_sha256_hashes_key_data():
 def test_checkpoint_round_trip_keeps_the_key_data(array_format, tmp_path):
     saved = _trained_state(1)
     fresh = create_train_state(Net(rngs=nnx.Rngs(0)), optax.adam(1e-3))[1]  # another key: the target's is not kept
-    assert not np.array_equal(jax.random.key_data(_key_of(fresh.model_state)),
-                              jax.random.key_data(_key_of(saved.model_state)))
+    assert not np.array_equal(
+        jax.random.key_data(_key_of(fresh.model_state)), jax.random.key_data(_key_of(saved.model_state))
+    )
     ckpt = C.create_checkpoint_manager(tmp_path / "ckpt", array_format=array_format)
     C.save(ckpt, 1, saved, meta={"epoch": 1})
     C.wait(ckpt)
@@ -135,15 +148,17 @@ def test_checkpoint_round_trip_keeps_the_key_data(array_format, tmp_path):
     for target in ((fresh.params, fresh.model_state), jax.eval_shape(lambda: (fresh.params, fresh.model_state))):
         params, model_state, _ = C.restore_variables(ckpt, *target)
         assert _key_of(model_state).dtype == _key_of(saved.model_state).dtype
-        np.testing.assert_array_equal(jax.random.key_data(_key_of(model_state)),
-                                      jax.random.key_data(_key_of(saved.model_state)))
+        np.testing.assert_array_equal(
+            jax.random.key_data(_key_of(model_state)), jax.random.key_data(_key_of(saved.model_state))
+        )
         assert _equal_trees(params, saved.params)
     C.close(ckpt)
     state_dir = tmp_path / "ckpt" / "1" / "state"
     if array_format == "npz":
         with np.load(state_dir / C.ARRAYS_FILE) as archive:  # readable without jaxnet, as uint32 key data
-            np.testing.assert_array_equal(archive["model_state/dropout/rngs/key/value"],
-                                          jax.random.key_data(_key_of(saved.model_state)))
+            np.testing.assert_array_equal(
+                archive["model_state/dropout/rngs/key/value"], jax.random.key_data(_key_of(saved.model_state))
+            )
     else:
         assert not (state_dir / C.ARRAYS_FILE).exists()
 
@@ -157,8 +172,9 @@ def test_damaged_key_data_is_caught(array_format, tmp_path):
     # The recorded digest covers the key: a restore whose key data differs is damage.
     ckpt = C.create_checkpoint_manager(tmp_path / "ckpt")
     record = C.read_record(ckpt, 1)
-    changed = saved.replace(model_state=jax.tree.map(
-        lambda x: jax.random.key(5) if integrity.is_prng_key(x) else x, saved.model_state))
+    changed = saved.replace(
+        model_state=jax.tree.map(lambda x: jax.random.key(5) if integrity.is_prng_key(x) else x, saved.model_state)
+    )
     assert integrity.digest_problem(record, changed, ["model_state"]) == "model_state"
     assert integrity.digest_problem(record, saved, ["model_state"]) is None
     C.close(ckpt)
@@ -186,8 +202,7 @@ def test_sharded_restore_of_key_leaves(array_format, tmp_path):
 def _fit(data, workdir=None, **kw):
     from jaxnet import fit
 
-    return fit(Net(rngs=nnx.Rngs(0)), data, optax.adam(1e-2), batch_size=16, progress=False,
-               workdir=workdir, **kw)
+    return fit(Net(rngs=nnx.Rngs(0)), data, optax.adam(1e-2), batch_size=16, progress=False, workdir=workdir, **kw)
 
 
 def test_fit_interrupted_mid_epoch_resumes_bit_identical(tmp_path):

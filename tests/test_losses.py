@@ -55,8 +55,14 @@ def _class_case(seed, lead, num_classes, ignore):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize(
     "use_weight,ignore,smoothing",
-    [(False, False, 0.0), (True, False, 0.0), (False, True, 0.0), (True, True, 0.0),
-     (False, False, 0.1), (True, True, 0.25)],
+    [
+        (False, False, 0.0),
+        (True, False, 0.0),
+        (False, True, 0.0),
+        (True, True, 0.0),
+        (False, False, 0.1),
+        (True, True, 0.25),
+    ],
 )
 def test_cross_entropy_matches_torch(lead, num_classes, reduction, use_weight, ignore, smoothing):
     logits, labels, weight = _class_case(0, lead, num_classes, ignore)
@@ -64,13 +70,21 @@ def test_cross_entropy_matches_torch(lead, num_classes, reduction, use_weight, i
 
     def ours(x):
         return losses.cross_entropy(
-            x, jnp.asarray(labels), weight=jnp.asarray(weight) if use_weight else None,
-            ignore_index=-100 if ignore else None, **kwargs)
+            x,
+            jnp.asarray(labels),
+            weight=jnp.asarray(weight) if use_weight else None,
+            ignore_index=-100 if ignore else None,
+            **kwargs,
+        )
 
     t_logits = _to_torch_classes(logits)
     expected = F.cross_entropy(
-        t_logits, torch.tensor(labels, dtype=torch.long),
-        weight=torch.tensor(weight) if use_weight else None, ignore_index=-100, **kwargs)
+        t_logits,
+        torch.tensor(labels, dtype=torch.long),
+        weight=torch.tensor(weight) if use_weight else None,
+        ignore_index=-100,
+        **kwargs,
+    )
     _close(ours(jnp.asarray(logits)), expected.detach().numpy())
 
     # Gradient of the summed output w.r.t. the logits, against autograd.
@@ -88,17 +102,23 @@ def test_nll_loss_matches_torch(lead, num_classes, reduction, use_weight, ignore
 
     def ours(x):
         return losses.nll_loss(
-            x, jnp.asarray(labels), reduction=reduction,
+            x,
+            jnp.asarray(labels),
+            reduction=reduction,
             weight=jnp.asarray(weight) if use_weight else None,
-            ignore_index=-100 if ignore else None)
+            ignore_index=-100 if ignore else None,
+        )
 
     t_in = _to_torch_classes(log_probs)
-    expected = F.nll_loss(t_in, torch.tensor(labels, dtype=torch.long), reduction=reduction,
-                          weight=torch.tensor(weight) if use_weight else None)
+    expected = F.nll_loss(
+        t_in,
+        torch.tensor(labels, dtype=torch.long),
+        reduction=reduction,
+        weight=torch.tensor(weight) if use_weight else None,
+    )
     _close(ours(jnp.asarray(log_probs)), expected.detach().numpy())
     expected.sum().backward()
-    _close(jax.grad(lambda x: jnp.sum(ours(x)))(jnp.asarray(log_probs)),
-           _from_torch_classes(t_in.grad))
+    _close(jax.grad(lambda x: jnp.sum(ours(x)))(jnp.asarray(log_probs)), _from_torch_classes(t_in.grad))
 
 
 def test_cross_entropy_mean_divides_by_summed_weights_not_count():
@@ -117,11 +137,12 @@ def test_cross_entropy_all_ignored_mean_is_nan_like_torch():
 
 def test_cross_entropy_is_jittable():
     logits, labels, weight = _class_case(2, (8,), 4, ignore=True)
-    fn = jax.jit(lambda x, y: losses.cross_entropy(
-        x, y, weight=jnp.asarray(weight), ignore_index=-100, label_smoothing=0.1))
-    eager = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels),
-                                 weight=jnp.asarray(weight), ignore_index=-100,
-                                 label_smoothing=0.1)
+    fn = jax.jit(
+        lambda x, y: losses.cross_entropy(x, y, weight=jnp.asarray(weight), ignore_index=-100, label_smoothing=0.1)
+    )
+    eager = losses.cross_entropy(
+        jnp.asarray(logits), jnp.asarray(labels), weight=jnp.asarray(weight), ignore_index=-100, label_smoothing=0.1
+    )
     np.testing.assert_allclose(fn(logits, labels), eager, rtol=1e-6)
 
 
@@ -151,8 +172,10 @@ def test_kl_div_matches_torch(shape, reduction, log_target):
     target = np.log(p + 1e-12).astype(np.float32) if log_target else p
     t_in = torch.tensor(log_q, requires_grad=True)
     expected = F.kl_div(t_in, torch.tensor(target), reduction=reduction, log_target=log_target)
-    ours = lambda x: losses.kl_div(x, jnp.asarray(target), reduction=reduction,  # noqa: E731
-                                   log_target=log_target)
+
+    def ours(x):
+        return losses.kl_div(x, jnp.asarray(target), reduction=reduction, log_target=log_target)
+
     _close(ours(jnp.asarray(log_q)), expected.detach().numpy())
     expected.sum().backward()
     _close(jax.grad(lambda x: jnp.sum(ours(x)))(jnp.asarray(log_q)), t_in.grad.numpy())
@@ -162,16 +185,14 @@ def test_kl_div_batchmean_is_true_kl_per_example():
     p = jnp.array([[0.25, 0.75], [0.5, 0.5]])
     q = jnp.array([[0.5, 0.5], [0.5, 0.5]])
     true_kl = float(jnp.sum(p * jnp.log(p / q)) / 2)
-    np.testing.assert_allclose(losses.kl_div(jnp.log(q), p, reduction="batchmean"), true_kl,
-                               rtol=1e-6)
+    np.testing.assert_allclose(losses.kl_div(jnp.log(q), p, reduction="batchmean"), true_kl, rtol=1e-6)
     # torch's "mean" divides by the element count (4), i.e. half of batchmean here.
     np.testing.assert_allclose(losses.kl_div(jnp.log(q), p), true_kl / 2, rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(7,), (5, 3), (2, 3, 4)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("use_pos_weight,use_weight", [(False, False), (True, False),
-                                                       (False, True), (True, True)])
+@pytest.mark.parametrize("use_pos_weight,use_weight", [(False, False), (True, False), (False, True), (True, True)])
 def test_bce_with_logits_matches_torch(shape, reduction, use_pos_weight, use_weight):
     rng = np.random.default_rng(5)
     logits = (rng.standard_normal(shape) * 4).astype(np.float32)
@@ -180,15 +201,21 @@ def test_bce_with_logits_matches_torch(shape, reduction, use_pos_weight, use_wei
     weight = rng.uniform(0.1, 2.0, size=shape).astype(np.float32)
     t_logits = torch.tensor(logits, requires_grad=True)
     expected = F.binary_cross_entropy_with_logits(
-        t_logits, torch.tensor(targets), reduction=reduction,
+        t_logits,
+        torch.tensor(targets),
+        reduction=reduction,
         pos_weight=torch.tensor(pos_weight) if use_pos_weight else None,
-        weight=torch.tensor(weight) if use_weight else None)
+        weight=torch.tensor(weight) if use_weight else None,
+    )
 
     def ours(x):
         return losses.binary_cross_entropy_with_logits(
-            x, jnp.asarray(targets), reduction=reduction,
+            x,
+            jnp.asarray(targets),
+            reduction=reduction,
             pos_weight=jnp.asarray(pos_weight) if use_pos_weight else None,
-            weight=jnp.asarray(weight) if use_weight else None)
+            weight=jnp.asarray(weight) if use_weight else None,
+        )
 
     _close(ours(jnp.asarray(logits)), expected.detach().numpy())
     expected.sum().backward()
@@ -204,13 +231,16 @@ def test_bce_with_logits_is_stable_for_huge_logits():
     assert np.all(np.isfinite(grad))
 
 
-@pytest.mark.parametrize("fn,args", [
-    (losses.cross_entropy, (jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32))),
-    (losses.nll_loss, (jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32))),
-    (losses.mse_loss, (jnp.zeros(2), jnp.zeros(2))),
-    (losses.kl_div, (jnp.zeros(2), jnp.zeros(2))),
-    (losses.binary_cross_entropy_with_logits, (jnp.zeros(2), jnp.zeros(2))),
-])
+@pytest.mark.parametrize(
+    "fn,args",
+    [
+        (losses.cross_entropy, (jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32))),
+        (losses.nll_loss, (jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32))),
+        (losses.mse_loss, (jnp.zeros(2), jnp.zeros(2))),
+        (losses.kl_div, (jnp.zeros(2), jnp.zeros(2))),
+        (losses.binary_cross_entropy_with_logits, (jnp.zeros(2), jnp.zeros(2))),
+    ],
+)
 def test_unknown_reduction_raises_config_error(fn, args):
     with pytest.raises(ConfigError, match="unknown reduction 'avg'"):
         fn(*args, reduction="avg")

@@ -40,8 +40,9 @@ def scored(draw, min_classes=3, max_classes=6, all_present=False):
     if all_present:
         labels = list(range(num_classes)) + labels
     grid = st.integers(0, 4).map(lambda v: v / 4)
-    rows = draw(st.lists(st.lists(grid, min_size=num_classes, max_size=num_classes),
-                         min_size=len(labels), max_size=len(labels)))
+    rows = draw(
+        st.lists(st.lists(grid, min_size=num_classes, max_size=num_classes), min_size=len(labels), max_size=len(labels))
+    )
     return np.array(labels, np.int32), np.array(rows, np.float32)
 
 
@@ -49,14 +50,13 @@ def _sklearn_prf(labels, preds, num_classes, average, zero_division):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         p, r, f, _ = skm.precision_recall_fscore_support(
-            labels, preds, labels=list(range(num_classes)), average=average,
-            zero_division=zero_division)
+            labels, preds, labels=list(range(num_classes)), average=average, zero_division=zero_division
+        )
     return p, r, f
 
 
 @SETTINGS
-@given(case=predictions(), average=st.sampled_from(metrics.AVERAGES),
-       zero_division=st.sampled_from([0.0, 1.0, np.nan]))
+@given(case=predictions(), average=st.sampled_from(metrics.AVERAGES), zero_division=st.sampled_from([0.0, 1.0, np.nan]))
 def test_precision_recall_f1_matches_sklearn(case, average, zero_division):
     num_classes, labels, preds = case
     confusion = metrics.confusion_matrix(jnp.asarray(preds), jnp.asarray(labels), num_classes)
@@ -83,10 +83,13 @@ def test_streaming_metrics_match_sklearn_over_uneven_padded_batches(case):
         sl = slice(start, start + batch)
         pad = batch - len(labels[sl])
         mask = np.r_[np.ones(len(labels[sl]), bool), np.zeros(pad, bool)]
-        m = update(m, jnp.pad(logits[sl], ((0, pad), (0, 0))),
-                   jnp.pad(labels[sl], (0, pad), constant_values=-1),  # padding label: bad
-                   loss=jnp.pad(per_example_loss[sl], (0, pad), constant_values=1e6),
-                   mask=jnp.asarray(mask))
+        m = update(
+            m,
+            jnp.pad(logits[sl], ((0, pad), (0, 0))),
+            jnp.pad(labels[sl], (0, pad), constant_values=-1),  # padding label: bad
+            loss=jnp.pad(per_example_loss[sl], (0, pad), constant_values=1e6),
+            mask=jnp.asarray(mask),
+        )
     out = metrics.metrics_compute(m)
     assert int(m.count) == len(labels)
     np.testing.assert_allclose(out["accuracy"], skm.accuracy_score(labels, preds), rtol=1e-12)
@@ -94,14 +97,16 @@ def test_streaming_metrics_match_sklearn_over_uneven_padded_batches(case):
     if num_classes > 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            top2 = skm.top_k_accuracy_score(labels, np.asarray(logits), k=2,
-                                            labels=list(range(num_classes)))
+            top2 = skm.top_k_accuracy_score(labels, np.asarray(logits), k=2, labels=list(range(num_classes)))
         np.testing.assert_allclose(out["top2_accuracy"], top2, rtol=1e-12)
     for average in ("macro", "micro", "weighted"):
         p, r, f = _sklearn_prf(labels, preds, num_classes, average, 0.0)
         np.testing.assert_allclose(
             [out[f"precision_{average}"], out[f"recall_{average}"], out[f"f1_{average}"]],
-            [p, r, f], rtol=1e-12, atol=1e-12)
+            [p, r, f],
+            rtol=1e-12,
+            atol=1e-12,
+        )
 
 
 @SETTINGS
@@ -116,8 +121,7 @@ def test_top_k_accuracy_matches_sklearn_including_ties(case, k):
 
 
 @SETTINGS
-@given(case=scored(min_classes=2, all_present=True),
-       average=st.sampled_from(["macro", "weighted", "micro", None]))
+@given(case=scored(min_classes=2, all_present=True), average=st.sampled_from(["macro", "weighted", "micro", None]))
 def test_roc_auc_ovr_matches_sklearn_including_ties(case, average):
     labels, scores = case
     probs = np.asarray(jax.nn.softmax(jnp.asarray(scores, jnp.float32) * 3), np.float64)
@@ -132,14 +136,12 @@ def test_roc_auc_ovr_matches_sklearn_including_ties(case, average):
             expected = [expected, expected]
     else:
         expected = skm.roc_auc_score(labels, probs, multi_class="ovr", average=average)
-    np.testing.assert_allclose(metrics.roc_auc_ovr(probs, labels, average=average), expected,
-                               rtol=1e-9)
+    np.testing.assert_allclose(metrics.roc_auc_ovr(probs, labels, average=average), expected, rtol=1e-9)
 
 
 def test_roc_auc_ties_count_half():
     # One positive tied with one negative, one positive above both: AUC = (1 + 0.5) / 2.
-    auc = metrics.roc_auc_ovr(np.array([[0.5, 0.5], [0.5, 0.5], [0.1, 0.9]]),
-                              np.array([0, 1, 1]), average=None)
+    auc = metrics.roc_auc_ovr(np.array([[0.5, 0.5], [0.5, 0.5], [0.1, 0.9]]), np.array([0, 1, 1]), average=None)
     np.testing.assert_allclose(auc, [0.75, 0.75])
 
 
@@ -165,13 +167,14 @@ def test_score_collector_gathers_batches_and_drops_padding():
     for start in range(0, 50, 16):
         chunk = slice(start, start + 16)
         pad = 16 - len(labels[chunk])
-        collector.add(np.pad(probs[chunk], ((0, pad), (0, 0))),
-                      np.pad(labels[chunk], (0, pad)),
-                      mask=np.r_[np.ones(16 - pad, bool), np.zeros(pad, bool)])
+        collector.add(
+            np.pad(probs[chunk], ((0, pad), (0, 0))),
+            np.pad(labels[chunk], (0, pad)),
+            mask=np.r_[np.ones(16 - pad, bool), np.zeros(pad, bool)],
+        )
     scores, gathered = collector.arrays()
     np.testing.assert_array_equal(gathered, labels)
-    np.testing.assert_allclose(collector.roc_auc(),
-                               skm.roc_auc_score(labels, probs, multi_class="ovr"), rtol=1e-12)
+    np.testing.assert_allclose(collector.roc_auc(), skm.roc_auc_score(labels, probs, multi_class="ovr"), rtol=1e-12)
     with pytest.raises(JaxnetError, match="empty"):
         metrics.ScoreCollector().roc_auc()
 
@@ -198,8 +201,9 @@ def test_all_predictions_one_class():
     preds = np.zeros(5, np.int32)
     confusion = metrics.confusion_matrix(jnp.asarray(preds), jnp.asarray(labels), 3)
     for average in ("macro", "micro", "weighted", None):
-        np.testing.assert_allclose(metrics.precision_recall_f1(confusion, average),
-                                   _sklearn_prf(labels, preds, 3, average, 0.0), rtol=1e-12)
+        np.testing.assert_allclose(
+            metrics.precision_recall_f1(confusion, average), _sklearn_prf(labels, preds, 3, average, 0.0), rtol=1e-12
+        )
     p, r, _ = metrics.precision_recall_f1(confusion, None)
     np.testing.assert_allclose(p, [0.2, 0.0, 0.0])
     np.testing.assert_allclose(r, [1.0, 0.0, 0.0])

@@ -69,66 +69,101 @@ def _run_torch(make_opt, clip=None, scheduler=None, steps_per_epoch=None):
 def _assert_same_trajectory(ours, theirs):
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         for key in PARAMS0:
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{key} after step {step + 1}")
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=f"{key} after step {step + 1}")
             # The displacement from the start isolates the update rule from the
             # (much larger) initial values.
-            np.testing.assert_allclose(a[key] - PARAMS0[key], b[key] - PARAMS0[key],
-                                       rtol=1e-4, atol=2e-6,
-                                       err_msg=f"{key} displacement after step {step + 1}")
+            np.testing.assert_allclose(
+                a[key] - PARAMS0[key],
+                b[key] - PARAMS0[key],
+                rtol=1e-4,
+                atol=2e-6,
+                err_msg=f"{key} displacement after step {step + 1}",
+            )
 
 
-topt = torch.optim  # torch.optim, short for the table below
+topt = torch.optim
 # (id, create_optimizer arguments, torch optimizer factory)
 CASES = [
     ("sgd", ("sgd", 0.1), {}, lambda p: topt.SGD(p, lr=0.1)),
     ("sgd-momentum", ("sgd", 0.1), dict(momentum=0.9), lambda p: topt.SGD(p, 0.1, momentum=0.9)),
-    ("sgd-nesterov", ("sgd", 0.1), dict(momentum=0.9, nesterov=True),
-     lambda p: topt.SGD(p, 0.1, momentum=0.9, nesterov=True)),
-    ("sgd-dampening", ("sgd", 0.1), dict(momentum=0.9, dampening=0.5),
-     lambda p: topt.SGD(p, 0.1, momentum=0.9, dampening=0.5)),
-    ("sgd-weight-decay", ("sgd", 0.1), dict(momentum=0.9, weight_decay=0.05),
-     lambda p: topt.SGD(p, 0.1, momentum=0.9, weight_decay=0.05)),
+    (
+        "sgd-nesterov",
+        ("sgd", 0.1),
+        dict(momentum=0.9, nesterov=True),
+        lambda p: topt.SGD(p, 0.1, momentum=0.9, nesterov=True),
+    ),
+    (
+        "sgd-dampening",
+        ("sgd", 0.1),
+        dict(momentum=0.9, dampening=0.5),
+        lambda p: topt.SGD(p, 0.1, momentum=0.9, dampening=0.5),
+    ),
+    (
+        "sgd-weight-decay",
+        ("sgd", 0.1),
+        dict(momentum=0.9, weight_decay=0.05),
+        lambda p: topt.SGD(p, 0.1, momentum=0.9, weight_decay=0.05),
+    ),
     ("adam-defaults", ("adam",), {}, lambda p: topt.Adam(p)),
-    ("adam-options", ("adam", 0.02), dict(betas=(0.8, 0.99), eps=0.1, weight_decay=0.05),
-     lambda p: topt.Adam(p, 0.02, betas=(0.8, 0.99), eps=0.1, weight_decay=0.05)),
-    ("adam-amsgrad", ("adam", 0.05), dict(amsgrad=True, eps=1e-3),
-     lambda p: topt.Adam(p, 0.05, amsgrad=True, eps=1e-3)),
+    (
+        "adam-options",
+        ("adam", 0.02),
+        dict(betas=(0.8, 0.99), eps=0.1, weight_decay=0.05),
+        lambda p: topt.Adam(p, 0.02, betas=(0.8, 0.99), eps=0.1, weight_decay=0.05),
+    ),
+    (
+        "adam-amsgrad",
+        ("adam", 0.05),
+        dict(amsgrad=True, eps=1e-3),
+        lambda p: topt.Adam(p, 0.05, amsgrad=True, eps=1e-3),
+    ),
     ("adamw-defaults", ("adamw",), {}, lambda p: topt.AdamW(p)),
-    ("adamw-amsgrad", ("adamw", 0.05), dict(amsgrad=True, weight_decay=0.2),
-     lambda p: topt.AdamW(p, 0.05, amsgrad=True, weight_decay=0.2)),
+    (
+        "adamw-amsgrad",
+        ("adamw", 0.05),
+        dict(amsgrad=True, weight_decay=0.2),
+        lambda p: topt.AdamW(p, 0.05, amsgrad=True, weight_decay=0.2),
+    ),
     ("rmsprop-defaults", ("rmsprop",), {}, lambda p: topt.RMSprop(p)),
-    ("rmsprop-eps-outside-sqrt", ("rmsprop", 0.01), dict(eps=0.1),
-     lambda p: topt.RMSprop(p, 0.01, eps=0.1)),
-    ("rmsprop-centered", ("rmsprop", 0.005), dict(centered=True, alpha=0.9),
-     lambda p: topt.RMSprop(p, 0.005, centered=True, alpha=0.9)),
-    ("rmsprop-momentum", ("rmsprop", 0.005), dict(momentum=0.9),
-     lambda p: topt.RMSprop(p, 0.005, momentum=0.9)),
-    ("rmsprop-all", ("rmsprop", 0.005),
-     dict(centered=True, momentum=0.5, weight_decay=0.1, eps=0.1),
-     lambda p: topt.RMSprop(p, 0.005, centered=True, momentum=0.5, weight_decay=0.1, eps=0.1)),
+    ("rmsprop-eps-outside-sqrt", ("rmsprop", 0.01), dict(eps=0.1), lambda p: topt.RMSprop(p, 0.01, eps=0.1)),
+    (
+        "rmsprop-centered",
+        ("rmsprop", 0.005),
+        dict(centered=True, alpha=0.9),
+        lambda p: topt.RMSprop(p, 0.005, centered=True, alpha=0.9),
+    ),
+    ("rmsprop-momentum", ("rmsprop", 0.005), dict(momentum=0.9), lambda p: topt.RMSprop(p, 0.005, momentum=0.9)),
+    (
+        "rmsprop-all",
+        ("rmsprop", 0.005),
+        dict(centered=True, momentum=0.5, weight_decay=0.1, eps=0.1),
+        lambda p: topt.RMSprop(p, 0.005, centered=True, momentum=0.5, weight_decay=0.1, eps=0.1),
+    ),
     ("adagrad-defaults", ("adagrad",), {}, lambda p: topt.Adagrad(p)),
-    ("adagrad-options", ("adagrad", 0.1),
-     dict(lr_decay=0.1, initial_accumulator_value=0.1, weight_decay=0.05, eps=0.1),
-     lambda p: topt.Adagrad(p, 0.1, lr_decay=0.1, initial_accumulator_value=0.1,
-                         weight_decay=0.05, eps=0.1)),
+    (
+        "adagrad-options",
+        ("adagrad", 0.1),
+        dict(lr_decay=0.1, initial_accumulator_value=0.1, weight_decay=0.05, eps=0.1),
+        lambda p: topt.Adagrad(p, 0.1, lr_decay=0.1, initial_accumulator_value=0.1, weight_decay=0.05, eps=0.1),
+    ),
     ("adadelta-defaults", ("adadelta",), {}, lambda p: topt.Adadelta(p)),
-    ("adadelta-options", ("adadelta", 0.5), dict(rho=0.8, eps=1e-2, weight_decay=0.05),
-     lambda p: topt.Adadelta(p, 0.5, rho=0.8, eps=1e-2, weight_decay=0.05)),
+    (
+        "adadelta-options",
+        ("adadelta", 0.5),
+        dict(rho=0.8, eps=1e-2, weight_decay=0.05),
+        lambda p: topt.Adadelta(p, 0.5, rho=0.8, eps=1e-2, weight_decay=0.05),
+    ),
 ]
 
 
-@pytest.mark.parametrize("args,kwargs,make_torch", [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("args,kwargs,make_torch", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_matches_torch_optim(args, kwargs, make_torch):
-    _assert_same_trajectory(_run_jax(optim.create_optimizer(*args, **kwargs)),
-                            _run_torch(make_torch))
+    _assert_same_trajectory(_run_jax(optim.create_optimizer(*args, **kwargs)), _run_torch(make_torch))
 
 
 def test_clip_norm_matches_clip_grad_norm():
     ours = _run_jax(optim.create_optimizer("sgd", 0.1, momentum=0.9, clip_norm=0.1))
-    theirs = _run_torch(lambda p: topt.SGD(p, 0.1, momentum=0.9),
-                        clip=lambda p: torch.nn.utils.clip_grad_norm_(p, 0.1))
+    theirs = _run_torch(lambda p: topt.SGD(p, 0.1, momentum=0.9), clip=lambda p: torch.nn.utils.clip_grad_norm_(p, 0.1))
     unclipped = _run_jax(optim.create_optimizer("sgd", 0.1, momentum=0.9))
     _assert_same_trajectory(ours, theirs)
     assert not np.allclose(ours[-1]["w1"], unclipped[-1]["w1"], rtol=1e-3)  # it did clip
@@ -136,23 +171,26 @@ def test_clip_norm_matches_clip_grad_norm():
 
 def test_clip_value_matches_clip_grad_value():
     ours = _run_jax(optim.create_optimizer("adam", 0.01, clip_value=0.01))
-    theirs = _run_torch(lambda p: topt.Adam(p, 0.01),
-                        clip=lambda p: torch.nn.utils.clip_grad_value_(p, 0.01))
+    theirs = _run_torch(lambda p: topt.Adam(p, 0.01), clip=lambda p: torch.nn.utils.clip_grad_value_(p, 0.01))
     unclipped = _run_jax(optim.create_optimizer("adam", 0.01))
     _assert_same_trajectory(ours, theirs)
     assert not np.allclose(ours[-1]["w1"], unclipped[-1]["w1"], rtol=1e-3)
 
 
-@pytest.mark.parametrize("name,kwargs,make_torch", [
-    ("sgd", dict(momentum=0.9), lambda p: topt.SGD(p, 0.1, momentum=0.9)),
-    ("adagrad", dict(lr_decay=0.1), lambda p: topt.Adagrad(p, 0.1, lr_decay=0.1)),
-    ("adamw", dict(weight_decay=0.5), lambda p: topt.AdamW(p, 0.1, weight_decay=0.5)),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,make_torch",
+    [
+        ("sgd", dict(momentum=0.9), lambda p: topt.SGD(p, 0.1, momentum=0.9)),
+        ("adagrad", dict(lr_decay=0.1), lambda p: topt.Adagrad(p, 0.1, lr_decay=0.1)),
+        ("adamw", dict(weight_decay=0.5), lambda p: topt.AdamW(p, 0.1, weight_decay=0.5)),
+    ],
+)
 def test_step_lr_schedule_matches_torch_step_lr_per_epoch(name, kwargs, make_torch):
     schedule = optim.create_schedule("step", 0.1, steps_per_epoch=3, step_size=2, gamma=0.5)
     ours = _run_jax(optim.create_optimizer(name, schedule, **kwargs))
-    theirs = _run_torch(make_torch, steps_per_epoch=3,
-                        scheduler=lambda o: topt.lr_scheduler.StepLR(o, step_size=2, gamma=0.5))
+    theirs = _run_torch(
+        make_torch, steps_per_epoch=3, scheduler=lambda o: topt.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)
+    )
     _assert_same_trajectory(ours, theirs)
 
 
@@ -175,27 +213,31 @@ def test_state_structure_and_dtypes_are_stable_under_jit():
         grads = jax.tree.map(jnp.ones_like, params)
         _, new_state = jax.jit(tx.update)(grads, state, params)
         assert jax.tree.structure(new_state) == jax.tree.structure(state), name
-        assert jax.tree.map(lambda a: a.dtype, new_state) == jax.tree.map(
-            lambda a: a.dtype, state), name
+        assert jax.tree.map(lambda a: a.dtype, new_state) == jax.tree.map(lambda a: a.dtype, state), name
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: optim.create_optimizer("adamax"), "choose one of sgd, adam, adamw"),
-    (lambda: optim.create_optimizer("sgd"), r"no default learning rate.*create_optimizer\('sgd'"),
-    (lambda: optim.create_optimizer("sgd", -0.1), "learning_rate must be >= 0"),
-    (lambda: optim.create_optimizer("sgd", 0.1, nesterov=True), "momentum > 0 and dampening=0"),
-    (lambda: optim.create_optimizer("sgd", 0.1, momentum=0.9, nesterov=True, dampening=0.1),
-     "momentum > 0 and dampening=0"),
-    (lambda: optim.create_optimizer("sgd", 0.1, momentum=-0.9), "momentum must be >= 0"),
-    (lambda: optim.create_optimizer("adam", weight_decay=-1.0), "weight_decay must be >= 0"),
-    (lambda: optim.create_optimizer("adam", betas=(0.9, 1.0)), r"betas must be two values"),
-    (lambda: optim.create_optimizer("adam", momentum=0.9), "momentum=0.9 does not apply to 'adam'"),
-    (lambda: optim.create_optimizer("sgd", 0.1, amsgrad=True), "amsgrad=True does not apply"),
-    (lambda: optim.create_optimizer("sgd", 0.1, eps=1e-8), "eps does not apply to 'sgd'"),
-    (lambda: optim.create_optimizer("adadelta", rho=1.5), "rho must be in"),
-    (lambda: optim.create_optimizer("adam", clip_norm=0.0), "clip_norm must be > 0"),
-    (lambda: optim.create_optimizer("adam", clip_norm=1.0, clip_value=1.0), "not both"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: optim.create_optimizer("adamax"), "choose one of sgd, adam, adamw"),
+        (lambda: optim.create_optimizer("sgd"), r"no default learning rate.*create_optimizer\('sgd'"),
+        (lambda: optim.create_optimizer("sgd", -0.1), "learning_rate must be >= 0"),
+        (lambda: optim.create_optimizer("sgd", 0.1, nesterov=True), "momentum > 0 and dampening=0"),
+        (
+            lambda: optim.create_optimizer("sgd", 0.1, momentum=0.9, nesterov=True, dampening=0.1),
+            "momentum > 0 and dampening=0",
+        ),
+        (lambda: optim.create_optimizer("sgd", 0.1, momentum=-0.9), "momentum must be >= 0"),
+        (lambda: optim.create_optimizer("adam", weight_decay=-1.0), "weight_decay must be >= 0"),
+        (lambda: optim.create_optimizer("adam", betas=(0.9, 1.0)), r"betas must be two values"),
+        (lambda: optim.create_optimizer("adam", momentum=0.9), "momentum=0.9 does not apply to 'adam'"),
+        (lambda: optim.create_optimizer("sgd", 0.1, amsgrad=True), "amsgrad=True does not apply"),
+        (lambda: optim.create_optimizer("sgd", 0.1, eps=1e-8), "eps does not apply to 'sgd'"),
+        (lambda: optim.create_optimizer("adadelta", rho=1.5), "rho must be in"),
+        (lambda: optim.create_optimizer("adam", clip_norm=0.0), "clip_norm must be > 0"),
+        (lambda: optim.create_optimizer("adam", clip_norm=1.0, clip_value=1.0), "not both"),
+    ],
+)
 def test_invalid_configuration_raises_config_error(call, match):
     with pytest.raises(ConfigError, match=match):
         call()

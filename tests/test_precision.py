@@ -107,8 +107,9 @@ def test_loss_scale_grows_after_the_interval_of_finite_steps():
     assert int(state.good_steps) == 1
 
 
-@pytest.mark.parametrize("kwargs", [{"init_scale": 0.0}, {"growth_factor": 1.0},
-                                    {"backoff_factor": 1.0}, {"growth_interval": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"init_scale": 0.0}, {"growth_factor": 1.0}, {"backoff_factor": 1.0}, {"growth_interval": 0}]
+)
 def test_loss_scaling_rejects_bad_settings(kwargs):
     with pytest.raises(ConfigError, match="loss scaling needs"):
         precision.dynamic_loss_scaling(optax.sgd(0.1), **kwargs)
@@ -184,9 +185,16 @@ def test_fit_in_fp16_scales_the_loss_in_step_and_scan_mode(scan):
     start = create_train_state(create_model("mlp128", seed=0), optax.sgd(0.1))[1].params
     moved = {}
     for name in ("fp32", "fp16"):
-        result = fit(create_model("mlp128", seed=0), (batch["image"], batch["label"]),
-                     optax.sgd(0.1, momentum=0.9), epochs=1, batch_size=32, precision=name, scan=scan,
-                     progress=False)
+        result = fit(
+            create_model("mlp128", seed=0),
+            (batch["image"], batch["label"]),
+            optax.sgd(0.1, momentum=0.9),
+            epochs=1,
+            batch_size=32,
+            precision=name,
+            scan=scan,
+            progress=False,
+        )
         assert result.summary["precision"] == name
         assert result.summary["mode"] == ("scan" if scan else "step")
         moved[name] = jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old), result.state.params, start)
@@ -205,9 +213,19 @@ def test_fit_in_low_precision_gives_a_loss_of_the_batch_float32_outputs(name):
         return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
 
     batch = mnist_batch(128, seed=2)
-    runs = [fit(create_model("mlp128", seed=0), (batch["image"], batch["label"]), optax.sgd(0.1), epochs=1,
-                batch_size=32, precision=name, loss_fn=loss, progress=False)
-            for loss in (loss_of_batch, "cross_entropy")]
+    runs = [
+        fit(
+            create_model("mlp128", seed=0),
+            (batch["image"], batch["label"]),
+            optax.sgd(0.1),
+            epochs=1,
+            batch_size=32,
+            precision=name,
+            loss_fn=loss,
+            progress=False,
+        )
+        for loss in (loss_of_batch, "cross_entropy")
+    ]
     assert seen and all(dtype == jnp.float32 and "image" in keys and "label" in keys for dtype, keys in seen)
     assert runs[0].history[-1]["train_loss"] == pytest.approx(runs[1].history[-1]["train_loss"], rel=1e-5)
 
@@ -225,8 +243,17 @@ def test_bf16_convnet_accuracy_within_0_3_points_of_fp32(shared_data):
     assert data.num_train == 60000
     accuracy = {}
     for name in ("fp32", "bf16"):
-        result = fit(create_model("convnet", seed=0), data, create_optimizer("adadelta", 1.0), epochs=1,
-                     batch_size=64, output="log_probs", seed=0, precision=name, progress=False)
+        result = fit(
+            create_model("convnet", seed=0),
+            data,
+            create_optimizer("adadelta", 1.0),
+            epochs=1,
+            batch_size=64,
+            output="log_probs",
+            seed=0,
+            precision=name,
+            progress=False,
+        )
         assert result.summary["precision"] == name
         accuracy[name] = result.summary["test_accuracy"]
     print(f"test accuracy after one epoch: {accuracy}")

@@ -28,17 +28,33 @@ def _torch_lrs(scheduler, total, steps_per_epoch=1):
     return np.array(lrs)
 
 
-@pytest.mark.parametrize("name,kwargs,make_torch,per_epoch", [
-    ("constant", {}, lambda o: lr_scheduler.ConstantLR(o, factor=1.0), True),
-    ("step", dict(step_size=3, gamma=0.3), lambda o: lr_scheduler.StepLR(o, 3, gamma=0.3), True),
-    ("exponential", dict(gamma=0.7), lambda o: lr_scheduler.ExponentialLR(o, gamma=0.7), True),
-    ("cosine", dict(epochs=6, end_lr=0.01),
-     lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=24, eta_min=0.01), False),
-    ("warmup_cosine", dict(epochs=6, warmup_steps=5, end_lr=0.01),
-     lambda o: lr_scheduler.SequentialLR(o, [
-         lr_scheduler.LinearLR(o, start_factor=1e-9, total_iters=5),
-         lr_scheduler.CosineAnnealingLR(o, T_max=19, eta_min=0.01)], milestones=[5]), False),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,make_torch,per_epoch",
+    [
+        ("constant", {}, lambda o: lr_scheduler.ConstantLR(o, factor=1.0), True),
+        ("step", dict(step_size=3, gamma=0.3), lambda o: lr_scheduler.StepLR(o, 3, gamma=0.3), True),
+        ("exponential", dict(gamma=0.7), lambda o: lr_scheduler.ExponentialLR(o, gamma=0.7), True),
+        (
+            "cosine",
+            dict(epochs=6, end_lr=0.01),
+            lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=24, eta_min=0.01),
+            False,
+        ),
+        (
+            "warmup_cosine",
+            dict(epochs=6, warmup_steps=5, end_lr=0.01),
+            lambda o: lr_scheduler.SequentialLR(
+                o,
+                [
+                    lr_scheduler.LinearLR(o, start_factor=1e-9, total_iters=5),
+                    lr_scheduler.CosineAnnealingLR(o, T_max=19, eta_min=0.01),
+                ],
+                milestones=[5],
+            ),
+            False,
+        ),
+    ],
+)
 def test_schedule_matches_torch_scheduler(name, kwargs, make_torch, per_epoch):
     steps_per_epoch, total = 4, 24
     schedule = create_schedule(name, 0.1, steps_per_epoch=steps_per_epoch, **kwargs)
@@ -84,20 +100,31 @@ def test_the_schedules_are_importable_from_jaxnet_optim():
     assert optim.WARMUP_FRACTION == WARMUP_FRACTION
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: create_schedule("linear", 0.1, steps_per_epoch=1), "choose one of constant"),
-    (lambda: create_schedule("step", 0.1, steps_per_epoch=10), "needs step_size="),
-    (lambda: create_schedule("cosine", 0.1, steps_per_epoch=10), "needs epochs="),
-    (lambda: create_schedule("constant", 0.1, steps_per_epoch=0), "steps_per_epoch"),
-    (lambda: create_schedule("warmup_cosine", 0.1, steps_per_epoch=2, epochs=2,
-                             warmup_steps=4), r"warmup_steps must be in \[0, 4\)"),
-    (lambda: create_schedule("warmup_cosine", 0.1, steps_per_epoch=2, epochs=3,
-                             warmup_epochs=3), r"warmup_epochs must be in \[0, 3\) \(the run's epochs\)"),
-    (lambda: create_schedule("warmup_cosine", 0.1, steps_per_epoch=2, epochs=3, warmup_epochs=1,
-                             warmup_steps=2), "give warmup_steps or warmup_epochs, not both"),
-    (lambda: create_schedule("cosine", 0.1, steps_per_epoch=2, epochs=3, warmup_epochs=1),
-     "warmup_epochs applies to schedule 'warmup_cosine', not 'cosine'"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: create_schedule("linear", 0.1, steps_per_epoch=1), "choose one of constant"),
+        (lambda: create_schedule("step", 0.1, steps_per_epoch=10), "needs step_size="),
+        (lambda: create_schedule("cosine", 0.1, steps_per_epoch=10), "needs epochs="),
+        (lambda: create_schedule("constant", 0.1, steps_per_epoch=0), "steps_per_epoch"),
+        (
+            lambda: create_schedule("warmup_cosine", 0.1, steps_per_epoch=2, epochs=2, warmup_steps=4),
+            r"warmup_steps must be in \[0, 4\)",
+        ),
+        (
+            lambda: create_schedule("warmup_cosine", 0.1, steps_per_epoch=2, epochs=3, warmup_epochs=3),
+            r"warmup_epochs must be in \[0, 3\) \(the run's epochs\)",
+        ),
+        (
+            lambda: create_schedule("warmup_cosine", 0.1, steps_per_epoch=2, epochs=3, warmup_epochs=1, warmup_steps=2),
+            "give warmup_steps or warmup_epochs, not both",
+        ),
+        (
+            lambda: create_schedule("cosine", 0.1, steps_per_epoch=2, epochs=3, warmup_epochs=1),
+            "warmup_epochs applies to schedule 'warmup_cosine', not 'cosine'",
+        ),
+    ],
+)
 def test_invalid_schedule_raises_config_error(call, match):
     with pytest.raises(ConfigError, match=match):
         call()

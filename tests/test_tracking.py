@@ -50,9 +50,14 @@ def test_scalars_go_to_jsonl_and_tensorboard(tmp_path):
         logger.log(1, "train", {"loss": 0.5, "note": "text"})
         logger.log(2, "train", {"loss": np.float32(0.25)})
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [{"step": 1, "split": "train", "loss": 0.5, "note": "text"},
-                     {"step": 2, "split": "train", "loss": 0.25}]
-    assert [(e.step, e.value) for e in _accumulator(tmp_path / "tensorboard").Scalars("train/loss")] == [(1, 0.5), (2, 0.25)]
+    assert lines == [
+        {"step": 1, "split": "train", "loss": 0.5, "note": "text"},
+        {"step": 2, "split": "train", "loss": 0.25},
+    ]
+    assert [(e.step, e.value) for e in _accumulator(tmp_path / "tensorboard").Scalars("train/loss")] == [
+        (1, 0.5),
+        (2, 0.25),
+    ]
 
 
 def test_a_logger_without_workdir_writes_nothing_and_keeps_records(tmp_path):

@@ -51,9 +51,7 @@ def write_idx_gz(path: pathlib.Path, array: np.ndarray) -> None:
     """Writes a uint8 array as a gzip IDX file (magic 00 00 08 NDIM, big-endian dims)."""
     header = bytes([0, 0, mnist.IDX_UBYTE, array.ndim])
     header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with open(path, "wb") as raw, gzip.GzipFile(
-        filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0
-    ) as f:
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as f:
         f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
@@ -84,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         write_idx_gz(args.out / f"{images_stem}.gz", images)
         write_idx_gz(args.out / f"{labels_stem}.gz", labels.astype(np.uint8))
     (args.out / "README.txt").write_text(
-        README.format(
-            train=NUM_TRAIN, test=NUM_TEST, train_counts=counts["train"], test_counts=counts["test"]
-        )
+        README.format(train=NUM_TRAIN, test=NUM_TEST, train_counts=counts["train"], test_counts=counts["test"])
     )
     total = sum(p.stat().st_size for p in args.out.iterdir())
     print(f"wrote {args.out}: train {counts['train']}, test {counts['test']}, {total:,} bytes")

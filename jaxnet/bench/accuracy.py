@@ -55,11 +55,18 @@ def _stats(name: str, data: ArrayDataset) -> tuple[tuple[float, ...], tuple[floa
     return (0.0,) * len(data.mean), (1.0,) * len(data.std)
 
 
-def _jax_side(name: str, data: ArrayDataset, steps_per_epoch: int,
-              seed: int) -> tuple[Step, Evaluate, Callable[[], None]]:
+def _jax_side(
+    name: str, data: ArrayDataset, steps_per_epoch: int, seed: int
+) -> tuple[Step, Evaluate, Callable[[], None]]:
     recipe, spec = RECIPES[name], MODELS[name]
-    schedule = create_schedule(recipe.schedule, recipe.lr, steps_per_epoch=steps_per_epoch, epochs=recipe.epochs,
-                               step_size=recipe.step_size, gamma=recipe.gamma)
+    schedule = create_schedule(
+        recipe.schedule,
+        recipe.lr,
+        steps_per_epoch=steps_per_epoch,
+        epochs=recipe.epochs,
+        step_size=recipe.step_size,
+        gamma=recipe.gamma,
+    )
     kwargs = {"momentum": recipe.momentum} if recipe.optimizer in ("sgd", "rmsprop") else {}
     tx = create_optimizer(recipe.optimizer, schedule, **kwargs)
     graphdef, state = create_train_state(create_model(name, seed=seed), tx, seed=seed)
@@ -75,23 +82,27 @@ def _jax_side(name: str, data: ArrayDataset, steps_per_epoch: int,
         box["state"], _metrics = train_step(box["state"], batch)
 
     def evaluate() -> float:
-        chunks = [jnp.argmax(predict(box["state"], test_images[i:i + 1000]), -1)
-                  for i in range(0, len(test_labels) - len(test_labels) % 1000, 1000)]
+        chunks = [
+            jnp.argmax(predict(box["state"], test_images[i : i + 1000]), -1)
+            for i in range(0, len(test_labels) - len(test_labels) % 1000, 1000)
+        ]
         predicted = np.concatenate([np.asarray(c) for c in chunks])
         return float(np.mean(predicted == test_labels[: len(predicted)]))
 
     return step, evaluate, lambda: jax.block_until_ready(box["state"])
 
 
-def _torch_side(name: str, data: ArrayDataset, steps_per_epoch: int, seed: int, threads: int | None,
-                flush_denormal: bool) -> tuple[Step, Evaluate, Callable[[], None], Callable[[], None]]:
+def _torch_side(
+    name: str, data: ArrayDataset, steps_per_epoch: int, seed: int, threads: int | None, flush_denormal: bool
+) -> tuple[Step, Evaluate, Callable[[], None], Callable[[], None]]:
     torch = torch_models.import_torch()
     if threads:
         torch.set_num_threads(threads)
     recipe, spec = RECIPES[name], MODELS[name]
     model = torch_models.build_torch_model(name, to_torch_state_dict(create_model(name, seed=seed)))
-    optimizer = torch_models.make_torch_optimizer(recipe.optimizer, model.parameters(), recipe.lr,
-                                                  momentum=recipe.momentum)
+    optimizer = torch_models.make_torch_optimizer(
+        recipe.optimizer, model.parameters(), recipe.lr, momentum=recipe.momentum
+    )
     schedulers = {  # torch.optim.lr_scheduler, stepped as jaxnet.optim.create_schedule assumes
         "step": lambda: torch.optim.lr_scheduler.StepLR(optimizer, recipe.step_size, recipe.gamma),
         "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.epochs * steps_per_epoch),
@@ -128,8 +139,10 @@ def _torch_side(name: str, data: ArrayDataset, steps_per_epoch: int, seed: int, 
     def evaluate() -> float:
         model.eval()
         with torch.no_grad():
-            correct = sum(int((model(test_x[i:i + 1000]).argmax(1) == test_y[i:i + 1000]).sum())
-                          for i in range(0, len(test_y), 1000))
+            correct = sum(
+                int((model(test_x[i : i + 1000]).argmax(1) == test_y[i : i + 1000]).sum())
+                for i in range(0, len(test_y), 1000)
+            )
         model.train()
         return correct / len(test_y)
 
@@ -146,12 +159,21 @@ def _batches(num_train: int, batch_size: int, seed: int, max_epochs: int) -> Ite
     for epoch in range(max_epochs):
         order = jdata.epoch_permutation(num_train, seed=seed, epoch=epoch, shuffle=True)
         for b in range(num_train // batch_size):
-            yield epoch, order[b * batch_size:(b + 1) * batch_size]
+            yield epoch, order[b * batch_size : (b + 1) * batch_size]
 
 
-def time_to_accuracy(name: str, data: ArrayDataset, variant: str, *, target: float | None = None,
-                     max_epochs: int | None = None, max_seconds: float = 300.0, eval_every: int | None = None,
-                     seed: int = 0, threads: int | None = None) -> dict[str, Any]:
+def time_to_accuracy(
+    name: str,
+    data: ArrayDataset,
+    variant: str,
+    *,
+    target: float | None = None,
+    max_epochs: int | None = None,
+    max_seconds: float = 300.0,
+    eval_every: int | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Trains until the test accuracy reaches ``target``; returns when and the curve.
 
     Args:
@@ -181,8 +203,9 @@ def time_to_accuracy(name: str, data: ArrayDataset, variant: str, *, target: flo
     target = TTA_TARGETS.get(name, 0.98) if target is None else target
     max_epochs = RECIPES[name].epochs if max_epochs is None else max_epochs
     if not 0 < target <= 1 or max_epochs < 1 or max_seconds <= 0:
-        raise ConfigError(f"need 0 < target <= 1, max_epochs >= 1, max_seconds > 0; got "
-                          f"{target}, {max_epochs}, {max_seconds}")
+        raise ConfigError(
+            f"need 0 < target <= 1, max_epochs >= 1, max_seconds > 0; got {target}, {max_epochs}, {max_seconds}"
+        )
     batch_size = RECIPES[name].batch_size
     steps_per_epoch = data.num_train // batch_size
     eval_every = eval_every or max(1, steps_per_epoch // 4)
@@ -190,8 +213,9 @@ def time_to_accuracy(name: str, data: ArrayDataset, variant: str, *, target: flo
         step, evaluate, sync = _jax_side(name, data, steps_per_epoch, seed)
         enter = leave = lambda: None  # noqa: E731
     else:
-        step, evaluate, enter, leave = _torch_side(name, data, steps_per_epoch, seed, threads,
-                                                variant == "torch-eager-ftz")
+        step, evaluate, enter, leave = _torch_side(
+            name, data, steps_per_epoch, seed, threads, variant == "torch-eager-ftz"
+        )
         sync = lambda: None  # noqa: E731  (torch on CPU returns when the work is done)
     curve: list[list[float]] = []
     clock, steps, reached, stopped = 0.0, 0, None, f"{max_epochs} epochs done"
@@ -216,8 +240,17 @@ def time_to_accuracy(name: str, data: ArrayDataset, variant: str, *, target: flo
             start = time.perf_counter()
     finally:
         leave()
-    return {"model": name, "variant": variant, "target": target, "reached": reached is not None,
-            "seconds": reached[0] if reached else None, "steps": reached[1] if reached else None,
-            "final_accuracy": max(c[2] for c in curve), "curve": curve, "stopped": stopped,
-            "epochs": steps / steps_per_epoch, "batch_size": batch_size, "recipe": RECIPES[name].source}
-
+    return {
+        "model": name,
+        "variant": variant,
+        "target": target,
+        "reached": reached is not None,
+        "seconds": reached[0] if reached else None,
+        "steps": reached[1] if reached else None,
+        "final_accuracy": max(c[2] for c in curve),
+        "curve": curve,
+        "stopped": stopped,
+        "epochs": steps / steps_per_epoch,
+        "batch_size": batch_size,
+        "recipe": RECIPES[name].source,
+    }

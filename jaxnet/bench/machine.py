@@ -100,8 +100,12 @@ def peak_gflops(mhz: float, cores: int, flags: set[str], *, fma_units: int = 2) 
     else:
         vector, lanes = "sse", 4
     per_cycle = lanes * 2 * fma_units
-    return {"gflops": mhz * 1e-3 * cores * per_cycle, "flops_per_cycle": per_cycle, "vector": vector,
-            "fma_units": fma_units}
+    return {
+        "gflops": mhz * 1e-3 * cores * per_cycle,
+        "flops_per_cycle": per_cycle,
+        "vector": vector,
+        "fma_units": fma_units,
+    }
 
 
 def load_average() -> list[float] | None:
@@ -123,8 +127,9 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def machine_info(*, cores: int | None = None, fma_units: int = 2,
-                 device: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def machine_info(
+    *, cores: int | None = None, fma_units: int = 2, device: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Everything that identifies the machine a benchmark ran on.
 
     Args:
@@ -149,8 +154,10 @@ def machine_info(*, cores: int | None = None, fma_units: int = 2,
         "fma": "fma" in cpu["flags"],
         "flops_per_cycle_per_core": peak["flops_per_cycle"],
         "peak_gflops": round(peak["gflops"], 1) if mhz else None,
-        "peak_formula": (f"{cores} cores x {mhz / 1000:.2f} GHz x {peak['flops_per_cycle']} fp32 FLOP/cycle "
-                         f"({peak['vector']}: lanes x 2 (FMA) x {fma_units} FMA units)"),
+        "peak_formula": (
+            f"{cores} cores x {mhz / 1000:.2f} GHz x {peak['flops_per_cycle']} fp32 FLOP/cycle "
+            f"({peak['vector']}: lanes x 2 (FMA) x {fma_units} FMA units)"
+        ),
         "load_average": load_average(),
         "platform": platform.platform(),
         "device": dict(device or {}),

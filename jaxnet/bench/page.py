@@ -111,36 +111,50 @@ def _ratio_line(result: Mapping[str, Any], a: str, b: str, what: str) -> str | N
 
 def findings(result: Mapping[str, Any]) -> list[str]:
     """Bullet points computed from the result: speed ratios, compiles, agreement, first steps."""
-    lines = [line for line in (
-        _ratio_line(result, "jax-jit", "torch-eager", "Static graph, one call per step, vs dynamic"),
-        _ratio_line(result, "jax-jit", "torch-eager-ftz", "The same against eager PyTorch with denormals flushed"),
-        _ratio_line(result, "jax-scan", "jax-jit", "Whole-repeat `lax.scan` vs one call per step"),
-        _ratio_line(result, "torch-compile", "torch-eager", "`torch.compile` vs eager"),
-        _ratio_line(result, "torch-eager-ftz", "torch-eager", "Flushing denormals in eager PyTorch"),
-    ) if line]
+    lines = [
+        line
+        for line in (
+            _ratio_line(result, "jax-jit", "torch-eager", "Static graph, one call per step, vs dynamic"),
+            _ratio_line(result, "jax-jit", "torch-eager-ftz", "The same against eager PyTorch with denormals flushed"),
+            _ratio_line(result, "jax-scan", "jax-jit", "Whole-repeat `lax.scan` vs one call per step"),
+            _ratio_line(result, "torch-compile", "torch-eager", "`torch.compile` vs eager"),
+            _ratio_line(result, "torch-eager-ftz", "torch-eager", "Flushing denormals in eager PyTorch"),
+        )
+        if line
+    ]
     rows = result["rows"]
     jax_rows = [r for r in rows if r.get("steady_state_compiles") is not None]
     if jax_rows:
         bad = [f"{r['model']}/{r['batch_size']} {r['variant']}" for r in jax_rows if r["steady_state_compiles"]]
-        lines.append("- Compilations during the timed repeats of the jax variants: "
-                     + ("none in every row." if not bad else f"not zero in {', '.join(bad)}."))
+        lines.append(
+            "- Compilations during the timed repeats of the jax variants: "
+            + ("none in every row." if not bad else f"not zero in {', '.join(bad)}.")
+        )
     if rows:
         disagree = [f"{r['model']}/{r['batch_size']} {r['variant']}" for r in rows if not r["losses_agree"]]
         worst = max((r.get("loss_max_abs_diff") or 0.0) for r in rows)
-        lines.append("- Losses over the first steps (dropout off): "
-                     + (f"every variant agrees with PyTorch eager (largest difference {worst:.1e})."
-                        if not disagree else f"disagree in {', '.join(disagree)}."))
+        lines.append(
+            "- Losses over the first steps (dropout off): "
+            + (
+                f"every variant agrees with PyTorch eager (largest difference {worst:.1e})."
+                if not disagree
+                else f"disagree in {', '.join(disagree)}."
+            )
+        )
     for variant in ("torch-compile", "jax-jit"):
         cold = [r["first_step_seconds"] for r in rows if r["variant"] == variant and r.get("first_step_seconds")]
-        warm = [r["first_step_seconds_warm"] for r in rows
-                if r["variant"] == variant and r.get("first_step_seconds_warm")]
+        warm = [
+            r["first_step_seconds_warm"] for r in rows if r["variant"] == variant and r.get("first_step_seconds_warm")
+        ]
         if cold:
             text = f"- First step of `{variant}`: median {statistics.median(cold):.2f} s with a cold cache"
             lines.append(text + (f", {statistics.median(warm):.2f} s warm." if warm else "."))
     for t in result.get("time_to_accuracy") or []:
         state = f"{t['seconds']:.1f} s ({t['steps']} steps)" if t["reached"] else "not reached"
-        lines.append(f"- Time to {100 * t['target']:.0f}% on MNIST, {t['model']}, `{t['variant']}`: {state}; "
-                     f"best {100 * t['final_accuracy']:.2f}%{_stall(t['curve'])}.")
+        lines.append(
+            f"- Time to {100 * t['target']:.0f}% on MNIST, {t['model']}, `{t['variant']}`: {state}; "
+            f"best {100 * t['final_accuracy']:.2f}%{_stall(t['curve'])}."
+        )
     return lines
 
 
@@ -153,24 +167,34 @@ def _stall(curve: Sequence[Sequence[float]]) -> str:
     worst, a, b = max(rates)
     if worst <= 3 * typical:
         return ""
-    return (f" (steps {a[1]:.0f}-{b[1]:.0f} took {b[0] - a[0]:.1f} s, {worst / typical:.0f}x the run's "
-            "median pace: other work on the machine, most likely)")
+    return (
+        f" (steps {a[1]:.0f}-{b[1]:.0f} took {b[0] - a[0]:.1f} s, {worst / typical:.0f}x the run's "
+        "median pace: other work on the machine, most likely)"
+    )
 
 
 def _where(result: Mapping[str, Any]) -> list[str]:
     m, v, c = result["machine"], result["versions"], result.get("config", {})
     versions = ", ".join(f"{k} {val}" for k, val in v.items() if val)
     loads = (m.get("load_average") or [])[:1] + (m.get("load_average_end") or [])[:1]
-    busy = [] if not loads or max(loads) <= m["cores"] else [
-        f"- **Caution**: the 1-minute load average reached {max(loads)} on {m['cores']} cores, so other "
-        "processes competed for the CPU during this run. Multi-threaded PyTorch suffers most from that "
-        "(its threads wait for each other at every operation); compare variants within a row, and "
-        "rerun on an idle machine before quoting absolute numbers."]
+    busy = (
+        []
+        if not loads or max(loads) <= m["cores"]
+        else [
+            f"- **Caution**: the 1-minute load average reached {max(loads)} on {m['cores']} cores, so other "
+            "processes competed for the CPU during this run. Multi-threaded PyTorch suffers most from that "
+            "(its threads wait for each other at every operation); compare variants within a row, and "
+            "rerun on an idle machine before quoting absolute numbers."
+        ]
+    )
     return [
-        f"- **When**: {c.get('started_utc', '?')} (UTC); " + (
+        f"- **When**: {c.get('started_utc', '?')} (UTC); "
+        + (
             f"{c['wall_seconds']} s of wall time ({c['suite_seconds']} s for the measurements table, "
-            "the rest for time to accuracy)." if "suite_seconds" in c else
-            f"{c.get('wall_seconds', '?')} s of wall time for the measurements table."),
+            "the rest for time to accuracy)."
+            if "suite_seconds" in c
+            else f"{c.get('wall_seconds', '?')} s of wall time for the measurements table."
+        ),
         f"- **Machine**: {m['cpu']}, {m['cores']} cores used ({m.get('logical_cpus')} logical CPUs), "
         f"{m['mhz']:.0f} MHz, {m.get('vector')}; fp32 peak {m['peak_gflops']} GFLOP/s = {m.get('peak_formula')}.",
         f"- **Device**: JAX on {m.get('device', {}).get('platform', '?')}; PyTorch on CPU.",
@@ -209,9 +233,11 @@ def render_page(result: Mapping[str, Any], charts: Sequence[str] = ()) -> str:
         markdown_tables(result).rstrip(),
         "",
     ]
-    captions = {"bench_steps_per_sec.png": "Steps per second by variant and batch size (median; bars: min-max).",
-                "bench_first_step.png": "First step: bars with a cold compilation cache, black ticks warm.",
-                "bench_time_to_accuracy.png": "Test accuracy against training time on MNIST."}
+    captions = {
+        "bench_steps_per_sec.png": "Steps per second by variant and batch size (median; bars: min-max).",
+        "bench_first_step.png": "First step: bars with a cold compilation cache, black ticks warm.",
+        "bench_time_to_accuracy.png": "Test accuracy against training time on MNIST.",
+    }
     for chart in charts:
         parts += [f"![{captions.get(chart, chart)}]({chart})", "", f"*{captions.get(chart, chart)}*", ""]
     parts += [_METHOD, _LESSONS]

@@ -125,32 +125,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_probe(workload: Workload, variant: str, *, cache_dir: str, weights: str | None,
-              threads: int | None, timeout: float = 600.0) -> dict[str, Any]:
+def run_probe(
+    workload: Workload,
+    variant: str,
+    *,
+    cache_dir: str,
+    weights: str | None,
+    threads: int | None,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
     """Runs one probe subprocess and returns its JSON result.
 
     Raises:
         JaxnetError: if the subprocess fails or times out (its stderr's end is included).
     """
-    spec = {"workload": workload.to_dict(), "variant": variant, "cache_dir": cache_dir,
-            "weights": weights, "threads": threads}
+    spec = {
+        "workload": workload.to_dict(),
+        "variant": variant,
+        "cache_dir": cache_dir,
+        "weights": weights,
+        "threads": threads,
+    }
     # both frameworks on the CPU, also where JAX would pick a GPU (see machine.on_the_cpu)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"), JAX_PLATFORMS="cpu")
     try:
-        proc = subprocess.run([sys.executable, "-m", "jaxnet.bench.probe", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "jaxnet.bench.probe", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         raise JaxnetError(f"the first-step probe of {variant} on {workload.model} took over {timeout:.0f} s") from None
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise JaxnetError(f"the first-step probe of {variant} on {workload.model} failed "
-                          f"(exit {proc.returncode}):\n{tail}")
+        raise JaxnetError(
+            f"the first-step probe of {variant} on {workload.model} failed (exit {proc.returncode}):\n{tail}"
+        )
     return json.loads(lines[-1])
 
 
-def first_step_latency(workload: Workload, variant: str, state_dict: Mapping[str, np.ndarray], *,
-                       threads: int | None, timeout: float = 600.0) -> dict[str, Any]:
+def first_step_latency(
+    workload: Workload,
+    variant: str,
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    threads: int | None,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
     """First-step latency with a cold and a warm compilation cache, and peak memory.
 
     Args:

@@ -25,9 +25,23 @@ _NUM, _OPT_NUM, _OPT_INT = {"type": "number"}, {"type": ["number", "null"]}, {"t
 
 ROW_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "required": ["model", "batch_size", "variant", "steps_per_sec", "steps_per_sec_min", "steps_per_sec_max",
-                 "first_step_seconds", "gflops_per_sec", "first_step_seconds_warm", "epoch_seconds",
-                 "steps", "repeats", "steady_state_compiles", "losses_agree", "peak_rss_mb"],
+    "required": [
+        "model",
+        "batch_size",
+        "variant",
+        "steps_per_sec",
+        "steps_per_sec_min",
+        "steps_per_sec_max",
+        "first_step_seconds",
+        "gflops_per_sec",
+        "first_step_seconds_warm",
+        "epoch_seconds",
+        "steps",
+        "repeats",
+        "steady_state_compiles",
+        "losses_agree",
+        "peak_rss_mb",
+    ],
     "properties": {
         "model": {"type": "string"},
         "batch_size": {"type": "integer", "minimum": 1},
@@ -79,8 +93,12 @@ RESULT_SCHEMA: dict[str, Any] = {
         "machine": {
             "type": "object",
             "required": ["cpu", "cores", "mhz", "peak_gflops", "load_average"],
-            "properties": {"cpu": {"type": "string"}, "cores": {"type": "integer", "minimum": 1},
-                           "peak_gflops": _OPT_NUM, "load_average": {"type": ["array", "null"]}},
+            "properties": {
+                "cpu": {"type": "string"},
+                "cores": {"type": "integer", "minimum": 1},
+                "peak_gflops": _OPT_NUM,
+                "load_average": {"type": ["array", "null"]},
+            },
         },
         "versions": {
             "type": "object",
@@ -134,8 +152,11 @@ def _fmt(value: Any, spec: str = ".1f", none: str = "–") -> str:
 
 
 def _speedup(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
-    base = [r for r in rows if r["variant"] == "torch-eager" and r["model"] == row["model"]
-            and r["batch_size"] == row["batch_size"]]
+    base = [
+        r
+        for r in rows
+        if r["variant"] == "torch-eager" and r["model"] == row["model"] and r["batch_size"] == row["batch_size"]
+    ]
     return f"{row['steps_per_sec'] / base[0]['steps_per_sec']:.2f}x" if base else "–"
 
 
@@ -152,24 +173,36 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
         ]
         for r in rows:
             peak = None if r.get("peak_fraction") is None else 100 * r["peak_fraction"]
-            compiles = ("–" if r.get("steady_state_compiles") is None
-                        else f"{r.get('warmup_compiles')} / {r['steady_state_compiles']}")
+            compiles = (
+                "–"
+                if r.get("steady_state_compiles") is None
+                else f"{r.get('warmup_compiles')} / {r['steady_state_compiles']}"
+            )
             agree = f"{'yes' if r['losses_agree'] else 'NO'} ({_fmt(r.get('loss_max_abs_diff'), '.1e')})"
             lines.append(
                 f"| {r['model']} | {r['batch_size']} | {r['variant']} | {r['steps_per_sec']:,.1f} "
                 f"({r['steps_per_sec_min']:,.1f}–{r['steps_per_sec_max']:,.1f}) | {_speedup(r, rows)} "
                 f"| {_fmt(r['first_step_seconds'], '.2f')} / {_fmt(r['first_step_seconds_warm'], '.2f')} "
                 f"| {_fmt(r['epoch_seconds'], '.3g')} | {_fmt(r.get('gflops_per_sec'), '.3g')} | {_fmt(peak, '.2g')} "
-                f"| {_fmt(r.get('peak_rss_mb'), '.0f')} | {compiles} | {agree} | {_fmt(r.get('load_average_1min'))} |")
+                f"| {_fmt(r.get('peak_rss_mb'), '.0f')} | {compiles} | {agree} | {_fmt(r.get('load_average_1min'))} |"
+            )
     tta = result.get("time_to_accuracy") or []
     if tta:
-        lines += ["", "| model | variant | target | reached after (s, compile included) | steps | best test accuracy |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "| model | variant | target | reached after (s, compile included) | steps | best test accuracy |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
         for t in tta:
-            reached = (f"{t['seconds']:.1f}" if t["reached"] else
-                       f"not reached ({t.get('stopped', 'stopped')}, {t['curve'][-1][0]:.0f} s)")
-            lines.append(f"| {t['model']} | {t['variant']} | {100 * t['target']:.0f}% | {reached} "
-                         f"| {_fmt(t.get('steps'), 'd')} | {100 * t['final_accuracy']:.2f}% |")
+            reached = (
+                f"{t['seconds']:.1f}"
+                if t["reached"]
+                else f"not reached ({t.get('stopped', 'stopped')}, {t['curve'][-1][0]:.0f} s)"
+            )
+            lines.append(
+                f"| {t['model']} | {t['variant']} | {100 * t['target']:.0f}% | {reached} "
+                f"| {_fmt(t.get('steps'), 'd')} | {100 * t['final_accuracy']:.2f}% |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -185,14 +218,20 @@ def _bar_chart(plt: Any, rows: Sequence[Mapping[str, Any]], key: str, ylabel: st
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
     warm_label = "warm cache"
     for i, v in enumerate(variants):
-        found = [(g, r) for g, group in enumerate(groups) for r in rows
-                 if r["variant"] == v and (r["model"], r["batch_size"]) == group and r.get(key) is not None]
+        found = [
+            (g, r)
+            for g, group in enumerate(groups)
+            for r in rows
+            if r["variant"] == v and (r["model"], r["batch_size"]) == group and r.get(key) is not None
+        ]
         xs = [g + (i - (len(variants) - 1) / 2) * width for g, _ in found]
         ys = [r[key] for _, r in found]
         spread = None
         if key == "steps_per_sec":
-            spread = [[r[key] - r["steps_per_sec_min"] for _, r in found],
-                      [r["steps_per_sec_max"] - r[key] for _, r in found]]
+            spread = [
+                [r[key] - r["steps_per_sec_min"] for _, r in found],
+                [r["steps_per_sec_max"] - r[key] for _, r in found],
+            ]
         ax.bar(xs, ys, width, label=v, yerr=spread, capsize=2)
         warm = [(x, r["first_step_seconds_warm"]) for x, (_, r) in zip(xs, found) if r.get("first_step_seconds_warm")]
         if key == "first_step_seconds" and warm:
@@ -244,8 +283,10 @@ def plot_charts(result: Mapping[str, Any], out_dir: str | os.PathLike) -> list[p
     out.mkdir(parents=True, exist_ok=True)
     written = []
     rows = result["rows"]
-    for name, key, ylabel in (("bench_steps_per_sec.png", "steps_per_sec", "training steps per second"),
-                              ("bench_first_step.png", "first_step_seconds", "first step (s), cold cache")):
+    for name, key, ylabel in (
+        ("bench_steps_per_sec.png", "steps_per_sec", "training steps per second"),
+        ("bench_first_step.png", "first_step_seconds", "first step (s), cold cache"),
+    ):
         if any(r.get(key) is not None for r in rows):
             _bar_chart(plt, rows, key, ylabel, out / name)
             written.append(out / name)

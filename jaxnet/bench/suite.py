@@ -60,9 +60,13 @@ def check_agreement(losses: dict[str, list[float]], reference: str) -> dict[str,
     for variant, values in losses.items():
         diffs = [abs(a - b) for a, b in zip(values, ref)]
         agree = len(values) == len(ref) and all(
-            d <= AGREEMENT_ATOL + AGREEMENT_RTOL * abs(b) for d, b in zip(diffs, ref))
-        out[variant] = {"loss_max_abs_diff": max(diffs) if diffs else None, "losses_agree": agree,
-                        "reference": reference}
+            d <= AGREEMENT_ATOL + AGREEMENT_RTOL * abs(b) for d, b in zip(diffs, ref)
+        )
+        out[variant] = {
+            "loss_max_abs_diff": max(diffs) if diffs else None,
+            "losses_agree": agree,
+            "reference": reference,
+        }
     return out
 
 
@@ -81,8 +85,9 @@ class _Counted:
         return result
 
 
-def _prepare(workload: Workload, variants: Sequence[str], state_dict: dict, threads: int, agree_steps: int,
-             counted: _Counted) -> tuple[dict[str, Runner], dict[str, list[float]]]:
+def _prepare(
+    workload: Workload, variants: Sequence[str], state_dict: dict, threads: int, agree_steps: int, counted: _Counted
+) -> tuple[dict[str, Runner], dict[str, list[float]]]:
     """Loss agreement (dropout off), then the timed runners (dropout as the model has it), warmed up."""
     dropout = has_dropout(workload.model)
     runners, losses = {}, {}
@@ -101,27 +106,45 @@ def _prepare(workload: Workload, variants: Sequence[str], state_dict: dict, thre
     return runners, losses
 
 
-def _row(workload: Workload, variant: str, seconds: list[float], flops: float | None,
-         peak_gflops: float | None, repeats: int) -> dict[str, Any]:
+def _row(
+    workload: Workload, variant: str, seconds: list[float], flops: float | None, peak_gflops: float | None, repeats: int
+) -> dict[str, Any]:
     rates = [workload.steps / s for s in seconds]
     median = statistics.median(rates)
     gflops = flops * median / 1e9 if flops else None
     return {
-        "model": workload.model, "batch_size": workload.batch_size, "variant": variant,
-        "steps": workload.steps, "repeats": repeats, "optimizer": workload.optimizer,
-        "steps_per_sec": median, "steps_per_sec_min": min(rates), "steps_per_sec_max": max(rates),
+        "model": workload.model,
+        "batch_size": workload.batch_size,
+        "variant": variant,
+        "steps": workload.steps,
+        "repeats": repeats,
+        "optimizer": workload.optimizer,
+        "steps_per_sec": median,
+        "steps_per_sec_min": min(rates),
+        "steps_per_sec_max": max(rates),
         "epoch_seconds": workload.steps_per_epoch / median,
-        "flops_per_step": flops, "gflops_per_sec": gflops,
+        "flops_per_step": flops,
+        "gflops_per_sec": gflops,
         "peak_fraction": gflops / peak_gflops if gflops and peak_gflops else None,
-        "first_step_seconds": None, "first_step_seconds_warm": None,
-        "peak_rss_mb": None, "peak_rss_mb_cold": None,
+        "first_step_seconds": None,
+        "first_step_seconds_warm": None,
+        "peak_rss_mb": None,
+        "peak_rss_mb_cold": None,
         "flush_denormal": variant == "torch-eager-ftz",
     }
 
 
-def run_workload(workload: Workload, variants: Sequence[str], *, repeats: int = 5, threads: int | None = None,
-                 probes: bool = True, agreement_steps: int = 3, peak_gflops: float | None = None,
-                 log: Log = _stderr) -> list[dict[str, Any]]:
+def run_workload(
+    workload: Workload,
+    variants: Sequence[str],
+    *,
+    repeats: int = 5,
+    threads: int | None = None,
+    probes: bool = True,
+    agreement_steps: int = 3,
+    peak_gflops: float | None = None,
+    log: Log = _stderr,
+) -> list[dict[str, Any]]:
     """Measures every variant on one workload; returns one row per variant.
 
     Args:
@@ -160,8 +183,10 @@ def run_workload(workload: Workload, variants: Sequence[str], *, repeats: int = 
                 start = time.perf_counter()
                 counted(counted.steady, v, functools.partial(runners[v].run, workload.steps))
                 seconds[v].append(time.perf_counter() - start)
-            log(f"[{label}] round {r + 1}/{repeats}: " + ", ".join(
-                f"{v} {workload.steps / seconds[v][-1]:.1f}/s" for v in variants))
+            log(
+                f"[{label}] round {r + 1}/{repeats}: "
+                + ", ".join(f"{v} {workload.steps / seconds[v][-1]:.1f}/s" for v in variants)
+            )
     del runners
     load = machine.load_average()  # the machine's load while this workload was timed
     flops = count_flops(workload)
@@ -170,10 +195,14 @@ def run_workload(workload: Workload, variants: Sequence[str], *, repeats: int = 
     for v in variants:
         row = _row(workload, v, seconds[v], flops, peak_gflops, repeats)
         jax_variant = v in JAX_VARIANTS
-        row.update(warmup_compiles=counted.warmup[v] if jax_variant else None,
-                   steady_state_compiles=counted.steady[v] if jax_variant else None,
-                   first_losses=losses[v], loss_reference=agreement[v].pop("reference"), **agreement[v],
-                   load_average_1min=load[0] if load else None)
+        row.update(
+            warmup_compiles=counted.warmup[v] if jax_variant else None,
+            steady_state_compiles=counted.steady[v] if jax_variant else None,
+            first_losses=losses[v],
+            loss_reference=agreement[v].pop("reference"),
+            **agreement[v],
+            load_average_1min=load[0] if load else None,
+        )
         if probes and v != "torch-eager-ftz":  # ftz: the same first step as torch-eager
             log(f"[{label}] first step of {v}: cold and warm cache, in subprocesses")
             row.update(first_step_latency(workload, v, state_dict, threads=threads))
@@ -181,9 +210,16 @@ def run_workload(workload: Workload, variants: Sequence[str], *, repeats: int = 
     return rows
 
 
-def run_suite(workloads: Sequence[Workload], variants: Sequence[str], *, repeats: int = 5,
-              threads: int | None = None, probes: bool = True, fma_units: int = 2,
-              log: Log = _stderr) -> dict[str, Any]:
+def run_suite(
+    workloads: Sequence[Workload],
+    variants: Sequence[str],
+    *,
+    repeats: int = 5,
+    threads: int | None = None,
+    probes: bool = True,
+    fma_units: int = 2,
+    log: Log = _stderr,
+) -> dict[str, Any]:
     """Runs :func:`run_workload` for every workload; returns the whole result.
 
     Returns:
@@ -193,14 +229,24 @@ def run_suite(workloads: Sequence[Workload], variants: Sequence[str], *, repeats
 
     threads = threads or machine.usable_cores()
     device = jax.devices("cpu")[0]  # run_bench runs the JAX variants there (machine.on_the_cpu)
-    info = machine.machine_info(cores=threads, fma_units=fma_units,
-                                device={"platform": device.platform, "kind": device.device_kind})
+    info = machine.machine_info(
+        cores=threads, fma_units=fma_units, device={"platform": device.platform, "kind": device.device_kind}
+    )
     started = datetime.datetime.now(datetime.timezone.utc)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for workload in workloads:
-        rows.extend(run_workload(workload, variants, repeats=repeats, threads=threads, probes=probes,
-                                 peak_gflops=info["peak_gflops"], log=log))
+        rows.extend(
+            run_workload(
+                workload,
+                variants,
+                repeats=repeats,
+                threads=threads,
+                probes=probes,
+                peak_gflops=info["peak_gflops"],
+                log=log,
+            )
+        )
     info["load_average_end"] = machine.load_average()
     return {
         "rows": rows,
@@ -209,7 +255,10 @@ def run_suite(workloads: Sequence[Workload], variants: Sequence[str], *, repeats
         "config": {
             "started_utc": started.isoformat(timespec="seconds"),
             "wall_seconds": round(time.perf_counter() - start, 1),
-            "repeats": repeats, "threads": threads, "variants": list(variants), "probes": probes,
+            "repeats": repeats,
+            "threads": threads,
+            "variants": list(variants),
+            "probes": probes,
             "workloads": [w.to_dict() for w in workloads],
             "command": " ".join(sys.argv),
         },

@@ -102,8 +102,14 @@ def _classes() -> dict[str, type]:
         def forward(self, x):
             return self.linear(x)
 
-    return {"mlp": MLP, "mlp512": MLP512, "mlp128": MLP128, "convnet": ConvNet,
-            "cifar_cnn": CifarCNN, "linear": LinearRegression}
+    return {
+        "mlp": MLP,
+        "mlp512": MLP512,
+        "mlp128": MLP128,
+        "convnet": ConvNet,
+        "cifar_cnn": CifarCNN,
+        "linear": LinearRegression,
+    }
 
 
 def build_torch_model(name: str, state_dict: Mapping[str, Any]) -> Any:
@@ -132,8 +138,9 @@ def build_torch_model(name: str, state_dict: Mapping[str, Any]) -> Any:
         )
     torch = import_torch()
     module = _classes()[name]()
-    tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, copy=True))
-               for k, v in state_dict.items()}
+    tensors = {
+        k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, copy=True)) for k, v in state_dict.items()
+    }
     module.load_state_dict(tensors, strict=True)
     module.train()
     return module

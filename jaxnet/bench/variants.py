@@ -82,8 +82,7 @@ class JaxJitRunner:
         tx = _jax_optimizer(workload)
         self.graphdef, self.state = create_train_state(_jax_model(workload, dropout), tx, seed=workload.seed)
         classification = workload.output != "regression"
-        self.step = make_train_step(self.graphdef, tx, loss_for_output(workload.output),
-                                    classification=classification)
+        self.step = make_train_step(self.graphdef, tx, loss_for_output(workload.output), classification=classification)
         images, labels = make_batch_pool(workload)
         self.pool = [jax.device_put({"image": x, "label": y}) for x, y in zip(images, labels)]
         self.position = 0
@@ -107,8 +106,9 @@ class JaxScanRunner:
     def __init__(self, workload: Workload, *, dropout: bool = True):
         tx = _jax_optimizer(workload)
         graphdef, self.state = create_train_state(_jax_model(workload, dropout), tx, seed=workload.seed)
-        self.epoch = make_scan_epoch(graphdef, tx, loss_for_output(workload.output),
-                                     classification=workload.output != "regression")
+        self.epoch = make_scan_epoch(
+            graphdef, tx, loss_for_output(workload.output), classification=workload.output != "regression"
+        )
         images, labels = make_batch_pool(workload)
         k, b = labels.shape
         self.images = jax.device_put(images.reshape(k * b, *images.shape[2:]))  # (K*B, ...)
@@ -135,8 +135,15 @@ class JaxScanRunner:
 class TorchRunner:
     """``torch-eager``, ``torch-eager-ftz`` and ``torch-compile``: the tutorials' five-line loop."""
 
-    def __init__(self, variant: str, workload: Workload, state_dict: Mapping[str, Any], *,
-                 dropout: bool = True, threads: int | None = None):
+    def __init__(
+        self,
+        variant: str,
+        workload: Workload,
+        state_dict: Mapping[str, Any],
+        *,
+        dropout: bool = True,
+        threads: int | None = None,
+    ):
         torch = torch_models.import_torch()
         self.torch, self.variant = torch, variant
         if threads is not None:
@@ -146,7 +153,8 @@ class TorchRunner:
             torch_models.set_dropout(self.model, 0.0)
         self.forward = torch.compile(self.model) if variant == "torch-compile" else self.model
         self.optimizer = torch_models.make_torch_optimizer(
-            workload.optimizer, self.model.parameters(), workload.lr, momentum=workload.momentum)
+            workload.optimizer, self.model.parameters(), workload.lr, momentum=workload.momentum
+        )
         images, labels = make_batch_pool(workload)
         if images.ndim == 5:  # (K, B, H, W, C) -> (K, B, C, H, W), PyTorch's NCHW
             images = images.transpose(0, 1, 4, 2, 3)
@@ -181,8 +189,14 @@ class TorchRunner:
         return losses
 
 
-def make_runner(variant: str, workload: Workload, *, dropout: bool = True,
-                state_dict: Mapping[str, Any] | None = None, threads: int | None = None) -> Runner:
+def make_runner(
+    variant: str,
+    workload: Workload,
+    *,
+    dropout: bool = True,
+    state_dict: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+) -> Runner:
     """Builds a variant's runner for ``workload``, from the workload's initial weights.
 
     Args:
@@ -223,8 +237,9 @@ def count_flops(workload: Workload) -> float | None:
     """
     tx = _jax_optimizer(workload)
     graphdef, state = create_train_state(_jax_model(workload, True), tx, seed=workload.seed)
-    step = make_train_step(graphdef, tx, loss_for_output(workload.output),
-                           classification=workload.output != "regression", donate=False)
+    step = make_train_step(
+        graphdef, tx, loss_for_output(workload.output), classification=workload.output != "regression", donate=False
+    )
     images, labels = make_batch_pool(workload)
     batch = {"image": jnp.asarray(images[0]), "label": jnp.asarray(labels[0])}
     analysis = step.lower(state, batch).cost_analysis()
@@ -232,4 +247,3 @@ def count_flops(workload: Workload) -> float | None:
         analysis = analysis[0] if analysis else None
     flops = analysis.get("flops") if analysis else None
     return float(flops) if flops else None
-

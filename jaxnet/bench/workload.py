@@ -143,10 +143,21 @@ STEPS: dict[tuple[str, int], int] = {
 }
 # (model, batch size) pairs of each run mode.
 QUICK_PLAN: tuple[tuple[str, int], ...] = (("mlp128", 32),)
-DEFAULT_PLAN: tuple[tuple[str, int], ...] = (("linear", 4), ("mlp", 64), ("mlp512", 64), ("convnet", 64),
-                                             ("cifar_cnn", 100))
-FULL_PLAN: tuple[tuple[str, int], ...] = (("linear", 4), ("mlp", 64), ("mlp", 512), ("mlp512", 64),
-                                          ("convnet", 64), ("cifar_cnn", 100))
+DEFAULT_PLAN: tuple[tuple[str, int], ...] = (
+    ("linear", 4),
+    ("mlp", 64),
+    ("mlp512", 64),
+    ("convnet", 64),
+    ("cifar_cnn", 100),
+)
+FULL_PLAN: tuple[tuple[str, int], ...] = (
+    ("linear", 4),
+    ("mlp", 64),
+    ("mlp", 512),
+    ("mlp512", 64),
+    ("convnet", 64),
+    ("cifar_cnn", 100),
+)
 
 
 def default_steps(model: str, batch_size: int) -> int:

@@ -66,8 +66,11 @@ class NpzHandler(ocp.AsyncCheckpointHandler):
     async def async_save(self, directory: Any, args: Any) -> list[Any] | None:
         if not isinstance(args, NpzSave):
             return await self._standard.async_save(directory, args=args)
-        return [ocp.future.CommitFutureAwaitingContractedSignals(
-            self._write(directory / ARRAYS_FILE, args.arrays), name="jaxnet_npz_save")]
+        return [
+            ocp.future.CommitFutureAwaitingContractedSignals(
+                self._write(directory / ARRAYS_FILE, args.arrays), name="jaxnet_npz_save"
+            )
+        ]
 
     def save(self, directory: Any, args: Any) -> None:
         if not isinstance(args, NpzSave):

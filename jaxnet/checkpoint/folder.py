@@ -74,7 +74,8 @@ class CheckpointFolder:
     array_format: str
     pending: PendingSave = dataclasses.field(default_factory=PendingSave)
     worker: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
-        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxnet-checkpoint"))
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxnet-checkpoint")
+    )
 
 
 Checkpointer = CheckpointFolder  # the name of jaxnet <= 0.1; Orbax has a class of that name too

@@ -143,7 +143,9 @@ def record_header(meta: Mapping[str, Any], metrics: Mapping[str, Any] | None) ->
     header = {
         "format": RECORD_FORMAT,
         "meta": dict(meta),
-        "metrics": None if metrics is None else {
+        "metrics": None
+        if metrics is None
+        else {
             str(k): float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
             for k, v in metrics.items()
         },

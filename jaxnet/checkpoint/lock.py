@@ -153,10 +153,12 @@ class WorkdirLock:
         except FileExistsError:
             if not self.workdir.is_dir():
                 raise ConfigError(
-                    f"--workdir {self.workdir} is a file, not a folder; choose another --workdir") from None
+                    f"--workdir {self.workdir} is a file, not a folder; choose another --workdir"
+                ) from None
         except OSError as exc:
-            raise ConfigError(f"cannot create the workdir {self.workdir}: {_os_cause(exc)}; "
-                              "choose a writable --workdir") from None
+            raise ConfigError(
+                f"cannot create the workdir {self.workdir}: {_os_cause(exc)}; choose a writable --workdir"
+            ) from None
 
     def _remove_created_workdir(self) -> None:
         if self._created_workdir:
@@ -170,8 +172,9 @@ class WorkdirLock:
         except FileExistsError:
             raise
         except OSError as exc:
-            raise ConfigError(f"cannot create the lock file {self.path}: {_os_cause(exc)}; "
-                              "choose a writable --workdir") from None
+            raise ConfigError(
+                f"cannot create the lock file {self.path}: {_os_cause(exc)}; choose a writable --workdir"
+            ) from None
 
     def _lock_flock(self) -> int:
         for _ in range(_LOCK_TRIES):
@@ -181,8 +184,12 @@ class WorkdirLock:
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     # ENOLCK, EOPNOTSUPP: a file system without locks (some FUSE, NFS without lockd)
-                    logger.warning("cannot lock %s (%s): its file system does not support locks, so a second "
-                                   "run in this workdir would not be stopped", self.path, _os_cause(exc))
+                    logger.warning(
+                        "cannot lock %s (%s): its file system does not support locks, so a second "
+                        "run in this workdir would not be stopped",
+                        self.path,
+                        _os_cause(exc),
+                    )
                     self._write(fd)
                     return fd
                 os.close(fd)
@@ -198,8 +205,13 @@ class WorkdirLock:
             raise ConfigError(_in_use_message(self.workdir, holder(self.workdir) or {}))
         previous = _parse(_read(fd))
         if previous:
-            logger.info("taking over %s from PID %s on host %s, which no longer holds it (the process "
-                        "ended without releasing it)", self.path, previous.get("pid"), previous.get("host"))
+            logger.info(
+                "taking over %s from PID %s on host %s, which no longer holds it (the process "
+                "ended without releasing it)",
+                self.path,
+                previous.get("pid"),
+                previous.get("host"),
+            )
         self._write(fd)
         return fd
 
@@ -209,16 +221,20 @@ class WorkdirLock:
         except FileExistsError:
             raise ConfigError(
                 _in_use_message(self.workdir, holder(self.workdir))
-                + f" (if no run is there any more, delete {self.path})") from None
+                + f" (if no run is there any more, delete {self.path})"
+            ) from None
         self._write(fd)
         return fd
 
     def _write(self, fd: int) -> None:
         now = datetime.datetime.now().astimezone()
-        info = {"host": socket.gethostname(), "pid": os.getpid(),
-                "started": now.strftime("%Y-%m-%d %H:%M:%S"), "started_utc": now.astimezone(
-                    datetime.timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join(sys.argv)}
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": now.strftime("%Y-%m-%d %H:%M:%S"),
+            "started_utc": now.astimezone(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+        }
         data = (json.dumps(info, indent=1) + "\n").encode()
         try:
             os.ftruncate(fd, 0)
@@ -227,8 +243,9 @@ class WorkdirLock:
             os.fsync(fd)
         except OSError as exc:
             os.close(fd)
-            raise ConfigError(f"cannot write the lock file {self.path}: {_os_cause(exc)}; "
-                              "choose a writable --workdir") from None
+            raise ConfigError(
+                f"cannot write the lock file {self.path}: {_os_cause(exc)}; choose a writable --workdir"
+            ) from None
 
 
 def holder(workdir: str | os.PathLike) -> dict[str, Any] | None:
@@ -277,8 +294,10 @@ def _in_use_message(workdir: pathlib.Path, info: dict[str, Any] | None) -> str:
         who = f"another process (its lock file {lock_path(workdir)} names no holder)"
     else:
         who = f"PID {info.get('pid', '?')} on host {info.get('host', '?')} since {info.get('started', '?')}"
-    return (f"the workdir {workdir} is in use by {who} (a run is training there); wait for it, stop it, "
-            "or choose another --workdir")
+    return (
+        f"the workdir {workdir} is in use by {who} (a run is training there); wait for it, stop it, "
+        "or choose another --workdir"
+    )
 
 
 def _same_file(fd: int, path: pathlib.Path) -> bool:

@@ -96,14 +96,22 @@ def create_checkpoint_manager(
     if read_only and not path.is_dir():
         raise CheckpointError(f"no checkpoint folder at {path}")
     if path.exists() and not path.is_dir():
-        raise CheckpointError(f"the checkpoint folder {path} is a file, not a folder; move it or choose "
-                              "another --workdir")
+        raise CheckpointError(
+            f"the checkpoint folder {path} is a file, not a folder; move it or choose another --workdir"
+        )
     quiet_orbax()
     if not read_only and clean_unfinished and jax.process_index() == 0:
         recovery.remove_unfinished_saves(path)
     pending = PendingSave()
-    options = _options(path, pending, max_to_keep=max_to_keep, best_metric=best_metric, best_mode=best_mode,
-                       keep_best=keep_best, read_only=read_only)
+    options = _options(
+        path,
+        pending,
+        max_to_keep=max_to_keep,
+        best_metric=best_metric,
+        best_mode=best_mode,
+        keep_best=keep_best,
+        read_only=read_only,
+    )
     with orbax_errors(f"opening the checkpoint folder {path}"):
         manager = _open_manager(path, options, _handler_registry(array_format), read_only)
     return CheckpointFolder(manager, path, best_metric, best_mode, async_save, array_format, pending)
@@ -120,17 +128,29 @@ def _check_settings(max_to_keep: Any, keep_best: Any, best_mode: Any, array_form
         raise ConfigError(f"array_format must be 'npz' or 'orbax', got {array_format!r}")
 
 
-def _options(path: pathlib.Path, pending: PendingSave, *, max_to_keep: int, best_metric: str | None,
-             best_mode: str, keep_best: int, read_only: bool) -> ocp.CheckpointManagerOptions:
+def _options(
+    path: pathlib.Path,
+    pending: PendingSave,
+    *,
+    max_to_keep: int,
+    best_metric: str | None,
+    best_mode: str,
+    keep_best: int,
+    read_only: bool,
+) -> ocp.CheckpointManagerOptions:
     """Orbax's options: the newest ``max_to_keep`` plus the ``keep_best`` best, and jaxnet's manifest hook."""
     policies: list[Any] = [ocp_policies.LatestN(n=max_to_keep)]
     best_fn = None
     if best_metric is not None:
         best_fn = metric_fn(best_metric, best_mode)
-        policies.append(ocp_policies.BestN(
-            get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
-            keep_checkpoints_without_metrics=False,
-        ))
+        policies.append(
+            ocp_policies.BestN(
+                get_metric_fn=best_fn,
+                reverse=best_mode == "min",
+                n=keep_best,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
     return ocp.CheckpointManagerOptions(
         best_fn=best_fn,
         best_mode=best_mode,
@@ -168,11 +188,17 @@ def _open_manager(path: pathlib.Path, options: Any, registry: Any, read_only: bo
             raise
         if read_only:
             step, problem = min(damaged.items())
-            raise CheckpointError(f"checkpoint step {step} is damaged: {problem}, and Orbax cannot open "
-                                  f"{path} with it; move {path / str(step)} aside") from None
+            raise CheckpointError(
+                f"checkpoint step {step} is damaged: {problem}, and Orbax cannot open "
+                f"{path} with it; move {path / str(step)} aside"
+            ) from None
         where = recovery.move_aside(path, sorted(damaged))
-        logger.warning("checkpoint step(s) %s are damaged (%s) and were moved to %s",
-                       ", ".join(map(str, sorted(damaged))), "; ".join(damaged.values()), where)
+        logger.warning(
+            "checkpoint step(s) %s are damaged (%s) and were moved to %s",
+            ", ".join(map(str, sorted(damaged))),
+            "; ".join(damaged.values()),
+            where,
+        )
     return ocp.CheckpointManager(path, options=options, handler_registry=registry)
 
 

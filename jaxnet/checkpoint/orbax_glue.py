@@ -32,12 +32,18 @@ logger = logging.getLogger("jaxnet.checkpoint")
 
 # Saves without the ranking metric (mid-epoch ones) are intended, and so is
 # opening a folder read-only (jaxnet export, inspection).
-_EXPECTED_ORBAX_WARNINGS = ("did not provide metrics", "read_only=True, setting save_interval_steps=0",
-                            "Given directory is read only")
+_EXPECTED_ORBAX_WARNINGS = (
+    "did not provide metrics",
+    "read_only=True, setting save_interval_steps=0",
+    "Given directory is read only",
+)
 # Orbax's complaints about a step's _CHECKPOINT_METADATA (the raw file content included);
 # restoring checks that file itself and names the damage (restoring.verify_files).
-_STEP_METADATA_COMPLAINTS = ("Failed to json parse Metadata file", "Failed to read Metadata file",
-                             "Metadata file does not exist")
+_STEP_METADATA_COMPLAINTS = (
+    "Failed to json parse Metadata file",
+    "Failed to read Metadata file",
+    "Metadata file does not exist",
+)
 
 # What to do about a failed write, by errno.
 WRITE_FIXES = {
@@ -90,9 +96,11 @@ class _LateWriteFilter:
 
     def __call__(self, unraisable: Any) -> None:
         exc = unraisable.exc_value
-        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-                and any(frame.name == "call_soon_threadsafe"
-                        for frame in traceback.extract_tb(unraisable.exc_traceback))):
+        if (
+            isinstance(exc, RuntimeError)
+            and str(exc) == "Event loop is closed"
+            and any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(unraisable.exc_traceback))
+        ):
             logger.debug("a write of a failed save finished after Orbax's event loop closed: %s", exc)
             return
         self.previous(unraisable)
@@ -176,8 +184,10 @@ def write_failure(exc: BaseException, where: pathlib.Path | None) -> tuple[str, 
     os_error = _os_error_in(exc)
     if os_error is None:
         text = str(exc).strip()
-        return (f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": "),
-                "choose another --workdir")
+        return (
+            f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": "),
+            "choose another --workdir",
+        )
     code = os_error.errno or 0  # never 0: _os_error_in returns only errors with an errno
     name = errno.errorcode.get(code, str(code))
     path = os_error.filename or where

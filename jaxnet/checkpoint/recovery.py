@@ -63,7 +63,9 @@ def restore_latest_good(ckpt: CheckpointFolder, abstract_state: Any) -> tuple[An
             ckpt.manager.reload()
             logger.warning(
                 "resuming from checkpoint step %d; the skipped step(s) %s were moved to %s",
-                step, ", ".join(str(s) for s, _ in skipped), where,
+                step,
+                ", ".join(str(s) for s, _ in skipped),
+                where,
             )
         else:
             logger.info("resuming from checkpoint step %d in %s", step, ckpt.directory)
@@ -98,8 +100,11 @@ def steps_with_damaged_metadata(directory: pathlib.Path) -> dict[int, str]:
     whole folder.
     """
     folders = directory.iterdir() if directory.is_dir() else ()
-    return {int(p.name): problem for p in folders
-            if p.name.isdigit() and p.is_dir() and (problem := step_metadata_problem(p))}
+    return {
+        int(p.name): problem
+        for p in folders
+        if p.name.isdigit() and p.is_dir() and (problem := step_metadata_problem(p))
+    }
 
 
 def remove_unfinished_saves(directory: pathlib.Path) -> None:
@@ -119,9 +124,12 @@ def remove_unfinished_saves(directory: pathlib.Path) -> None:
     holder = lock_lib.held_by_another_process(directory.parent)
     if holder is not None:
         logger.warning(
-            "keeping %s: the workdir %s is in use by PID %s on host %s, and this may be its save in "
-            "progress", ", ".join(str(p) for p in leftovers), directory.parent, holder.get("pid", "?"),
-            holder.get("host", "?"))
+            "keeping %s: the workdir %s is in use by PID %s on host %s, and this may be its save in progress",
+            ", ".join(str(p) for p in leftovers),
+            directory.parent,
+            holder.get("pid", "?"),
+            holder.get("host", "?"),
+        )
         return
     for leftover in leftovers:
         logger.info("removing %s, an unfinished save of a process that was killed", leftover)

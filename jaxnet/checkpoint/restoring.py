@@ -58,16 +58,13 @@ def resolve_step(ckpt: CheckpointFolder, step: int | str | None) -> int:
         if found is None:
             metric = ckpt.best_metric or "(no best_metric chosen)"
             raise CheckpointError(
-                f"no checkpoint in {ckpt.directory} is ranked by {metric}; "
-                f"use 'latest' or one of the steps {available}"
+                f"no checkpoint in {ckpt.directory} is ranked by {metric}; use 'latest' or one of the steps {available}"
             )
         if _nonfinite_problem(ckpt, found) is None:
             return found
         return _first_finite(ckpt, _ranked(ckpt, available), "best")
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or int(step) not in available:
-        raise CheckpointError(
-            f"no checkpoint step {step!r} in {ckpt.directory}; available: {available or 'none'}"
-        )
+        raise CheckpointError(f"no checkpoint step {step!r} in {ckpt.directory}; available: {available or 'none'}")
     return int(step)
 
 
@@ -168,13 +165,13 @@ def _check_shapes(record: dict[str, Any], target: Any, step: int, names: Collect
     problem = integrity.shapes_problem(record, target, names)
     if problem:
         raise CheckpointMismatchError(
-            f"checkpoint step {step} does not fit: {problem}; restore with the model and "
-            "optimizer of the saved run"
+            f"checkpoint step {step} does not fit: {problem}; restore with the model and optimizer of the saved run"
         )
 
 
-def _check_digests(record: dict[str, Any], restored: Any, step: int, names: Collection[str],
-                   where: pathlib.Path) -> None:
+def _check_digests(
+    record: dict[str, Any], restored: Any, step: int, names: Collection[str], where: pathlib.Path
+) -> None:
     name = integrity.digest_problem(record, restored, names)
     if name:
         raise CheckpointError(
@@ -221,8 +218,9 @@ def restore(
     return state, record["meta"]
 
 
-def restore_step(ckpt: CheckpointFolder, abstract_state: Any, step: int, *,
-                 finite_only: bool = False) -> tuple[Any, dict[str, Any]]:
+def restore_step(
+    ckpt: CheckpointFolder, abstract_state: Any, step: int, *, finite_only: bool = False
+) -> tuple[Any, dict[str, Any]]:
     """:func:`restore` of a step number; returns the whole record.
 
     ``finite_only`` raises CheckpointError for a state holding NaN/inf, from
@@ -321,6 +319,7 @@ def _wrap_keys(restored: Any, abstract: Any) -> Any:
     The key keeps the data's placement; its key type is the target's
     (``dtype=`` works for a live key and for a ``ShapeDtypeStruct`` alike).
     """
+
     def wrap(data: Any, ref: Any) -> Any:
         return jax.random.wrap_key_data(data, dtype=ref.dtype) if integrity.is_prng_key(ref) else data
 
@@ -344,6 +343,5 @@ def _restore_target(leaf: Any) -> Any:
     target = ocp.utils.to_shape_dtype_struct(leaf)
     if isinstance(target, jax.ShapeDtypeStruct) and target.sharding is None:
         device = jax.local_devices()[0]
-        target = jax.ShapeDtypeStruct(target.shape, target.dtype,
-                                      sharding=jax.sharding.SingleDeviceSharding(device))
+        target = jax.ShapeDtypeStruct(target.shape, target.dtype, sharding=jax.sharding.SingleDeviceSharding(device))
     return target

@@ -107,8 +107,9 @@ def save(
         wait(ckpt)
 
 
-def _hand_over(ckpt: CheckpointFolder, step: int, state: Any, header: dict[str, Any],
-               tracked: dict[str, float] | None) -> None:
+def _hand_over(
+    ckpt: CheckpointFolder, step: int, state: Any, header: dict[str, Any], tracked: dict[str, float] | None
+) -> None:
     """Digests ``state`` and starts Orbax's (asynchronous) save of it and its record.
 
     In an ``"npz"`` folder a state held whole by this one process is written
@@ -126,8 +127,12 @@ def _hand_over(ckpt: CheckpointFolder, step: int, state: Any, header: dict[str, 
         header = {**header, "finite": bad is None, **({"nonfinite": bad} if bad else {})}
         if bad is not None:
             tracked = None  # never the best
-            logger.warning("checkpoint step %d holds non-finite values (NaN/inf) in %s: it is saved, but "
-                           "never resumed from or chosen as latest or best", step, bad)
+            logger.warning(
+                "checkpoint step %d holds non-finite values (NaN/inf) in %s: it is saved, but "
+                "never resumed from or chosen as latest or best",
+                step,
+                bad,
+            )
     record = integrity.finish_record(header, state)
     flat = None
     if ckpt.array_format == "npz" and jax.process_count() == 1 and host_arrays:
@@ -180,8 +185,7 @@ def host_copy(state: Any) -> Any:
     leaves = jax.tree.leaves(state)
     if not all(isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves):
         return state
-    if any(isinstance(x, jax.Array) and (not x.is_fully_addressable or integrity.is_prng_key(x))
-           for x in leaves):
+    if any(isinstance(x, jax.Array) and (not x.is_fully_addressable or integrity.is_prng_key(x)) for x in leaves):
         return state  # another process's shards, or typed PRNG keys not converted by the caller
     return jax.tree.map(lambda x: np.array(x, copy=True), state)
 
@@ -278,8 +282,9 @@ def _save_failed(ckpt: CheckpointFolder, step: int | None, exc: BaseException) -
     with contextlib.suppress(Exception):
         found = sorted(ckpt.manager.all_steps())
     if step is not None and step in found:  # committed; what failed came after (retiring old steps)
-        return CheckpointError(f"checkpoint step {step} was saved to {ckpt.directory}, but finishing the save "
-                               f"failed: {cause}; {fix}")
+        return CheckpointError(
+            f"checkpoint step {step} was saved to {ckpt.directory}, but finishing the save failed: {cause}; {fix}"
+        )
     kept = f"the newest checkpoint is still step {found[-1]}" if found else "there is no earlier checkpoint"
     what = f"saving checkpoint step {step}" if step is not None else "saving a checkpoint"
     removed = "the partial save was removed, " if partial else ""
@@ -312,8 +317,9 @@ def probe_writable(directory: str | os.PathLike) -> pathlib.Path:
     """
     path = pathlib.Path(directory).absolute()
     if path.exists() and not path.is_dir():
-        raise CheckpointError(f"cannot write checkpoints to {path}: it is a file, not a folder [ENOTDIR]; "
-                              f"{WRITE_FIXES[errno.ENOTDIR]}")
+        raise CheckpointError(
+            f"cannot write checkpoints to {path}: it is a file, not a folder [ENOTDIR]; {WRITE_FIXES[errno.ENOTDIR]}"
+        )
     probe = path / f"{PROBE_FILE}-{os.getpid()}"
     moved = probe.with_name(probe.name + ".renamed")
     try:

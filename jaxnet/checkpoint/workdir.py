@@ -146,8 +146,11 @@ def check_workdir(
         elif not has_checkpoint(path):
             _check_existing_run(path, current, resume=True, mutable_keys=mutable_keys, start_over=True)
             clear_logs(path)
-            logger.info("the run in %s stopped before its first checkpoint; starting it over from step 0 "
-                        "(its logs were cleared)", path)
+            logger.info(
+                "the run in %s stopped before its first checkpoint; starting it over from step 0 "
+                "(its logs were cleared)",
+                path,
+            )
             _write_config(path, current)
             return path
         else:
@@ -159,26 +162,31 @@ def check_workdir(
         )
     if resume and not has_run:
         raise ConfigError(
-            f"cannot resume: {path} holds no jaxnet run ({CONFIG_FILE} is missing); start "
-            "the run without --resume"
+            f"cannot resume: {path} holds no jaxnet run ({CONFIG_FILE} is missing); start the run without --resume"
         )
     if has_run:
         _check_existing_run(path, current, resume=bool(resume), mutable_keys=mutable_keys)
     elif has_checkpoint(path):
-        raise ConfigError(
-            f"the workdir {path} holds checkpoints but no {CONFIG_FILE}; use another --workdir"
-        )
+        raise ConfigError(f"the workdir {path} holds checkpoints but no {CONFIG_FILE}; use another --workdir")
     _write_config(path, current)
     return path
 
 
-def _check_existing_run(path: pathlib.Path, current: dict[str, Any], *, resume: bool,
-                        mutable_keys: Collection[str], start_over: bool = False) -> None:
+def _check_existing_run(
+    path: pathlib.Path,
+    current: dict[str, Any],
+    *,
+    resume: bool,
+    mutable_keys: Collection[str],
+    start_over: bool = False,
+) -> None:
     """Raises unless ``current`` may continue (``resume``) the run recorded in ``path``."""
     saved = read_config(path)
     started = has_checkpoint(path)
-    stopped = (f"the run in {path} stopped before its first checkpoint (or is still in its first "
-               f"steps): {CONFIG_FILE} is there, no checkpoint")
+    stopped = (
+        f"the run in {path} stopped before its first checkpoint (or is still in its first "
+        f"steps): {CONFIG_FILE} is there, no checkpoint"
+    )
     if resume:
         diff = _differences(saved, current, mutable_keys)
         may = f"only {', '.join(mutable_keys)} may change on resume" if mutable_keys else "nothing may change on resume"

@@ -27,13 +27,25 @@ from jaxnet.cli import bench, export, launch, train
 from jaxnet.cli.train import OPERATIONAL_FLAGS, parse_train_args, print_summary, run_train, strict_json
 from jaxnet.errors import ConfigError, Interrupted, JaxnetError, TrainingDiverged
 
-__all__ = ["COMMANDS", "OPERATIONAL_FLAGS", "PROG", "build_parser", "main", "parse_train_args", "run_train",
-           "strict_json"]
+__all__ = [
+    "COMMANDS",
+    "OPERATIONAL_FLAGS",
+    "PROG",
+    "build_parser",
+    "main",
+    "parse_train_args",
+    "run_train",
+    "strict_json",
+]
 
 PROG = "jaxnet"
 COMMANDS = ("train", "export", "predict", "launch", "bench")
-_REGISTER = ((("train",), train.register_cli), (("export", "predict"), export.register_cli),
-             (("launch",), launch.register_cli), (("bench",), bench.register_cli))
+_REGISTER = (
+    (("train",), train.register_cli),
+    (("export", "predict"), export.register_cli),
+    (("launch",), launch.register_cli),
+    (("bench",), bench.register_cli),
+)
 
 
 def build_parser(commands: Collection[str] = COMMANDS) -> argparse.ArgumentParser:

@@ -47,7 +47,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     from jaxnet.bench.workload import VARIANTS
 
     p = add_command(
-        subparsers, "bench",
+        subparsers,
+        "bench",
         help="measure PyTorch eager / torch.compile vs jaxnet jit / scan on the tutorial models",
         description=(
             "On the CPU (both frameworks, also where a GPU is visible), train the same model from the same "
@@ -55,35 +56,63 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
             "(with and without flushing denormals), torch.compile, jaxnet's jit-compiled step and "
             "its whole-epoch lax.scan; report steps/s (median, min, max of interleaved repeats), "
             "first-step latency with a cold and a warm compilation cache, GFLOP/s and share of the "
-            "CPU's peak, peak memory, compile counts and whether the losses agree."),
+            "CPU's peak, peak memory, compile counts and whether the losses agree."
+        ),
     )
-    p.add_argument("--model", type=name_list, default=None,
-                   help="comma-separated model names (default: every tutorial model)")
-    p.add_argument("--batch-size", type=positive_int_list, default=None,
-                   help="comma-separated batch sizes (default: each model's tutorial batch size)")
+    p.add_argument(
+        "--model", type=name_list, default=None, help="comma-separated model names (default: every tutorial model)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int_list,
+        default=None,
+        help="comma-separated batch sizes (default: each model's tutorial batch size)",
+    )
     p.add_argument("--variants", type=name_list, default=list(VARIANTS), help="comma-separated variants")
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help="steps per timed repeat, also the jax-scan length (default: per model, ~1 s)")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="steps per timed repeat, also the jax-scan length (default: per model, ~1 s)",
+    )
     p.add_argument("--repeats", type=positive_int, default=5, help="timed, interleaved repeats per variant")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch.set_num_threads (default: the cores XLA uses)")
-    p.add_argument("--no-probe", action="store_true",
-                   help="skip the first-step and memory measurements (fresh subprocesses)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: the cores XLA uses)"
+    )
+    p.add_argument(
+        "--no-probe", action="store_true", help="skip the first-step and memory measurements (fresh subprocesses)"
+    )
     p.add_argument("--quick", action="store_true", help="CI mode: mlp128, batch 32, 20 steps per repeat")
-    p.add_argument("--full", action="store_true",
-                   help="every model and batch size of the published run, plus time to accuracy")
-    p.add_argument("--time-to-accuracy", action="store_true",
-                   help="only measure wall time to 98%% (MLP) / 99%% (ConvNet) MNIST test accuracy")
+    p.add_argument(
+        "--full", action="store_true", help="every model and batch size of the published run, plus time to accuracy"
+    )
+    p.add_argument(
+        "--time-to-accuracy",
+        action="store_true",
+        help="only measure wall time to 98%% (MLP) / 99%% (ConvNet) MNIST test accuracy",
+    )
     p.add_argument("--tta-models", type=name_list, default=["mlp", "convnet"], help="models for time to accuracy")
-    p.add_argument("--tta-variants", type=name_list, default=None,
-                   help="variants for time to accuracy (default: torch-eager, torch-eager-ftz and jax-jit "
-                        "for mlp; torch-eager and jax-jit for convnet)")
-    p.add_argument("--tta-max-seconds", type=positive_float, default=150.0,
-                   help="give up on a time-to-accuracy run after this much training time")
+    p.add_argument(
+        "--tta-variants",
+        type=name_list,
+        default=None,
+        help="variants for time to accuracy (default: torch-eager, torch-eager-ftz and jax-jit "
+        "for mlp; torch-eager and jax-jit for convnet)",
+    )
+    p.add_argument(
+        "--tta-max-seconds",
+        type=positive_float,
+        default=150.0,
+        help="give up on a time-to-accuracy run after this much training time",
+    )
     p.add_argument("--data-dir", default=None, help="folder holding mnist/ (default: $JAXNET_DATA_DIR, cache)")
     p.add_argument("--out", default=None, help="write bench.json, bench.md, PNG charts and static_vs_dynamic.md here")
-    p.add_argument("--render", default=None, metavar="BENCH_JSON",
-                   help="measure nothing: rewrite the table, charts and page of --out from an earlier bench.json")
+    p.add_argument(
+        "--render",
+        default=None,
+        metavar="BENCH_JSON",
+        help="measure nothing: rewrite the table, charts and page of --out from an earlier bench.json",
+    )
     p.add_argument("--fma-units", type=positive_int, default=2, help="FMA units per core, for the peak FLOP/s")
     p.add_argument("--json", action="store_true", help="end with the whole result as one JSON line")
     p.set_defaults(func=run_bench)
@@ -126,10 +155,16 @@ def _command() -> str:
 
 def _git_commit() -> str | None:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + (" + uncommitted changes" if dirty else "")
@@ -147,7 +182,8 @@ def _check_variants(variants: Sequence[str], what: str) -> None:
         except ImportError:
             raise ConfigError(
                 "the PyTorch variants need torch: pip install 'jaxnet[torch]' (torch==2.13.0), "
-                "or pass --variants jax-jit,jax-scan") from None
+                "or pass --variants jax-jit,jax-scan"
+            ) from None
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -165,8 +201,15 @@ def run_bench(args: argparse.Namespace) -> None:
     workloads = [] if tta_only else build_workloads(args)
     threads = args.threads or machine.usable_cores()
     with machine.on_the_cpu():
-        result = run_suite(workloads, args.variants, repeats=args.repeats, threads=threads,
-                           probes=not args.no_probe, fma_units=args.fma_units, log=log.info)
+        result = run_suite(
+            workloads,
+            args.variants,
+            repeats=args.repeats,
+            threads=threads,
+            probes=not args.no_probe,
+            fma_units=args.fma_units,
+            log=log.info,
+        )
         if args.time_to_accuracy or args.full:
             result["time_to_accuracy"] = _run_tta(args, threads, log)
     result["config"]["suite_seconds"] = result["config"].pop("wall_seconds")
@@ -222,8 +265,12 @@ def _run_tta(args: argparse.Namespace, threads: int, log: logging.Logger) -> lis
             log.info("time to accuracy: %s, %s", name, variant)
             res = time_to_accuracy(name, data, variant, max_seconds=args.tta_max_seconds, threads=threads)
             res["dataset_source"] = data.source
-            log.info("  %s", f"reached {100 * res['target']:.0f}% after {res['seconds']:.1f} s"
-                     if res["reached"] else f"best {100 * res['final_accuracy']:.2f}% (not reached)")
+            log.info(
+                "  %s",
+                f"reached {100 * res['target']:.0f}% after {res['seconds']:.1f} s"
+                if res["reached"]
+                else f"best {100 * res['final_accuracy']:.2f}% (not reached)",
+            )
             out.append(res)
     return out
 

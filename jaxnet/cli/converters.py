@@ -29,17 +29,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default is None or action.default is False \
-                or action.default == argparse.SUPPRESS:
+        if (
+            "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+        ):
             return text
         return super()._get_help_string(action)
 
 
-def add_command(subparsers: argparse._SubParsersAction, name: str, *, help: str, description: str,
-                epilog: str | None = None) -> argparse.ArgumentParser:
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, *, help: str, description: str, epilog: str | None = None
+) -> argparse.ArgumentParser:
     """A subcommand's parser, its ``--help`` formatted as every ``jaxnet`` command's (:class:`HelpFormatter`)."""
-    return subparsers.add_parser(name, help=help, description=description, epilog=epilog,
-                                 formatter_class=HelpFormatter)
+    return subparsers.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=HelpFormatter)
 
 
 def _integer(text: str, what: str) -> int:

@@ -18,7 +18,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     from jaxnet.parallel.multiprocess import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 
     p = add_command(
-        subparsers, "launch",
+        subparsers,
+        "launch",
         help="run a jaxnet command in several processes joined into one run (torchrun)",
         description=(
             "Start NPROC local processes of a jaxnet command (or a Python script), joined with "
@@ -30,12 +31,19 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         epilog="example: jaxnet launch --nproc 2 --devices-per-proc 4 -- train --model mlp --batch-size 64",
     )
     p.add_argument("--nproc", type=positive_int, required=True, help="number of processes")
-    p.add_argument("--devices-per-proc", type=positive_int, default=None,
-                   help="simulated CPU devices per process (CPU only; default: the real devices)")
+    p.add_argument(
+        "--devices-per-proc",
+        type=positive_int,
+        default=None,
+        help="simulated CPU devices per process (CPU only; default: the real devices)",
+    )
     p.add_argument("--port", type=port, default=None, help="coordinator port on 127.0.0.1 (default: a free one)")
     p.add_argument("--timeout", type=positive_float, default=None, help="stop every process after this many seconds")
-    p.add_argument("command", nargs=argparse.REMAINDER,
-                   help="after '--': a jaxnet command (train ...) or a Python script (script.py ...)")
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="after '--': a jaxnet command (train ...) or a Python script (script.py ...)",
+    )
     p.set_defaults(func=run_launch)
     return p
 
@@ -44,8 +52,7 @@ def run_launch(args: argparse.Namespace) -> None:
     """Runs ``jaxnet launch`` from parsed arguments; raises on failure (:func:`jaxnet.parallel.launcher.launch`)."""
     from jaxnet.parallel.launcher import launch
 
-    launch(args.command, nproc=args.nproc, devices_per_proc=args.devices_per_proc, port=args.port,
-           timeout=args.timeout)
+    launch(args.command, nproc=args.nproc, devices_per_proc=args.devices_per_proc, port=args.port, timeout=args.timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,8 +44,16 @@ from jaxnet.outputs import VALUE_KINDS as VALUE_OUTPUTS  # noqa: E402,F401
 
 # What a --config value of each flag type must be in TOML (bool is an int in Python: refused apart).
 _TOML_TYPES: dict[Any, tuple[type, ...]] = {
-    positive_int: (int,), int: (int,), seed: (int,), nonnegative_float: (int, float), positive_float: (int, float),
-    fraction: (int, float), float: (int, float), json_object: (dict,), None: (str,), str: (str,),
+    positive_int: (int,),
+    int: (int,),
+    seed: (int,),
+    nonnegative_float: (int, float),
+    positive_float: (int, float),
+    fraction: (int, float),
+    float: (int, float),
+    json_object: (dict,),
+    None: (str,),
+    str: (str,),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", dict: "a table", str: "a string", bool: "true or false"}
 
@@ -58,8 +66,9 @@ def _kind(action: argparse.Action) -> tuple[type, ...]:
     return _TOML_TYPES[action.type]
 
 
-def read_config_file(path: str | pathlib.Path, actions: Iterable[argparse.Action],
-                     *, not_allowed: Iterable[str] = ()) -> dict[str, Any]:
+def read_config_file(
+    path: str | pathlib.Path, actions: Iterable[argparse.Action], *, not_allowed: Iterable[str] = ()
+) -> dict[str, Any]:
     """Reads a ``--config`` TOML file into flag values, checked like the command line checks them.
 
     Keys are the flags' names without the dashes, with ``-`` or ``_``
@@ -112,8 +121,10 @@ def _check_value(path: pathlib.Path, key: str, value: Any, action: argparse.Acti
         try:
             return json.loads(json.dumps(value))  # recorded in config.json: JSON values only
         except (TypeError, ValueError):
-            raise ConfigError(f"--config {path}: {key} holds a value JSON cannot record (a date?); "
-                              "use numbers, strings, lists and tables") from None
+            raise ConfigError(
+                f"--config {path}: {key} holds a value JSON cannot record (a date?); "
+                "use numbers, strings, lists and tables"
+            ) from None
     if callable(action.type) and not isinstance(value, bool):
         try:
             return action.type(str(value))  # the flag's own range check
@@ -182,5 +193,3 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         """The config as ``W/config.json`` holds it."""
         return dataclasses.asdict(self)
-
-

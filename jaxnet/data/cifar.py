@@ -74,9 +74,7 @@ def parse_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
         and images.shape[0] > 0
     ):
         what = (
-            f"{images.dtype} array of shape {images.shape}"
-            if isinstance(images, np.ndarray)
-            else type(images).__name__
+            f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
         )
         raise DataError(f"{name}: b'data' must be an (N, {ROW_BYTES}) uint8 array, found {what}")
     labels = _labels_array(labels, name)
@@ -132,9 +130,7 @@ def _read_archive(path: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]
                 raise DataError(f"{where}: appears twice in the archive")
             seen.add(batch)
             if not member.isreg() or member.size > MAX_MEMBER_BYTES:
-                raise DataError(
-                    f"{where}: expected a regular file under {MAX_MEMBER_BYTES:,} bytes"
-                )
+                raise DataError(f"{where}: expected a regular file under {MAX_MEMBER_BYTES:,} bytes")
             stream = archive.extractfile(member)
             assert stream is not None  # extractfile returns None only for non-regular members
             data = read_bounded(stream, member.size, where)
@@ -219,8 +215,7 @@ def read_cifar10(path: str | os.PathLike[str]) -> ArrayDataset:
     location = locate_cifar10(path)
     if location is None:
         raise DataError(
-            f"{path}: no CIFAR-10 files found; expected {CIFAR10_ARCHIVE} or an extracted "
-            f"{CIFAR10_FOLDER}/ folder"
+            f"{path}: no CIFAR-10 files found; expected {CIFAR10_ARCHIVE} or an extracted {CIFAR10_FOLDER}/ folder"
         )
     found = _read_folder(location) if location.is_dir() else _read_archive(location)
     train = [found[b] for b in TRAIN_BATCHES]

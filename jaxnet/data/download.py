@@ -115,8 +115,7 @@ def _check_scheme(url: str, allow_http: bool) -> urllib.parse.SplitResult:
         return parts
     if parts.scheme == "http":
         raise DataError(
-            f"{url}: refusing plain HTTP; use the https:// URL, or pass allow_http=True "
-            "for a trusted local server"
+            f"{url}: refusing plain HTTP; use the https:// URL, or pass allow_http=True for a trusted local server"
         )
     raise DataError(
         f"{url}: unsupported URL scheme {parts.scheme!r}; only https:// (and http:// "
@@ -206,9 +205,7 @@ def download(
     return dest
 
 
-def _fetch(
-    url: str, out: BinaryIO, max_bytes: int, allow_http: bool, timeout: float
-) -> dict[str, Any]:
+def _fetch(url: str, out: BinaryIO, max_bytes: int, allow_http: bool, timeout: float) -> dict[str, Any]:
     """Streams ``url`` into ``out``; returns the running sha256/md5 hash objects."""
     opener = urllib.request.build_opener(_RefuseDowngrade(allow_http))
     request = urllib.request.Request(url, headers={"User-Agent": "jaxnet-data/0.1"})
@@ -218,10 +215,7 @@ def _fetch(
         with opener.open(request, timeout=timeout) as response:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise DataError(
-                    f"{url}: server announces {int(declared):,} bytes, over the "
-                    f"{max_bytes:,}-byte limit"
-                )
+                raise DataError(f"{url}: server announces {int(declared):,} bytes, over the {max_bytes:,}-byte limit")
             while chunk := response.read(_CHUNK):
                 total += len(chunk)
                 if total > max_bytes:

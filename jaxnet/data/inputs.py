@@ -133,8 +133,9 @@ class _RecordColumn:
         if isinstance(index, (int, np.integer)):
             return np.asarray(_field_of(self._source[int(index)], self._field), self.dtype)
         keys = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
-        return np.stack([np.asarray(_field_of(self._source[int(i)], self._field), self.dtype)
-                         for i in keys.reshape(-1)]).reshape(*keys.shape, *self.shape[1:])
+        return np.stack(
+            [np.asarray(_field_of(self._source[int(i)], self._field), self.dtype) for i in keys.reshape(-1)]
+        ).reshape(*keys.shape, *self.shape[1:])
 
 
 def _field_of(record: Any, field: str | int) -> Any:
@@ -159,8 +160,12 @@ def _record_fields(record: Any, what: str) -> tuple[str | int, str | int]:
 
 def _is_source(obj: Any) -> bool:
     """A random-access source of records: ``len()`` and ``obj[i]``, and not an array."""
-    return (hasattr(obj, "__len__") and hasattr(obj, "__getitem__") and not hasattr(obj, "shape")
-            and not isinstance(obj, (str, bytes, Mapping, tuple, list)))
+    return (
+        hasattr(obj, "__len__")
+        and hasattr(obj, "__getitem__")
+        and not hasattr(obj, "shape")
+        and not isinstance(obj, (str, bytes, Mapping, tuple, list))
+    )
 
 
 def _labels(y: Any, what: str) -> np.ndarray:
@@ -175,13 +180,19 @@ def _labels(y: Any, what: str) -> np.ndarray:
 
 
 def _inputs(x: Any, what: str) -> Any:
-    if (not isinstance(x, (np.ndarray, list, tuple)) and hasattr(x, "shape") and hasattr(x, "__getitem__")
-            and not hasattr(x, "__array__")):
+    if (
+        not isinstance(x, (np.ndarray, list, tuple))
+        and hasattr(x, "shape")
+        and hasattr(x, "__getitem__")
+        and not hasattr(x, "__array__")
+    ):
         return x  # a lazily read array-like (a tfds/grain column): indexed batch by batch
     array = np.asarray(x)
     if array.dtype == object or array.ndim == 0:
-        raise DataError(f"{what}: inputs must be a numeric array with one row per example; "
-                        f"got {'a scalar' if array.ndim == 0 else 'ragged or non-numeric data'}")
+        raise DataError(
+            f"{what}: inputs must be a numeric array with one row per example; "
+            f"got {'a scalar' if array.ndim == 0 else 'ragged or non-numeric data'}"
+        )
     if np.issubdtype(array.dtype, np.floating) and array.dtype != np.float32:
         array = array.astype(np.float32)  # float64 from pandas/numpy: JAX computes in float32
     return array
@@ -233,7 +244,11 @@ def _stream(obj: Any) -> BatchStream:
 def batch_arrays(batch: Any) -> dict[str, Any]:
     """A streamed batch (``(x, y)`` or a dict) as jaxnet's ``{"image", "label"}`` batch."""
     if isinstance(batch, Mapping) and "image" in batch and "label" in batch:
-        return {"image": batch["image"], "label": batch["label"], **({"mask": batch["mask"]} if "mask" in batch else {})}
+        return {
+            "image": batch["image"],
+            "label": batch["label"],
+            **({"mask": batch["mask"]} if "mask" in batch else {}),
+        }
     fx, fy = _record_fields(batch, "a training batch")
     return {"image": np.asarray(batch[fx]), "label": np.asarray(batch[fy])}
 
@@ -244,8 +259,10 @@ def _from_mapping(data: Mapping[str, Any]) -> dict[str, Split]:
         return {"train": _split(data, "the training data")}
     unknown = sorted(set(map(str, data)) - set(_SPLIT_NAMES))
     if unknown:
-        raise ConfigError(f"data has the keys {unknown} beside splits; a dict of splits may hold only "
-                          f"{', '.join(sorted(_SPLIT_NAMES))}")
+        raise ConfigError(
+            f"data has the keys {unknown} beside splits; a dict of splits may hold only "
+            f"{', '.join(sorted(_SPLIT_NAMES))}"
+        )
     if "train" not in data:
         raise ConfigError(f"data has the splits {sorted(data)} but no 'train' split to train on")
     return {_SPLIT_NAMES[k]: _split(v, f"the {_SPLIT_NAMES[k]} split") for k, v in data.items()}
@@ -307,8 +324,10 @@ def as_fit_data(
     """
     if isinstance(data, FitData):  # already turned (e.g. by the CLI, which checked it first)
         if validation_split is not None or validation_data is not None:
-            raise ConfigError("the data already is FitData, with its validation split decided; "
-                              "pass validation_split/validation_data to as_fit_data instead")
+            raise ConfigError(
+                "the data already is FitData, with its validation split decided; "
+                "pass validation_split/validation_data to as_fit_data instead"
+            )
         return data
     mean = std = None
     if isinstance(data, ArrayDataset):
@@ -343,18 +362,29 @@ def as_fit_data(
 
     if validation_data is not None:
         if validation_split is not None or "validation" in splits:
-            raise ConfigError("give the validation data once: validation_split=, validation_data= "
-                              "or a 'validation' split in data, not several")
+            raise ConfigError(
+                "give the validation data once: validation_split=, validation_data= "
+                "or a 'validation' split in data, not several"
+            )
         splits["validation"] = _split(validation_data, "validation_data")
     if validation_split is not None:
         if stream is not None:
-            raise ConfigError("validation_split needs the training data as arrays; with an iterable "
-                              "of batches pass validation_data=(x, y)")
+            raise ConfigError(
+                "validation_split needs the training data as arrays; with an iterable "
+                "of batches pass validation_data=(x, y)"
+            )
         if "validation" in splits:
             raise ConfigError("data already has a 'validation' split; drop validation_split")
         splits["train"], splits["validation"] = holdout(splits["train"], validation_split, seed=seed)
     if num_classes is None:
         num_classes = _num_classes(splits)
-    return FitData(name=name, source=source, train=stream if stream is not None else splits["train"],
-                   validation=splits.get("validation"), test=splits.get("test"),
-                   num_classes=num_classes, mean=mean, std=std)
+    return FitData(
+        name=name,
+        source=source,
+        train=stream if stream is not None else splits["train"],
+        validation=splits.get("validation"),
+        test=splits.get("test"),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+    )

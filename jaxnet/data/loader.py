@@ -132,9 +132,7 @@ def iterate_batches(
     return batches()
 
 
-def prefetch_to_device(
-    iterator: Iterable[Any], size: int = 2, sharding: Any = None
-) -> Iterator[Any]:
+def prefetch_to_device(iterator: Iterable[Any], size: int = 2, sharding: Any = None) -> Iterator[Any]:
     """Keeps ``size`` batches in flight on the device ahead of their use.
 
     ``jax.device_put`` is asynchronous, so while the step runs on batch

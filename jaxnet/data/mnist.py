@@ -50,12 +50,7 @@ def find_idx_file(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
 
 def missing_mnist_files(folder: pathlib.Path) -> list[str]:
     """Names of the official files absent from ``folder`` (gzip form)."""
-    return [
-        f"{stem}.gz"
-        for pair in MNIST_FILES.values()
-        for stem in pair
-        if find_idx_file(folder, stem) is None
-    ]
+    return [f"{stem}.gz" for pair in MNIST_FILES.values() for stem in pair if find_idx_file(folder, stem) is None]
 
 
 def _read_header(stream: ByteSource, path: pathlib.Path, magic: int) -> tuple[int, ...]:
@@ -88,9 +83,7 @@ def _read_header(stream: ByteSource, path: pathlib.Path, magic: int) -> tuple[in
     return dims
 
 
-def read_idx(
-    path: str | os.PathLike[str], *, magic: int, max_bytes: int = MAX_IDX_BYTES
-) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str], *, magic: int, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Reads one IDX file of unsigned bytes (gzip-compressed or raw).
 
     The header is validated, the declared size is checked against
@@ -152,8 +145,7 @@ def read_mnist_split(folder: pathlib.Path, split: str) -> tuple[np.ndarray, np.n
     labels = read_idx(labels_path, magic=LABELS_MAGIC)
     if images.shape[1:] != (MNIST_SIDE, MNIST_SIDE):
         raise DataError(
-            f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, "
-            f"MNIST images are {MNIST_SIDE}x{MNIST_SIDE}"
+            f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, MNIST images are {MNIST_SIDE}x{MNIST_SIDE}"
         )
     if len(images) != len(labels):
         raise DataError(
@@ -194,10 +186,7 @@ def read_mnist(folder: str | os.PathLike[str]) -> ArrayDataset:
     folder = pathlib.Path(folder)
     missing = missing_mnist_files(folder)
     if missing:
-        raise DataError(
-            f"{folder}: missing MNIST files {', '.join(missing)} "
-            "(the names without .gz are accepted too)"
-        )
+        raise DataError(f"{folder}: missing MNIST files {', '.join(missing)} (the names without .gz are accepted too)")
     train_images, train_labels, train_src = read_mnist_split(folder, "train")
     test_images, test_labels, test_src = read_mnist_split(folder, "test")
     return ArrayDataset(
@@ -211,4 +200,3 @@ def read_mnist(folder: str | os.PathLike[str]) -> ArrayDataset:
         std=MNIST_STD,
         source=f"MNIST IDX files: {train_src}, {test_src}",
     )
-

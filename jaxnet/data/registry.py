@@ -70,10 +70,7 @@ def load_embedded_mnist_sample() -> ArrayDataset:
         ds = mnist.read_mnist(folder)
     return dataclasses.replace(
         ds,
-        source=(
-            f"embedded MNIST sample: {ds.num_train} train / {ds.num_test} test images "
-            "from the official MNIST set"
-        ),
+        source=(f"embedded MNIST sample: {ds.num_train} train / {ds.num_test} test images from the official MNIST set"),
     )
 
 
@@ -107,9 +104,7 @@ def load_official(
     if data_dir is not None:
         folder = pathlib.Path(data_dir) / name
         if not _has_files(name, folder):
-            missing = (
-                mnist.missing_mnist_files(folder) if name == "mnist" and folder.is_dir() else None
-            )
+            missing = mnist.missing_mnist_files(folder) if name == "mnist" and folder.is_dir() else None
             raise DataError(
                 f"no {name} files in {folder}: expected {_expected_files(name)}"
                 + (f" (missing: {', '.join(missing)})" if missing else "")
@@ -137,7 +132,10 @@ def load_official(
     logger.warning(
         "Using the embedded MNIST sample (%d train / %d test images), not the full set: %s. "
         "For the full 60,000 / 10,000: %s.",
-        sample.num_train, sample.num_test, reason, fix,
+        sample.num_train,
+        sample.num_test,
+        reason,
+        fix,
     )
     return sample
 

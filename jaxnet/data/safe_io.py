@@ -33,6 +33,7 @@ class ByteSource(Protocol):
 
     def read(self, size: int, /) -> bytes: ...
 
+
 # What a corrupt file can make the standard library raise while we read it.
 # MemoryError is included because a hostile length field can request an
 # allocation larger than the machine; that is a property of the file.
@@ -131,8 +132,7 @@ def read_bounded(stream: ByteSource, max_bytes: int, name: str) -> bytes:
     data = stream.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise DataError(
-            f"{name}: larger than the {max_bytes:,}-byte limit for this kind of file; "
-            "it is not an official data file"
+            f"{name}: larger than the {max_bytes:,}-byte limit for this kind of file; it is not an official data file"
         )
     return data
 

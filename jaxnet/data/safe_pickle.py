@@ -149,11 +149,7 @@ def _from_bytes(raw: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
         raise ValueError("array dtype is not a numpy dtype")
     if not isinstance(raw, (bytes, bytearray)):
         raise ValueError("array data is not raw bytes")
-    if not (
-        isinstance(shape, tuple)
-        and len(shape) <= 8
-        and all(type(d) is int and d >= 0 for d in shape)
-    ):
+    if not (isinstance(shape, tuple) and len(shape) <= 8 and all(type(d) is int and d >= 0 for d in shape)):
         raise ValueError(f"malformed array shape {reprlib.repr(shape)}")
     if order not in ("C", "F"):
         raise ValueError(f"malformed array order {reprlib.repr(order)}")

@@ -33,6 +33,7 @@ def make_linear_regression(
         >>> make_linear_regression().train_labels.tolist()
         [2.0, 4.0, 6.0, 8.0]
     """
+
     def split(xs: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(xs, np.float32).reshape(-1, 1)  # (N, 1)
         return x, (weight * x[:, 0] + bias).astype(np.float32)

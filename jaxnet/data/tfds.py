@@ -64,17 +64,13 @@ def _read_chunks(source: Any, keys: np.ndarray) -> Iterator[tuple[int, Sequence[
         yield start, source.__getitems__(chunk) if batched else [source[k] for k in chunk]
 
 
-def _stack_images(
-    records: Sequence[Any], image_key: str, image_shape: tuple[int, ...]
-) -> np.ndarray:
+def _stack_images(records: Sequence[Any], image_key: str, image_shape: tuple[int, ...]) -> np.ndarray:
     """Stacks the records' images: (B, H, W) or (B, H, W, C) -> (B, H, W, C)."""
     images = np.stack([np.asarray(r[image_key]) for r in records])
     return images.reshape(len(records), *image_shape)
 
 
-def _read_images(
-    source: Any, image_key: str, image_shape: tuple[int, ...], keys: np.ndarray
-) -> np.ndarray:
+def _read_images(source: Any, image_key: str, image_shape: tuple[int, ...], keys: np.ndarray) -> np.ndarray:
     """Reads the images of ``keys`` into one ``(len(keys), H, W, C)`` uint8 array."""
     out = np.empty((len(keys), *image_shape), dtype=np.uint8)
     for start, records in _read_chunks(source, keys):
@@ -164,8 +160,7 @@ class GrainArraySource:
             )
         if keys.size and (keys.min() < -n or keys.max() >= n):
             raise IndexError(
-                f"index out of range for {n} images: min {keys.min()}, max {keys.max()}; "
-                f"use indices in [-{n}, {n})"
+                f"index out of range for {n} images: min {keys.min()}, max {keys.max()}; use indices in [-{n}, {n})"
             )
         keys = np.where(keys < 0, keys + n, keys)
         return _read_images(self._source, self._image_key, self.shape[1:], keys)
@@ -211,9 +206,7 @@ def _open_builder(tfds: ModuleType, name: str, data_dir: Any, download: bool) ->
     return builder
 
 
-def _check_features(
-    features: Any, name: str, image_key: str, label_key: str
-) -> tuple[tuple[int, ...], int]:
+def _check_features(features: Any, name: str, image_key: str, label_key: str) -> tuple[tuple[int, ...], int]:
     """Validates the image and label features; returns ``(H, W, C)`` and num_classes."""
     keys = sorted(features.keys()) if hasattr(features, "keys") else []
     for key, arg in ((image_key, "image_key"), (label_key, "label_key")):
@@ -288,9 +281,7 @@ def _load_split(
     if num_bytes <= max_in_memory_bytes:
         return _read_split(source, image_key, label_key, image_shape)
     # Labels must be in memory: read them with image decoding skipped.
-    labels_source = _as_data_source(
-        builder, split, name, decoders={image_key: tfds.decode.SkipDecoding()}
-    )
+    labels_source = _as_data_source(builder, split, name, decoders={image_key: tfds.decode.SkipDecoding()})
     _, labels = _read_split(labels_source, None, label_key, image_shape)
     return GrainArraySource(source, image_key, image_shape), labels
 
@@ -375,9 +366,7 @@ def load_tfds(
     train_images, train_labels = _load_split(tfds, builder, train_split, keys, image_shape, limit)
     test_images, test_labels = _load_split(tfds, builder, test_split, keys, image_shape, limit)
     if len(train_labels) == 0:
-        raise DataError(
-            f"the train split of tfds data set {name!r} in {builder.data_path} is empty"
-        )
+        raise DataError(f"the train split of tfds data set {name!r} in {builder.data_path} is empty")
     known = _KNOWN_STATS.get(builder.name)
     if known is not None and len(known[0]) == image_shape[-1]:
         mean, std = known
@@ -392,8 +381,5 @@ def load_tfds(
         num_classes=num_classes,
         mean=mean,
         std=std,
-        source=(
-            f"tensorflow-datasets {builder.info.full_name} ({train_split}/{test_split}) "
-            f"from {builder.data_path}"
-        ),
+        source=(f"tensorflow-datasets {builder.info.full_name} ({train_split}/{test_split}) from {builder.data_path}"),
     )

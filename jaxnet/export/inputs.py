@@ -60,8 +60,9 @@ def read_inputs(file: str | os.PathLike, input_shape: Sequence[int]) -> tuple[np
 
     modes = {1: "L", 3: "RGB"}
     if len(shape) != 3 or shape[-1] not in modes:
-        raise DataError(f"{path}: image files fit (H, W, 1) or (H, W, 3) models, this one takes {shape}; "
-                        "pass a .npy array")
+        raise DataError(
+            f"{path}: image files fit (H, W, 1) or (H, W, 3) models, this one takes {shape}; pass a .npy array"
+        )
     try:
         with Image.open(path) as image:
             image = image.convert(modes[shape[-1]])

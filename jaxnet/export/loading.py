@@ -122,7 +122,6 @@ def load_exported(path: str | os.PathLike) -> ExportedModel:
     return ExportedModel(str(path), info, exported, device_weights, jax.jit(exported.call))
 
 
-
 def _read_batches(model: ExportedModel, files: Sequence[str | os.PathLike]) -> Iterator[tuple[list[str], np.ndarray]]:
     """``(names, outputs)`` per file: ``file`` for one example, ``file[i]`` for a batch's."""
     for file in files:
@@ -155,8 +154,10 @@ def predict_files(
     if not isinstance(model, ExportedModel):
         model = load_exported(model)
     if model.info["output"] not in CLASSIFIER_KINDS:
-        raise ConfigError(f"{model.path} is a regression model, not a classifier; call load_exported(path)(x) "
-                          "or predict_values for its values")
+        raise ConfigError(
+            f"{model.path} is a regression model, not a classifier; call load_exported(path)(x) "
+            "or predict_values for its values"
+        )
     results = []
     for names, outputs in _read_batches(model, files):
         for name, p in zip(names, probabilities(outputs, model.info["output"])):
@@ -177,5 +178,8 @@ def predict_values(
     """
     if not isinstance(model, ExportedModel):
         model = load_exported(model)
-    return [(name, np.asarray(v).reshape(-1)) for names, outputs in _read_batches(model, files)
-            for name, v in zip(names, outputs)]
+    return [
+        (name, np.asarray(v).reshape(-1))
+        for names, outputs in _read_batches(model, files)
+        for name, v in zip(names, outputs)
+    ]

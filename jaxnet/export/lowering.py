@@ -33,8 +33,9 @@ Transform = Callable[[jax.Array, jax.Array, bool], jax.Array]  # transform(key, 
 def _check_export_args(input_shape: Sequence[int], platforms: Sequence[str], output: str) -> tuple[int, ...]:
     shape = tuple(input_shape)
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-        raise ConfigError(f"input_shape must be positive integers, one example's shape (e.g. (28, 28, 1)), "
-                          f"got {input_shape!r}")
+        raise ConfigError(
+            f"input_shape must be positive integers, one example's shape (e.g. (28, 28, 1)), got {input_shape!r}"
+        )
     bad = [p for p in platforms if p not in PLATFORMS]
     if bad or not platforms:
         raise ConfigError(f"unknown export platform(s) {bad or list(platforms)}; choose from {PLATFORMS}")
@@ -70,8 +71,14 @@ def _variables(params: Any, model_state: Any) -> list[dict[str, Any]]:
     out = []
     for part, tree in (("params", params), ("model_state", model_state)):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            out.append({"part": part, "path": [_key_name(k) for k in path],
-                        "shape": [int(d) for d in np.shape(leaf)], "dtype": str(leaf.dtype)})
+            out.append(
+                {
+                    "part": part,
+                    "path": [_key_name(k) for k in path],
+                    "shape": [int(d) for d in np.shape(leaf)],
+                    "dtype": str(leaf.dtype),
+                }
+            )
     return out
 
 
@@ -103,7 +110,10 @@ class Forward:
 
 
 def make_forward(
-    graphdef: Any, params: Any, model_state: Any, *,
+    graphdef: Any,
+    params: Any,
+    model_state: Any,
+    *,
     transform: Transform | None = None,
 ) -> Forward:
     """The eval-mode predict function of a model, its preprocessing included (nothing is compiled).
@@ -128,8 +138,9 @@ def make_forward(
 
     rng_state, kept = nnx.split_state(model_state, nnx.RngState, ...)
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path((params, kept))
-    names = tuple(_weight_name(("params", "model_state")[_key_name(path[0])], path[1:])
-                  for path, _ in leaves_with_paths)
+    names = tuple(
+        _weight_name(("params", "model_state")[_key_name(path[0])], path[1:]) for path, _ in leaves_with_paths
+    )
     specs = tuple(jax.ShapeDtypeStruct(np.shape(w), w.dtype) for _, w in leaves_with_paths)
     rng_leaves, rng_treedef = jax.tree.flatten(rng_state)
     rng_specs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in rng_leaves]
@@ -153,7 +164,10 @@ def make_forward(
 
 
 def lower_forward(
-    forward: Forward, *, input_shape: Sequence[int], input_dtype: str,
+    forward: Forward,
+    *,
+    input_shape: Sequence[int],
+    input_dtype: str,
     platforms: Sequence[str] = ("cpu", "cuda"),
 ) -> Any:
     """Lowers a :class:`Forward` with ``jax.export`` for a symbolic batch size ``b``.
@@ -177,8 +191,15 @@ def lower_forward(
         ) from None
 
 
-def _describe(exported: Any, *, names: Sequence[str], input_shape: Sequence[int], input_dtype: str,
-              output: str, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+def _describe(
+    exported: Any,
+    *,
+    names: Sequence[str],
+    input_shape: Sequence[int],
+    input_dtype: str,
+    output: str,
+    metadata: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     """The JSON description (``info``) of a ``model.jaxexport`` file (see :mod:`jaxnet.export`)."""
     out = exported.out_avals[0]
     return {
@@ -200,8 +221,10 @@ def _pack(exported: Any, weights: Sequence[np.ndarray], info: Mapping[str, Any])
         info_bytes = json.dumps(info).encode()
     except TypeError as exc:
         raise ConfigError(f"export metadata must be JSON: {exc}") from None
-    arrays = {"module": np.frombuffer(bytes(exported.serialize()), np.uint8),
-              "info": np.frombuffer(info_bytes, np.uint8)}
+    arrays = {
+        "module": np.frombuffer(bytes(exported.serialize()), np.uint8),
+        "info": np.frombuffer(info_bytes, np.uint8),
+    }
     arrays.update({f"w{i:04d}": np.asarray(w) for i, w in enumerate(weights)})
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -259,8 +282,9 @@ def export_model(
     forward = make_forward(graphdef, state.params, state.model_state, transform=transform)
     exported = lower_forward(forward, input_shape=shape, input_dtype=dtype, platforms=platforms)
     weights = _named_arrays(state.params, state.model_state)
-    info = _describe(exported, names=forward.names, input_shape=shape, input_dtype=dtype, output=output,
-                     metadata=metadata)
+    info = _describe(
+        exported, names=forward.names, input_shape=shape, input_dtype=dtype, output=output, metadata=metadata
+    )
     return _pack(exported, [weights[n] for n in forward.names], info)
 
 

@@ -109,10 +109,17 @@ def write_workdir_model(
         logger.warning("cannot record the model for 'jaxnet export' (%s); training goes on", exc)
         return None
     module = bytes(exported.serialize())
-    info = {"format": EXPORT_FORMAT, "input_shape": list(shape), "input_dtype": dtype, "output": output,
-            "platforms": list(exported.platforms), "jax_version": jax.__version__,
-            "module_sha256": hashlib.sha256(module).hexdigest(),
-            "weights": list(forward.names), "variables": list(forward.variables)}
+    info = {
+        "format": EXPORT_FORMAT,
+        "input_shape": list(shape),
+        "input_dtype": dtype,
+        "output": output,
+        "platforms": list(exported.platforms),
+        "jax_version": jax.__version__,
+        "module_sha256": hashlib.sha256(module).hexdigest(),
+        "weights": list(forward.names),
+        "variables": list(forward.variables),
+    }
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in ((_MODEL_MODULE, module), (_MODEL_INFO, json.dumps(info).encode())):
@@ -138,8 +145,9 @@ def read_workdir_model(workdir: str | os.PathLike) -> tuple[Any, dict[str, Any]]
         info = json.loads((folder / _MODEL_INFO).read_text(encoding="utf-8"))
         module = (folder / _MODEL_MODULE).read_bytes()
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{folder} is damaged ({type(exc).__name__}: {exc}); "
-                        "rerun the training to rewrite it") from None
+        raise DataError(
+            f"{folder} is damaged ({type(exc).__name__}: {exc}); rerun the training to rewrite it"
+        ) from None
     if hashlib.sha256(module).hexdigest() != info.get("module_sha256"):
         raise DataError(f"{folder / _MODEL_MODULE} is damaged (SHA-256 mismatch); rerun the training to rewrite it")
     try:
@@ -182,8 +190,15 @@ class _Source:
 
 def _recorded_source(recorded: tuple[Any, dict[str, Any]]) -> _Source:
     exported, info = recorded
-    return _Source(exported, tuple(info["weights"]), _abstract_variables(info["variables"]),
-                   tuple(info["input_shape"]), info["input_dtype"], info["output"], "recorded")
+    return _Source(
+        exported,
+        tuple(info["weights"]),
+        _abstract_variables(info["variables"]),
+        tuple(info["input_shape"]),
+        info["input_dtype"],
+        info["output"],
+        "recorded",
+    )
 
 
 def _rebuilt_source(workdir: str | os.PathLike, config: Mapping[str, Any], platforms: Sequence[str]) -> _Source | None:
@@ -211,11 +226,12 @@ def _rebuilt_source(workdir: str | os.PathLike, config: Mapping[str, Any], platf
     transform = None
     if dtype == "uint8":
         if not config.get("mean") or not config.get("std"):
-            raise ConfigError(f"{where} lacks the input normalization ('mean' and 'std'); "
-                              "it was not written by jaxnet train")
+            raise ConfigError(
+                f"{where} lacks the input normalization ('mean' and 'std'); it was not written by jaxnet train"
+            )
         transform = make_image_transform(tuple(config["mean"]), tuple(config["std"]))
     model = models.build_model(registered or name, seed=int(config.get("seed", 0)), kwargs=config.get("model_kwargs"))
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # flax types nnx.split's result as a variadic tuple
     forward = make_forward(graphdef, params, model_state, transform=transform)
     exported = lower_forward(forward, input_shape=shape, input_dtype=dtype, platforms=platforms)
     return _Source(exported, forward.names, (params, model_state), shape, dtype, output, "rebuilt")
@@ -247,14 +263,16 @@ def _export_source(workdir: str | os.PathLike, config: Mapping[str, Any], platfo
     )
 
 
-def _restore_weights(workdir: str | os.PathLike, config: Mapping[str, Any], step: str | int,
-                     source: _Source) -> tuple[int, list[np.ndarray], str]:
+def _restore_weights(
+    workdir: str | os.PathLike, config: Mapping[str, Any], step: str | int, source: _Source
+) -> tuple[int, list[np.ndarray], str]:
     """``(step, weights in the source's order, params_sha256)`` of the chosen checkpoint."""
     from jaxnet import checkpoint
     from jaxnet.checkpoint import workdir as workdir_lib
 
     ckpt = checkpoint.create_checkpoint_manager(
-        workdir_lib.checkpoint_directory(workdir), read_only=True,
+        workdir_lib.checkpoint_directory(workdir),
+        read_only=True,
         best_metric=config.get("best_metric", checkpoint.DEFAULT_BEST_METRIC),
         best_mode=config.get("best_mode", "max"),
     )
@@ -268,13 +286,15 @@ def _restore_weights(workdir: str | os.PathLike, config: Mapping[str, Any], step
     arrays = _named_arrays(params, model_state)
     missing = [n for n in source.names if n not in arrays]
     if missing:
-        raise ConfigError(f"checkpoint step {step} of {workdir} lacks the weights {missing[:3]}; "
-                          "it belongs to another model")
+        raise ConfigError(
+            f"checkpoint step {step} of {workdir} lacks the weights {missing[:3]}; it belongs to another model"
+        )
     return step, [arrays[n] for n in source.names], checkpoint.params_sha256(params)
 
 
-def export_workdir(workdir: str | os.PathLike, *, step: str | int = "best",
-                   platforms: Sequence[str] = ("cpu", "cuda")) -> tuple[bytes, dict[str, Any]]:
+def export_workdir(
+    workdir: str | os.PathLike, *, step: str | int = "best", platforms: Sequence[str] = ("cpu", "cuda")
+) -> tuple[bytes, dict[str, Any]]:
     """A ``model.jaxexport`` of a run's checkpoint, from the run's workdir alone (``jaxnet export``).
 
     The function comes from ``W/model/`` (any model :func:`jaxnet.fit`
@@ -305,8 +325,19 @@ def export_workdir(workdir: str | os.PathLike, *, step: str | int = "best",
     config = workdir_lib.read_config(workdir)
     source = _export_source(workdir, config, platforms)
     step, weights, sha256 = _restore_weights(workdir, config, step, source)
-    metadata = {"model": config.get("model"), "dataset": config.get("dataset"), "step": step,
-                "params_sha256": sha256, "function": source.how}
-    info = _describe(source.exported, names=source.names, input_shape=source.input_shape,
-                     input_dtype=source.input_dtype, output=source.output, metadata=metadata)
+    metadata = {
+        "model": config.get("model"),
+        "dataset": config.get("dataset"),
+        "step": step,
+        "params_sha256": sha256,
+        "function": source.how,
+    }
+    info = _describe(
+        source.exported,
+        names=source.names,
+        input_shape=source.input_shape,
+        input_dtype=source.input_dtype,
+        output=source.output,
+        metadata=metadata,
+    )
     return _pack(source.exported, weights, info), info

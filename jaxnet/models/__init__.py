@@ -18,7 +18,6 @@ from typing import Any
 from flax import nnx
 
 from jaxnet.errors import ConfigError
-from jaxnet.models.cifar_speed import CifarSpeedNet
 from jaxnet.models.layers import (
     BatchNorm1d,
     BatchNorm2d,
@@ -78,18 +77,24 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("mlp512", MLP512, (28, 28, 1), 10, "logits", "mnist", "MLP 784-512-10, ReLU"),
         ModelSpec("mlp128", MLP128, (28, 28, 1), 10, "logits", "mnist", "MLP Flatten-784-128-ReLU-10"),
         ModelSpec(
-            "convnet", ConvNet, (28, 28, 1), 10, "log_probs", "mnist",
+            "convnet",
+            ConvNet,
+            (28, 28, 1),
+            10,
+            "log_probs",
+            "mnist",
             "conv32-conv64-maxpool-Dropout2d-fc128-Dropout-fc10, log_softmax",
         ),
         ModelSpec(
-            "cifar_cnn", CifarCNN, (32, 32, 3), 10, "logits", "cifar10",
+            "cifar_cnn",
+            CifarCNN,
+            (32, 32, 3),
+            10,
+            "logits",
+            "cifar10",
             "conv16-pool-conv32-pool-fc128-fc10, no activations (as the tutorial)",
         ),
         ModelSpec("linear", LinearRegression, (1,), 0, "regression", "linear", "linear regression nn.Linear(1, 1)"),
-        ModelSpec(
-            "cifar_speed", CifarSpeedNet, (32, 32, 3), 10, "logits", "cifar10",
-            "airbench94: whitening conv, 3 conv groups (64-256-256) with BatchNorm and GELU, linear head / 9",
-        ),
     )
 }
 
@@ -169,8 +174,7 @@ def resolve_factory(spec: str, *, flag: str = "--model") -> Callable[..., Any]:
     factory = getattr(module, attr)
     if not callable(factory):
         raise ConfigError(
-            f"{flag} {spec} is a {type(factory).__name__}, not a function or class; name one that "
-            "returns the model"
+            f"{flag} {spec} is a {type(factory).__name__}, not a function or class; name one that returns the model"
         )
     return factory
 
@@ -225,9 +229,11 @@ def build_model(spec: str, *, seed: int = 0, kwargs: Mapping[str, Any] | None = 
     except Exception as exc:  # the user's code: any error, reported in one line
         raise ConfigError(f"--model {spec}: calling {spec}({shown}) raised {_first_line(exc)}") from None
     if not isinstance(model, nnx.Module):
-        hint = ("a flax.linen module; jaxnet trains flax.nnx modules (wrap it with nnx.bridge.ToNNX, "
-                "or write it with nnx)" if type(model).__module__.startswith("flax.linen")
-                else f"a {type(model).__module__}.{type(model).__qualname__}")
+        hint = (
+            "a flax.linen module; jaxnet trains flax.nnx modules (wrap it with nnx.bridge.ToNNX, or write it with nnx)"
+            if type(model).__module__.startswith("flax.linen")
+            else f"a {type(model).__module__}.{type(model).__qualname__}"
+        )
         raise ConfigError(
             f"--model {spec}: {spec}({shown}) returned {hint}, not a flax.nnx.Module; return the "
             "model, e.g. `return Net(rngs=rngs)`"

@@ -348,21 +348,29 @@ def conv2d(
     # backend when it is traced: a step traced once and compiled for the CPU
     # (a CPU device on a machine with a GPU, or an export for several
     # platforms) still gets the CPU's forms, and a GPU gets the plain op.
-    return lax.platform_dependent(x, kernel, cpu=functools.partial(_conv2d_on_cpu, impl=impl, **geometry),
-                                  default=functools.partial(_conv2d_elsewhere, impl=impl, **geometry))
+    return lax.platform_dependent(
+        x,
+        kernel,
+        cpu=functools.partial(_conv2d_on_cpu, impl=impl, **geometry),
+        default=functools.partial(_conv2d_elsewhere, impl=impl, **geometry),
+    )
 
 
-def _conv2d_on_cpu(x: jax.Array, kernel: jax.Array, *, impl: str, stride: Pair, padding: Padding,
-                   dilation: Pair) -> jax.Array:
+def _conv2d_on_cpu(
+    x: jax.Array, kernel: jax.Array, *, impl: str, stride: Pair, padding: Padding, dilation: Pair
+) -> jax.Array:
     if tuple(stride) == (1, 1):
         x, padding = _pad_beyond_extent(x, kernel.shape[:2], padding, dilation)
-    chosen = resolve_conv_impl(impl, kernel_size=kernel.shape[:2], stride=stride, padding=padding,
-                               dilation=dilation, backend="cpu")
+    chosen = resolve_conv_impl(
+        impl, kernel_size=kernel.shape[:2], stride=stride, padding=padding, dilation=dilation, backend="cpu"
+    )
     return _IMPLEMENTATIONS[chosen](x, kernel, stride=stride, padding=padding, dilation=dilation)
 
 
-def _conv2d_elsewhere(x: jax.Array, kernel: jax.Array, *, impl: str, stride: Pair, padding: Padding,
-                      dilation: Pair) -> jax.Array:
-    chosen = resolve_conv_impl(impl, kernel_size=kernel.shape[:2], stride=stride, padding=padding,
-                               dilation=dilation, backend="other")
+def _conv2d_elsewhere(
+    x: jax.Array, kernel: jax.Array, *, impl: str, stride: Pair, padding: Padding, dilation: Pair
+) -> jax.Array:
+    chosen = resolve_conv_impl(
+        impl, kernel_size=kernel.shape[:2], stride=stride, padding=padding, dilation=dilation, backend="other"
+    )
     return _IMPLEMENTATIONS[chosen](x, kernel, stride=stride, padding=padding, dilation=dilation)

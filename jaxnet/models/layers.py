@@ -56,6 +56,7 @@ __all__ = [
     "torch_uniform_init",
 ]
 
+
 def torch_uniform_init(key: jax.Array, shape: Sequence[int], fan_in: int, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Draws ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, PyTorch's default for Linear and Conv.
 

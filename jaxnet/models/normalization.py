@@ -37,9 +37,7 @@ class _BatchNorm(nnx.Module):
     _ndims: tuple[int, ...] = ()
     _shape_text = ""
 
-    def __init__(
-        self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5, rngs: nnx.Rngs | None = None
-    ):
+    def __init__(self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5, rngs: nnx.Rngs | None = None):
         del rngs  # initial values are deterministic (ones and zeros); kept for a uniform signature
         check_positive(num_features=num_features)
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:

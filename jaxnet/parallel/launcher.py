@@ -89,21 +89,22 @@ def child_command(argv: Sequence[str]) -> list[str]:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        raise ConfigError("jaxnet launch needs a command after '--', e.g. "
-                          "jaxnet launch --nproc 2 -- train --model mlp")
+        raise ConfigError("jaxnet launch needs a command after '--', e.g. jaxnet launch --nproc 2 -- train --model mlp")
     if argv[0].endswith(".py"):
         return [sys.executable, *argv]
     return [sys.executable, "-m", "jaxnet", *argv]
 
 
-def child_env(rank: int, nproc: int, port: int, *, devices_per_proc: int | None = None,
-              base: Mapping[str, str] | None = None) -> dict[str, str]:
+def child_env(
+    rank: int, nproc: int, port: int, *, devices_per_proc: int | None = None, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment of process ``rank``: the ``JAXNET_*`` variables (and simulated CPU devices)."""
     env = dict(os.environ if base is None else base)
     env.update({COORDINATOR_ENV: f"127.0.0.1:{port}", NUM_PROCESSES_ENV: str(nproc), PROCESS_ID_ENV: str(rank)})
     if devices_per_proc is not None:
-        flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                         if not f.startswith("--xla_force_host_platform_device_count"))
+        flags = " ".join(
+            f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+        )
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices_per_proc}".strip()
         env["JAX_PLATFORMS"] = "cpu"
     return env
@@ -118,8 +119,9 @@ def _describe(code: int) -> str:
     return f"exited with status {code}"
 
 
-def _stop(procs: list[subprocess.Popen], signum: int = signal.SIGTERM,
-          grace: float = GRACE_SECONDS) -> list[int | None]:
+def _stop(
+    procs: list[subprocess.Popen], signum: int = signal.SIGTERM, grace: float = GRACE_SECONDS
+) -> list[int | None]:
     """Sends ``signum`` to the running processes, then SIGKILL to those still alive after ``grace`` s."""
     for p in procs:
         if p.poll() is None:
@@ -134,8 +136,14 @@ def _stop(procs: list[subprocess.Popen], signum: int = signal.SIGTERM,
     return [p.returncode for p in procs]
 
 
-def launch(argv: Sequence[str], *, nproc: int, devices_per_proc: int | None = None, port: int | None = None,
-           timeout: float | None = None) -> LaunchResult:
+def launch(
+    argv: Sequence[str],
+    *,
+    nproc: int,
+    devices_per_proc: int | None = None,
+    port: int | None = None,
+    timeout: float | None = None,
+) -> LaunchResult:
     """Runs ``argv`` in ``nproc`` local processes joined into one JAX run, and waits for them.
 
     Counterpart of ``torchrun --nproc-per-node N``. Children inherit stdout

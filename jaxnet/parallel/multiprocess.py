@@ -178,7 +178,8 @@ def slurm_tasks_from_env(environ: Mapping[str, str] | None = None) -> tuple[int,
         raise ConfigError(
             f"SLURM_NTASKS={ntasks} asks for {ntasks} processes, but {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not set, as when a job script runs the command itself: start "
-            f"each task with srun (srun jaxnet train ...), or unset SLURM_NTASKS to run a single process")
+            f"each task with srun (srun jaxnet train ...), or unset SLURM_NTASKS to run a single process"
+        )
     for name in ("SLURM_JOB_ID", "SLURM_LOCALID"):  # JAX reads them as integers too
         _slurm_int(environ, name)
     task = _slurm_int(environ, "SLURM_PROCID")
@@ -192,13 +193,18 @@ def _slurm_int(environ: Mapping[str, str], name: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {text!r}: start the tasks with srun (which sets it), "
-                          "or unset SLURM_NTASKS to run a single process") from None
+        raise ConfigError(
+            f"{name} must be an integer, got {text!r}: start the tasks with srun (which sets it), "
+            "or unset SLURM_NTASKS to run a single process"
+        ) from None
 
 
 def initialize_from_env(
-    environ: Mapping[str, str] | None = None, *, heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS,
-    init_timeout_seconds: float | None = None, progress_seconds: float = PROGRESS_SECONDS,
+    environ: Mapping[str, str] | None = None,
+    *,
+    heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS,
+    init_timeout_seconds: float | None = None,
+    progress_seconds: float = PROGRESS_SECONDS,
 ) -> DistributedConfig | None:
     """Joins the multi-process run described by the environment, if any (``init_process_group``).
 
@@ -246,17 +252,28 @@ def initialize_from_env(
     if not timeout > 0:
         raise ConfigError(f"init_timeout_seconds must be > 0, got {init_timeout_seconds!r}")
     if config is not None and config.num_processes > 1:
-        kwargs = dict(coordinator_address=config.coordinator_address, num_processes=config.num_processes,
-                      process_id=config.process_id)
-        who = _Rendezvous(config.process_id, config.num_processes, f"at {config.coordinator_address}",
-                          f"start all {config.num_processes} processes (on one machine, jaxnet launch --nproc "
-                          f"{config.num_processes} -- train ... does), check that {COORDINATOR_ENV}="
-                          f"{config.coordinator_address} is process 0's address and the same in every process")
+        kwargs = dict(
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        )
+        who = _Rendezvous(
+            config.process_id,
+            config.num_processes,
+            f"at {config.coordinator_address}",
+            f"start all {config.num_processes} processes (on one machine, jaxnet launch --nproc "
+            f"{config.num_processes} -- train ... does), check that {COORDINATOR_ENV}="
+            f"{config.coordinator_address} is process 0's address and the same in every process",
+        )
     elif slurm is not None:  # JAX reads the SLURM variables itself
         kwargs = {}
-        who = _Rendezvous(slurm[1], slurm[0], f"at the coordinator of SLURM job {environ['SLURM_JOB_ID']} (the "
-                                              f"first node of SLURM_STEP_NODELIST={environ['SLURM_STEP_NODELIST']})",
-                          f"check that srun started all {slurm[0]} tasks")
+        who = _Rendezvous(
+            slurm[1],
+            slurm[0],
+            f"at the coordinator of SLURM job {environ['SLURM_JOB_ID']} (the "
+            f"first node of SLURM_STEP_NODELIST={environ['SLURM_STEP_NODELIST']})",
+            f"check that srun started all {slurm[0]} tasks",
+        )
     else:
         return config
     _join({**kwargs, "heartbeat_timeout_seconds": heartbeat_timeout_seconds}, who, timeout, progress_seconds)
@@ -274,14 +291,18 @@ class _Rendezvous:
     fix: str  # what to check first when the others never come
 
     def waiting(self, elapsed: float, timeout: float) -> str:
-        return (f"waiting for the other {self.num_processes - 1} of {self.num_processes} processes {self.where} "
-                f"({elapsed:.0f} s of {timeout:g} s)")
+        return (
+            f"waiting for the other {self.num_processes - 1} of {self.num_processes} processes {self.where} "
+            f"({elapsed:.0f} s of {timeout:g} s)"
+        )
 
     def timed_out(self, timeout: float) -> str:
         others = self.num_processes - 1
-        return (f"process {self.process_id} of {self.num_processes} gave up after {timeout:g} s waiting {self.where} "
-                f"for the other {others} process{'es' if others > 1 else ''} to join: {self.fix}, or allow more "
-                f"time with {INIT_TIMEOUT_ENV}=SECONDS")
+        return (
+            f"process {self.process_id} of {self.num_processes} gave up after {timeout:g} s waiting {self.where} "
+            f"for the other {others} process{'es' if others > 1 else ''} to join: {self.fix}, or allow more "
+            f"time with {INIT_TIMEOUT_ENV}=SECONDS"
+        )
 
 
 def _join(kwargs: dict[str, Any], who: _Rendezvous, timeout: float, progress_seconds: float) -> None:
@@ -290,8 +311,9 @@ def _join(kwargs: dict[str, Any], who: _Rendezvous, timeout: float, progress_sec
 
     def rendezvous() -> None:
         try:
-            jax.distributed.initialize(initialization_timeout=math.ceil(timeout) + JAX_DEADLINE_MARGIN_SECONDS,
-                                       **kwargs)
+            jax.distributed.initialize(
+                initialization_timeout=math.ceil(timeout) + JAX_DEADLINE_MARGIN_SECONDS, **kwargs
+            )
             outcome.append(None)
         except BaseException as exc:  # noqa: BLE001 -- handed to the waiting thread
             outcome.append(exc)
@@ -348,8 +370,9 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def process_batch_slice(global_batch_indices: np.ndarray, process_index: int | None = None,
-                        process_count: int | None = None) -> np.ndarray:
+def process_batch_slice(
+    global_batch_indices: np.ndarray, process_index: int | None = None, process_count: int | None = None
+) -> np.ndarray:
     """This process's part of a global batch: its contiguous block of the indices.
 
     Counterpart of ``DistributedSampler``: every process computes the same
@@ -383,8 +406,14 @@ def process_batch_slice(global_batch_indices: np.ndarray, process_index: int | N
 
 
 def iterate_process_batches(
-    images: Any, labels: Any, global_batch_size: int, *, shuffle: bool = True, seed: int = 0,
-    epoch: int = 0, start_batch: int = 0,
+    images: Any,
+    labels: Any,
+    global_batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
 ) -> Iterator[dict[str, Any]]:
     """This process's rows of every global batch of one epoch (incomplete last batch dropped).
 
@@ -402,8 +431,16 @@ def iterate_process_batches(
     """
     if global_batch_size % jax.process_count():
         check_batch_divisible(global_batch_size, jax.process_count())
-    order = iterate_batches(np.arange(len(labels)), labels, global_batch_size, shuffle=shuffle, seed=seed,
-                            epoch=epoch, drop_last=True, start_batch=start_batch)
+    order = iterate_batches(
+        np.arange(len(labels)),
+        labels,
+        global_batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        drop_last=True,
+        start_batch=start_batch,
+    )
     for batch in order:
         idx = process_batch_slice(batch["image"])
         yield {"image": images[idx], "label": labels[idx]}

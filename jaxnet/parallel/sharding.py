@@ -48,9 +48,7 @@ FSDP_MIN_SIZE = 2**12
 MAX_STEPS_IN_FLIGHT = 8
 
 
-def make_mesh(
-    num_devices: int | None = None, *, axis: str = DATA_AXIS, devices: list[Any] | None = None
-) -> Mesh:
+def make_mesh(num_devices: int | None = None, *, axis: str = DATA_AXIS, devices: list[Any] | None = None) -> Mesh:
     """A one-axis device mesh for data parallelism.
 
     Counterpart of ``torch.distributed.init_process_group`` plus the list of
@@ -83,8 +81,7 @@ def make_mesh(
     if n > len(available):
         platform = available[0].platform if available else "none"
         hint = (
-            f"; on CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count={n} "
-            "set before JAX starts"
+            f"; on CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count={n} set before JAX starts"
             if platform == "cpu"
             else ""
         )
@@ -261,8 +258,12 @@ def make_sharded_train_step(
     """
     if step_fn is None:
         step_fn = train_step_fn(graphdef, tx, loss_fn, **step_options)
-    return compile_step(step_fn, donate=donate, in_shardings=(shardings, batch_sharding(mesh, axis=axis)),
-                        out_shardings=(shardings, replicated(mesh)))
+    return compile_step(
+        step_fn,
+        donate=donate,
+        in_shardings=(shardings, batch_sharding(mesh, axis=axis)),
+        out_shardings=(shardings, replicated(mesh)),
+    )
 
 
 def make_sharded_eval_step(
@@ -291,8 +292,11 @@ def make_sharded_eval_step(
     Returns:
         The compiled evaluation step.
     """
-    return jax.jit(eval_step_fn(graphdef, loss_fn, transform=transform, metrics=metrics),
-                   in_shardings=(shardings, replicated(mesh)), out_shardings=replicated(mesh))
+    return jax.jit(
+        eval_step_fn(graphdef, loss_fn, transform=transform, metrics=metrics),
+        in_shardings=(shardings, replicated(mesh)),
+        out_shardings=replicated(mesh),
+    )
 
 
 def shard_batch(batch: Batch, mesh: Mesh, *, axis: str = DATA_AXIS) -> Batch:

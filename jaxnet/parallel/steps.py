@@ -76,7 +76,11 @@ def _pmean_floating(tree: Any, axis: str) -> Any:
 
 
 def per_device_train_step_fn(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, *, axis: str = DATA_AXIS,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    *,
+    axis: str = DATA_AXIS,
     **step_options: Any,
 ) -> StepFn:
     """What one device runs in a DDP step: its slice's step, with grads all-reduced.
@@ -103,8 +107,14 @@ def per_device_train_step_fn(
 
 
 def make_shard_map_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, mesh: Mesh, *,
-    donate: bool = True, axis: str = DATA_AXIS, **step_options: Any,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    mesh: Mesh,
+    *,
+    donate: bool = True,
+    axis: str = DATA_AXIS,
+    **step_options: Any,
 ) -> StepFn:
     """The DDP train step with ``jax.shard_map``: replicated state, batch split, explicit ``pmean``.
 
@@ -127,14 +137,25 @@ def make_shard_map_train_step(
         global batch size must be divisible by the number of devices.
     """
     step = per_device_train_step_fn(graphdef, tx, loss_fn, axis=axis, **step_options)
-    sharded = jax.shard_map(step, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(axis)),
-                            out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
+    sharded = jax.shard_map(
+        step,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(axis)),
+        out_specs=(PartitionSpec(), PartitionSpec()),
+        check_vma=False,
+    )
     return compile_step(sharded, donate=donate)
 
 
 def make_pmap_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn, *,
-    devices: list[Any] | None = None, donate: bool = True, axis: str = DATA_AXIS, **step_options: Any,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    *,
+    devices: list[Any] | None = None,
+    donate: bool = True,
+    axis: str = DATA_AXIS,
+    **step_options: Any,
 ) -> StepFn:
     """The same DDP step under ``jax.pmap`` -- for comparison only; ``pmap`` is in maintenance mode.
 

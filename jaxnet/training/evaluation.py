@@ -22,7 +22,7 @@ def _padded_batches(images: Any, labels: np.ndarray, batch_size: int) -> Iterato
         idx = np.arange(start, min(start + batch_size, n))
         mask = np.ones(batch_size, bool)
         if len(idx) < batch_size:
-            mask[len(idx):] = False
+            mask[len(idx) :] = False
             idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
         yield {"image": np.asarray(images[idx]), "label": np.asarray(labels[idx]), "mask": mask}
 

@@ -64,15 +64,22 @@ class FitLoop:
                 self.warned_nonfinite = True
                 logging.getLogger("jaxnet").warning(
                     "the loss is not finite from step %d on; training goes on (on_nan='continue'), and "
-                    "checkpoints of non-finite states are not written", step)
+                    "checkpoints of non-finite states are not written",
+                    step,
+                )
             return
         loss = float(self.sums.get("loss", float("nan")))
         raise TrainingDiverged(step, loss if not np.isfinite(loss) else None, self.files.last_saved)
 
     def meta(self, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
-        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": self.seed,
-                "history": self.run.history, "sums": {k: float(v) for k, v in self.sums.items()},
-                "steps_per_epoch": self.steps_per_epoch}
+        return {
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "seed": self.seed,
+            "history": self.run.history,
+            "sums": {k: float(v) for k, v in self.sums.items()},
+            "steps_per_epoch": self.steps_per_epoch,
+        }
 
     def after_step(self, metrics: dict[str, Any], i: int, epoch: int, bar: Any, last: bool) -> None:
         """Bookkeeping after one compiled step: sums, logs and callbacks, mid-epoch checkpoints."""
@@ -120,17 +127,20 @@ class FitLoop:
         raise Interrupted(self.signals.name, self.signals.signum, self.run.step, self.files.last_saved)
 
 
-def _train_batches(split: Split, batch_size: int, steps: FitSteps, *, seed: int, epoch: int,
-                   start_batch: int) -> Iterator[Any]:
+def _train_batches(
+    split: Split, batch_size: int, steps: FitSteps, *, seed: int, epoch: int, start_batch: int
+) -> Iterator[Any]:
     """One epoch of training batches from arrays, placed where the step wants them."""
     if jax.process_count() > 1:  # each process reads only its rows of every global batch
         from jaxnet.parallel import multiprocess as distributed
 
         local = distributed.iterate_process_batches(
-            split.x, split.y, batch_size, seed=seed, epoch=epoch, start_batch=start_batch)
+            split.x, split.y, batch_size, seed=seed, epoch=epoch, start_batch=start_batch
+        )
         return distributed.global_batches(local, steps.mesh)
-    batches = jdata.iterate_batches(split.x, split.y, batch_size, shuffle=True,
-                                    seed=seed, epoch=epoch, drop_last=True, start_batch=start_batch)
+    batches = jdata.iterate_batches(
+        split.x, split.y, batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=True, start_batch=start_batch
+    )
     return jdata.prefetch_to_device(batches, sharding=steps.batch_sharding)
 
 
@@ -149,7 +159,10 @@ def _streamed_batches(data: FitData, batch_size: int, steps: FitSteps, start_bat
         if skipped:
             logging.getLogger("jaxnet").warning(
                 "skipped %d training batch(es) whose size is not batch_size=%d (each other size would "
-                "recompile the step); make the loader drop its last batch (drop_last=True)", skipped, batch_size)
+                "recompile the step); make the loader drop its last batch (drop_last=True)",
+                skipped,
+                batch_size,
+            )
 
     return jdata.prefetch_to_device(fixed(), sharding=steps.batch_sharding)
 
@@ -169,8 +182,13 @@ def train_epoch(loop: FitLoop, plan: _Plan, epoch: int, scan_data: Any) -> dict[
     loop.first_batch = 0
     if not skip:
         loop.sums = {}
-    bar = tqdm(total=loop.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{loop.run.epochs}",
-               disable=None if loop.progress and loop.files.main else True, leave=False)
+    bar = tqdm(
+        total=loop.steps_per_epoch,
+        initial=skip,
+        desc=f"epoch {epoch + 1}/{loop.run.epochs}",
+        disable=None if loop.progress and loop.files.main else True,
+        leave=False,
+    )
     if scan_data is not None:
         count = _scan_epoch(loop, plan, epoch, scan_data, bar)
     else:
@@ -208,8 +226,7 @@ def _step_epoch(loop: FitLoop, plan: _Plan, epoch: int, skip: int, bar: Any) -> 
     if plan.data.streamed:
         batches = _streamed_batches(plan.data, loop.batch_size, steps, skip)
     else:
-        batches = _train_batches(plan.data.train, loop.batch_size, steps, seed=loop.seed, epoch=epoch,
-                                 start_batch=skip)
+        batches = _train_batches(plan.data.train, loop.batch_size, steps, seed=loop.seed, epoch=epoch, start_batch=skip)
     count = skip
     for i, batch in enumerate(batches, start=skip):
         run.state, m = steps.train(run.state, batch)

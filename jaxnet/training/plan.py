@@ -40,8 +40,9 @@ def _model_output_shape(model: nnx.Module, x: Any, what: str) -> tuple[int, ...]
         ) from None
 
 
-def resolve_output(model: nnx.Module, data: FitData, output: str | None, sample_x: Any,
-                   out_shape: tuple[int, ...] | None = None) -> str:
+def resolve_output(
+    model: nnx.Module, data: FitData, output: str | None, sample_x: Any, out_shape: tuple[int, ...] | None = None
+) -> str:
     """The output kind, checked against the model and the labels (see :data:`jaxnet.outputs.OUTPUT_KINDS`).
 
     ``None`` infers it: a registered tutorial model's own kind; otherwise
@@ -78,8 +79,11 @@ def resolve_output(model: nnx.Module, data: FitData, output: str | None, sample_
             raise ConfigError(f"output='binary' needs 0/1 labels; {data.name} has {data.num_classes} classes")
         if out_shape[-1:] != (1,) and len(out_shape) != 1:
             raise ConfigError(f"output='binary' needs one logit per example; the model outputs {out_shape[1:]}")
-    elif classifier and out_shape[-1] != data.num_classes and not (
-            data.mean is None and out_shape[-1] > data.num_classes):
+    elif (
+        classifier
+        and out_shape[-1] != data.num_classes
+        and not (data.mean is None and out_shape[-1] > data.num_classes)
+    ):
         raise ConfigError(f"the model outputs {out_shape[-1]} classes but {data.name} has {data.num_classes}")
     return output
 
@@ -108,8 +112,9 @@ def check_dataset(data: ArrayDataset, model: nnx.Module, *, output: str) -> None
     _check_label_range(fit_data, output, data.num_classes)
 
 
-def _check_sizes(data: FitData, *, epochs: int, batch_size: int, devices: int | None,
-                 grad_accum: int = 1) -> int | None:
+def _check_sizes(
+    data: FitData, *, epochs: int, batch_size: int, devices: int | None, grad_accum: int = 1
+) -> int | None:
     """Epoch and batch arguments against the data; returns the steps per epoch (``None``: streamed)."""
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -122,12 +127,16 @@ def _check_sizes(data: FitData, *, epochs: int, batch_size: int, devices: int | 
         return None
     n = len(data.train)
     if batch_size > n:
-        raise ConfigError(f"batch size {batch_size} is larger than the {n} training examples of "
-                          f"{data.name}; use --batch-size {n} or less")
+        raise ConfigError(
+            f"batch size {batch_size} is larger than the {n} training examples of "
+            f"{data.name}; use --batch-size {n} or less"
+        )
     steps = jdata.num_batches(n, batch_size, drop_last=True) // grad_accum
     if steps == 0:
-        raise ConfigError(f"{n} training examples make {n // batch_size} batches of {batch_size}, fewer than "
-                          f"the {grad_accum} accumulated per step; use a smaller --grad-accum or --batch-size")
+        raise ConfigError(
+            f"{n} training examples make {n // batch_size} batches of {batch_size}, fewer than "
+            f"the {grad_accum} accumulated per step; use a smaller --grad-accum or --batch-size"
+        )
     return steps
 
 
@@ -140,8 +149,10 @@ def _named_metrics(metrics: Any) -> dict[str, MetricFn]:
     elif isinstance(metrics, Sequence) and not isinstance(metrics, str):
         named = {getattr(fn, "__name__", f"metric_{i}"): fn for i, fn in enumerate(metrics)}
     else:
-        raise ConfigError(f"metrics must be a dict of name -> fn(outputs, labels) or a list of functions; "
-                          f"got a {type(metrics).__name__}")
+        raise ConfigError(
+            f"metrics must be a dict of name -> fn(outputs, labels) or a list of functions; "
+            f"got a {type(metrics).__name__}"
+        )
     for name, fn in named.items():
         if not callable(fn) or not isinstance(name, str) or not name.isidentifier():
             raise ConfigError(f"metric {name!r} must be a callable with an identifier name; got {fn!r}")
@@ -160,8 +171,7 @@ def _user_loss(loss_fn: Any) -> tuple[LossFn | None, str | None]:
     if isinstance(loss_fn, str):
         names = {**{kind: kind for kind in OUTPUT_KINDS}, **LOSSES, "bce": "binary"}
         if loss_fn not in names:
-            raise ConfigError(f"unknown loss {loss_fn!r}; choose one of {', '.join(sorted(names))} "
-                              "or pass a function")
+            raise ConfigError(f"unknown loss {loss_fn!r}; choose one of {', '.join(sorted(names))} or pass a function")
         return None, names[loss_fn]
     if not callable(loss_fn):
         raise ConfigError(f"loss_fn must be a function (outputs, labels[, batch]) -> scalar; got {loss_fn!r}")
@@ -192,8 +202,9 @@ def _input_transform(data: FitData, sample_x: Any, augment: bool) -> Transform |
         channels = np.shape(sample_x)[-1]
         return make_image_transform((0.0,) * channels, (1.0,) * channels, augment=augment)
     if augment:
-        raise ConfigError("augment=True (random crop and flip) needs uint8 images; the inputs are "
-                          f"{np.asarray(sample_x).dtype}")
+        raise ConfigError(
+            f"augment=True (random crop and flip) needs uint8 images; the inputs are {np.asarray(sample_x).dtype}"
+        )
     return None
 
 
@@ -204,16 +215,27 @@ def _first_batch(data: FitData) -> dict[str, Any]:
         raise DataError("the training data yields no batches") from None
 
 
-def plan_fit(model: nnx.Module, data: FitData, *, epochs: int, batch_size: int, output: str | None,
-             callbacks: Sequence[jcallbacks.Callback], augment: bool = False, scan: bool = False,
-             devices: int | None = None, grad_accum: int = 1) -> _Plan:
+def plan_fit(
+    model: nnx.Module,
+    data: FitData,
+    *,
+    epochs: int,
+    batch_size: int,
+    output: str | None,
+    callbacks: Sequence[jcallbacks.Callback],
+    augment: bool = False,
+    scan: bool = False,
+    devices: int | None = None,
+    grad_accum: int = 1,
+) -> _Plan:
     """fit's argument checks in one place (the CLI calls it too), before anything is compiled."""
-    steps_per_epoch = _check_sizes(data, epochs=epochs, batch_size=batch_size, devices=devices,
-                                   grad_accum=grad_accum)
+    steps_per_epoch = _check_sizes(data, epochs=epochs, batch_size=batch_size, devices=devices, grad_accum=grad_accum)
     if data.streamed:
         if scan or jax.process_count() > 1:
-            raise ConfigError("training from an iterable of batches runs step by step in one process; "
-                              "pass arrays for scan=True or a multi-process run")
+            raise ConfigError(
+                "training from an iterable of batches runs step by step in one process; "
+                "pass arrays for scan=True or a multi-process run"
+            )
         first = _first_batch(data)
         sample_x = np.asarray(first["image"][:2])
     else:
@@ -238,8 +260,18 @@ def plan_fit(model: nnx.Module, data: FitData, *, epochs: int, batch_size: int, 
         best_mode, keep_best = ("max" if output in CLASSIFIER_KINDS else "min"), 1
     else:
         best_metric, best_mode, keep_best = None, "max", 1
-    return _Plan(data, output, num_classes, _input_transform(data, sample_x, augment), steps_per_epoch,
-                 eval_split, best_metric, best_mode, keep_best, sample_x)
+    return _Plan(
+        data,
+        output,
+        num_classes,
+        _input_transform(data, sample_x, augment),
+        steps_per_epoch,
+        eval_split,
+        best_metric,
+        best_mode,
+        keep_best,
+        sample_x,
+    )
 
 
 def spec_of(model: nnx.Module) -> Any:
@@ -255,16 +287,22 @@ def model_name(model: nnx.Module) -> str:
     return spec.name if spec is not None else f"{type(model).__module__}:{type(model).__qualname__}"
 
 
-def default_config(model: nnx.Module, data: Any, *, batch_size: int, seed: int, epochs: int,
-                   **settings: Any) -> dict[str, Any]:
+def default_config(
+    model: nnx.Module, data: Any, *, batch_size: int, seed: int, epochs: int, **settings: Any
+) -> dict[str, Any]:
     """What identifies a run in its workdir when the caller gives no ``config``.
 
     ``settings`` adds the run's other choices (optimizer, precision, ...); a
     resumed run must match every key but the resumable ones.
     """
     data = data if isinstance(data, FitData) else as_fit_data(data)
-    config = {"model": model_name(model), "dataset": data.name, "batch_size": batch_size, "seed": seed,
-              "epochs": epochs}
+    config = {
+        "model": model_name(model),
+        "dataset": data.name,
+        "batch_size": batch_size,
+        "seed": seed,
+        "epochs": epochs,
+    }
     if data.mean is not None:
         config.update(mean=list(data.mean), std=list(data.std))
     config.update(settings)

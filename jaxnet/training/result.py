@@ -69,12 +69,20 @@ class FitResult:
 
 def evaluate_split(steps: FitSteps, state: TrainState, split: Split, plan: _Plan, batch_size: int) -> dict[str, float]:
     """:func:`jaxnet.training.evaluation.evaluate` of one split with the run's eval step and classes."""
-    return evaluate(steps.eval, state, split.x, split.y, batch_size=batch_size,
-                    num_classes=plan.num_classes, binary=plan.output == "binary")
+    return evaluate(
+        steps.eval,
+        state,
+        split.x,
+        split.y,
+        batch_size=batch_size,
+        num_classes=plan.num_classes,
+        binary=plan.output == "binary",
+    )
 
 
-def epoch_record(loop: FitLoop, plan: _Plan, epoch: int, train: dict[str, float], t0: float,
-                 eval_batch_size: int) -> dict[str, Any]:
+def epoch_record(
+    loop: FitLoop, plan: _Plan, epoch: int, train: dict[str, float], t0: float, eval_batch_size: int
+) -> dict[str, Any]:
     """The epoch's record: train_* means, then val_* (or the tutorials' per-epoch test_*)."""
     record: dict[str, Any] = {"epoch": epoch + 1, "step": loop.run.step}
     record.update({f"train_{k}": v for k, v in train.items()})
@@ -98,8 +106,16 @@ def end_epoch(loop: FitLoop, epoch: int, record: dict[str, Any]) -> None:
         (tqdm.write if loop.progress else print)(_epoch_line(record), file=sys.stderr)
 
 
-def finish(model: nnx.Module, loop: FitLoop, plan: _Plan, counter: CompileCounter, *, replaced: bool,
-           precision: str, eval_batch_size: int) -> FitResult:
+def finish(
+    model: nnx.Module,
+    loop: FitLoop,
+    plan: _Plan,
+    counter: CompileCounter,
+    *,
+    replaced: bool,
+    precision: str,
+    eval_batch_size: int,
+) -> FitResult:
     """After the loop: the curves plot, the final scores, the user's model updated, the summary."""
     run, files, steps = loop.run, loop.files, loop.steps
     seconds = time.perf_counter() - loop.started  # saves included: the last one was waited for
@@ -109,21 +125,39 @@ def finish(model: nnx.Module, loop: FitLoop, plan: _Plan, counter: CompileCounte
     _give_back(model, run.state, plan.transform)
     first = loop.compiles_after_first_epoch
     summary = {
-        "model": model_name(model), "dataset": plan.data.name, "dataset_source": plan.data.source,
-        "epochs": run.epochs, "epochs_run": len(run.history), "steps": run.step, "batch_size": loop.batch_size,
-        "output": plan.output, "params": count_params(run.state.params),
+        "model": model_name(model),
+        "dataset": plan.data.name,
+        "dataset_source": plan.data.source,
+        "epochs": run.epochs,
+        "epochs_run": len(run.history),
+        "steps": run.step,
+        "batch_size": loop.batch_size,
+        "output": plan.output,
+        "params": count_params(run.state.params),
         "params_sha256": _params_sha256(_on_host(run.state.params)),
-        "train_seconds": round(seconds, 3), "checkpoint_seconds": round(files.blocked, 3),
-        "num_devices": 1 if steps.mesh is None else int(steps.mesh.size), "num_processes": jax.process_count(),
-        "precision": precision, "mode": "scan" if steps.scan is not None else "step",
-        "resumed_from_step": files.resumed_from, "stopped_early": bool(run.stop_training),
+        "train_seconds": round(seconds, 3),
+        "checkpoint_seconds": round(files.blocked, 3),
+        "num_devices": 1 if steps.mesh is None else int(steps.mesh.size),
+        "num_processes": jax.process_count(),
+        "precision": precision,
+        "mode": "scan" if steps.scan is not None else "step",
+        "resumed_from_step": files.resumed_from,
+        "stopped_early": bool(run.stop_training),
         "compilations": counter.compiles,
         "steady_state_compilations": counter.compiles - (first if first is not None else counter.compiles),
         **{f"val_{k}": v for k, v in val.items()},
-        "test_accuracy": None, **{f"test_{k}": v for k, v in test.items()},
+        "test_accuracy": None,
+        **{f"test_{k}": v for k, v in test.items()},
     }
-    return FitResult(graphdef=steps.graphdef, state=run.state, history=run.history, summary=summary,
-                     model=model, transform=plan.transform, output=plan.output)
+    return FitResult(
+        graphdef=steps.graphdef,
+        state=run.state,
+        history=run.history,
+        summary=summary,
+        model=model,
+        transform=plan.transform,
+        output=plan.output,
+    )
 
 
 def _checkpoint_metrics(record: Mapping[str, Any]) -> dict[str, float]:
@@ -134,11 +168,12 @@ def _checkpoint_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 def _last_with_prefix(history: Sequence[Mapping[str, Any]], prefix: str) -> dict[str, Any]:
     if not history:
         return {}
-    return {k[len(prefix):]: v for k, v in history[-1].items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in history[-1].items() if k.startswith(prefix)}
 
 
-def _final_scores(loop: FitLoop, plan: _Plan, eval_batch_size: int, *,
-                  replaced: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def _final_scores(
+    loop: FitLoop, plan: _Plan, eval_batch_size: int, *, replaced: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The summary's validation and test metrics, of the final state.
 
     The last epoch's record when it evaluated the final state; evaluated
@@ -189,8 +224,9 @@ def _peak_rss_mb() -> float:
 
 def _param_arrays(params: nnx.State) -> dict[str, np.ndarray]:
     flat = nnx.to_flat_state(params)
-    return {"/".join(str(p) for p in path): np.asarray(v.get_value() if hasattr(v, "get_value") else v)
-            for path, v in flat}
+    return {
+        "/".join(str(p) for p in path): np.asarray(v.get_value() if hasattr(v, "get_value") else v) for path, v in flat
+    }
 
 
 def _epoch_line(record: dict[str, Any]) -> str:

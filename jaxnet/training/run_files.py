@@ -28,8 +28,15 @@ class RunFiles:
     method does nothing (and ``restore`` returns ``None``).
     """
 
-    def __init__(self, workdir: str | os.PathLike | None, config: dict[str, Any], plan: _Plan, *,
-                 resume: bool | str, keep_checkpoints: int):
+    def __init__(
+        self,
+        workdir: str | os.PathLike | None,
+        config: dict[str, Any],
+        plan: _Plan,
+        *,
+        resume: bool | str,
+        keep_checkpoints: int,
+    ):
         self.workdir, self.resume, self.blocked = workdir, resume, 0.0
         self._config, self._plan, self._keep = config, plan, keep_checkpoints
         self.last_saved: int | None = None  # the newest checkpoint step of this run (restored or written)
@@ -49,13 +56,18 @@ class RunFiles:
             if self.resume is True and not os.path.isdir(self.workdir):
                 workdir_lib.check_workdir(self.workdir, self._config, resume=True)  # "does not exist"
             self.lock = WorkdirLock(self.workdir).acquire()
-            workdir_lib.check_workdir(self.workdir, self._config, resume=self.resume,
-                                      mutable_keys=workdir_lib.RESUMABLE_KEYS)
+            workdir_lib.check_workdir(
+                self.workdir, self._config, resume=self.resume, mutable_keys=workdir_lib.RESUMABLE_KEYS
+            )
             ckpt_lib.probe_writable(workdir_lib.checkpoint_directory(self.workdir))
         plan = self._plan
         self.ckpt = ckpt_lib.create_checkpoint_manager(
-            workdir_lib.checkpoint_directory(self.workdir), max_to_keep=self._keep,
-            best_metric=plan.best_metric, best_mode=plan.best_mode, keep_best=plan.keep_best)
+            workdir_lib.checkpoint_directory(self.workdir),
+            max_to_keep=self._keep,
+            best_metric=plan.best_metric,
+            best_mode=plan.best_mode,
+            keep_best=plan.keep_best,
+        )
 
     def restore(self, state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
         from jaxnet import checkpoint as ckpt_lib
@@ -66,8 +78,9 @@ class RunFiles:
         self.last_saved = self.resumed_from = step
         if restored is not None and self.main:
             workdir_lib.rewind_jsonl(os.path.join(self.workdir, METRICS_FILE), step)
-        self.logger = MetricsLogger(self.workdir if self.main else None,
-                                    purge_step=step + 1 if step is not None else None)
+        self.logger = MetricsLogger(
+            self.workdir if self.main else None, purge_step=step + 1 if step is not None else None
+        )
         return restored
 
     def write_model(self, graphdef: nnx.GraphDef, state: TrainState, plan: _Plan) -> None:
@@ -77,9 +90,16 @@ class RunFiles:
         write = getattr(export_lib, "write_workdir_model", None)
         if self.workdir is None or not self.main or write is None:
             return
-        write(self.workdir, graphdef, state.params, state.model_state,
-              input_shape=tuple(np.shape(plan.sample_x)[1:]), input_dtype=np.asarray(plan.sample_x).dtype,
-              transform=plan.transform, output=plan.output)
+        write(
+            self.workdir,
+            graphdef,
+            state.params,
+            state.model_state,
+            input_shape=tuple(np.shape(plan.sample_x)[1:]),
+            input_dtype=np.asarray(plan.sample_x).dtype,
+            transform=plan.transform,
+            output=plan.output,
+        )
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
         if self.ckpt is None:

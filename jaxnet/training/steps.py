@@ -107,28 +107,57 @@ def build_steps(
         tx = jprecision.dynamic_loss_scaling(tx)
     graphdef, state = create_train_state(model, tx, seed=seed)
     make_step_fn = jprecision.loss_scaled_train_step_fn if policy.needs_loss_scaling else train_step_fn
-    step_fn = make_step_fn(graphdef, tx, loss, transform=transform,
-                           metrics=default_train_metrics(output) if train_metrics is None else train_metrics)
+    step_fn = make_step_fn(
+        graphdef,
+        tx,
+        loss,
+        transform=transform,
+        metrics=default_train_metrics(output) if train_metrics is None else train_metrics,
+    )
     if (devices or 1) <= 1 and jax.process_count() == 1:
-        return FitSteps(graphdef, state, compile_step(step_fn),
-                        make_eval_step(graphdef, loss, transform=transform, metrics=eval_metrics),
-                        compile_step(scan_epoch_fn(step_fn)) if scan else None, None, None)
+        return FitSteps(
+            graphdef,
+            state,
+            compile_step(step_fn),
+            make_eval_step(graphdef, loss, transform=transform, metrics=eval_metrics),
+            compile_step(scan_epoch_fn(step_fn)) if scan else None,
+            None,
+            None,
+        )
     if scan:
         raise ConfigError("--scan runs on one device; drop --scan or --devices")
-    return _sharded_steps(graphdef, state, tx, loss, step_fn, devices=devices, fsdp=fsdp, transform=transform,
-                          eval_metrics=eval_metrics)
+    return _sharded_steps(
+        graphdef, state, tx, loss, step_fn, devices=devices, fsdp=fsdp, transform=transform, eval_metrics=eval_metrics
+    )
 
 
-def _sharded_steps(graphdef: nnx.GraphDef, state: TrainState, tx: optax.GradientTransformation, loss: LossFn,
-                   step_fn: StepFn, *, devices: int | None, fsdp: bool, transform: Transform | None,
-                   eval_metrics: Mapping[str, MetricFn] | None) -> FitSteps:
+def _sharded_steps(
+    graphdef: nnx.GraphDef,
+    state: TrainState,
+    tx: optax.GradientTransformation,
+    loss: LossFn,
+    step_fn: StepFn,
+    *,
+    devices: int | None,
+    fsdp: bool,
+    transform: Transform | None,
+    eval_metrics: Mapping[str, MetricFn] | None,
+) -> FitSteps:
     """The steps over a ``data`` mesh of ``devices`` (all of them in a multi-process run)."""
     from jaxnet.parallel import sharding as jsharding
 
     mesh = jsharding.make_mesh(devices if jax.process_count() == 1 else None)
     shardings = jsharding.state_shardings(state, mesh, fsdp=fsdp)
     train = jsharding.make_sharded_train_step(graphdef, tx, loss, mesh, shardings, step_fn=step_fn)
-    evaluate_step = jsharding.make_sharded_eval_step(graphdef, loss, mesh, shardings, transform=transform,
-                                                     metrics=eval_metrics)
-    return FitSteps(graphdef, jsharding.shard_state(state, shardings), train, evaluate_step, None,
-                    jsharding.batch_sharding(mesh), mesh)
+    evaluate_step = jsharding.make_sharded_eval_step(
+        graphdef, loss, mesh, shardings, transform=transform, metrics=eval_metrics
+    )
+    return FitSteps(
+        graphdef,
+        jsharding.shard_state(state, shardings),
+        train,
+        evaluate_step,
+        None,
+        jsharding.batch_sharding(mesh),
+        mesh,
+    )

@@ -20,8 +20,9 @@ NO_STEP = np.iinfo(np.int32).max  # "no non-finite step yet"
 
 
 @jax.jit
-def accumulate(sums: dict[str, jax.Array], metrics: dict[str, jax.Array], bad: jax.Array,
-                step: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+def accumulate(
+    sums: dict[str, jax.Array], metrics: dict[str, jax.Array], bad: jax.Array, step: jax.Array
+) -> tuple[dict[str, jax.Array], jax.Array]:
     """Running sums of the step's metrics, and the first step whose loss was not finite (one dispatch)."""
     sums = jax.tree.map(jnp.add, sums, metrics)
     bad = jnp.where((bad == NO_STEP) & ~jnp.isfinite(metrics["loss"]), step, bad)
@@ -63,8 +64,12 @@ class StopSignals:
         if self.signum is None:
             self.signum = signum
             return
-        print(f"jaxnet: {signal.Signals(signum).name} again: already stopping after the current step and "
-              "its checkpoint; send SIGKILL to abandon them", file=sys.stderr, flush=True)
+        print(
+            f"jaxnet: {signal.Signals(signum).name} again: already stopping after the current step and "
+            "its checkpoint; send SIGKILL to abandon them",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> StopSignals:
         import signal

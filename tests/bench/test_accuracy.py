@@ -16,12 +16,14 @@ def test_time_to_accuracy_reaches_an_easy_target(variant):
     from jaxnet.bench.accuracy import time_to_accuracy
 
     sample = load_dataset("mnist", download=False)
-    small = dataclasses.replace(sample, train_images=sample.train_images[:3200],
-                                train_labels=sample.train_labels[:3200])
+    small = dataclasses.replace(
+        sample, train_images=sample.train_images[:3200], train_labels=sample.train_labels[:3200]
+    )
     result = time_to_accuracy("mlp512", small, variant, target=0.85, eval_every=10, max_seconds=120, threads=2)
     assert result["reached"], result["curve"]
     assert result["seconds"] > 0 and result["steps"] % 10 == 0 and result["final_accuracy"] >= 0.85
     assert report.validate(result, report.TTA_SCHEMA) == []
+
 
 @needs_torch
 @pytest.mark.slow

@@ -19,6 +19,7 @@ def test_quick_bench_writes_json_markdown_charts_and_the_page(quick_run):
     assert "![" in page and "bench_steps_per_sec.png" in page
     assert "Compilations during the timed repeats of the jax variants: none" in page
 
+
 def test_render_rewrites_the_outputs_of_an_earlier_run_without_measuring(quick_run, tmp_path):
     result, stdout, out = quick_run
     code, rendered, err = run_cli(["bench", "--render", str(out / "bench.json"), "--out", str(tmp_path)])
@@ -28,6 +29,7 @@ def test_render_rewrites_the_outputs_of_an_earlier_run_without_measuring(quick_r
     (tmp_path / "broken.json").write_text("{")
     code, _, err = run_cli(["bench", "--render", str(tmp_path / "broken.json")])
     assert code == 2 and "is not a bench.json" in err
+
 
 def test_the_schema_rejects_what_it_should(quick_run):
     result = quick_run[0]

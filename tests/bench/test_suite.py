@@ -32,11 +32,13 @@ def test_quick_bench_ends_with_json_that_matches_the_schema(quick_run):
     assert result["machine"]["cores"] >= 1 and result["versions"]["jax"] == jax.__version__
     assert "| model | batch | variant |" in stdout  # the Markdown table precedes the JSON line
 
+
 @needs_torch
 @pytest.mark.slow
 def test_every_variant_on_a_dropout_model_agrees_and_is_probed(tmp_path):
-    code, stdout, stderr = run_cli(["bench", "--model", "mlp", "--batch-size", "32", "--steps", "3",
-                                    "--json", "--out", str(tmp_path)])
+    code, stdout, stderr = run_cli(
+        ["bench", "--model", "mlp", "--batch-size", "32", "--steps", "3", "--json", "--out", str(tmp_path)]
+    )
     assert code == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert report.validate(result) == []

@@ -12,9 +12,29 @@ def test_quick_run_reports_both_kinds_and_the_overhead(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # embedded sample, offline
     done = subprocess.run(
-        [sys.executable, "benchmarks/checkpoint_overhead.py", "--no-download", "--model", "mlp128",
-         "--epochs", "1", "--pairs", "1", "--in-process", "--saves", "4", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+        [
+            sys.executable,
+            "benchmarks/checkpoint_overhead.py",
+            "--no-download",
+            "--model",
+            "mlp128",
+            "--epochs",
+            "1",
+            "--pairs",
+            "1",
+            "--in-process",
+            "--saves",
+            "4",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "overhead (median of per-pair ratios)" in done.stdout
     result = json.loads(out.read_text())
@@ -36,9 +56,25 @@ def test_quick_run_reports_both_kinds_and_the_overhead(tmp_path):
 def test_save_costs_only_measures_a_model_of_your_own(tmp_path):
     out = tmp_path / "result.json"
     done = subprocess.run(
-        [sys.executable, "benchmarks/checkpoint_overhead.py", "--save-costs-only", "--saves", "3",
-         "--model", "examples.your_model:ResNet", "--model-kwargs", '{"width": 4}', "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+        [
+            sys.executable,
+            "benchmarks/checkpoint_overhead.py",
+            "--save-costs-only",
+            "--saves",
+            "3",
+            "--model",
+            "examples.your_model:ResNet",
+            "--model-kwargs",
+            '{"width": 4}',
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert "runs" not in result and set(result["save_costs"]) == {"npz", "orbax"}
@@ -46,16 +82,34 @@ def test_save_costs_only_measures_a_model_of_your_own(tmp_path):
 
 
 def test_bad_pairs_is_a_usage_error():
-    done = subprocess.run([sys.executable, "benchmarks/checkpoint_overhead.py", "--pairs", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "benchmarks/checkpoint_overhead.py", "--pairs", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2 and "--pairs must be >= 1" in done.stderr
-    done = subprocess.run([sys.executable, "benchmarks/checkpoint_overhead.py", "--saves", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "benchmarks/checkpoint_overhead.py", "--saves", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2 and "--saves must be >= 3" in done.stderr
 
 
 def test_a_failing_training_run_is_reported_in_one_line():
-    done = subprocess.run([sys.executable, "benchmarks/checkpoint_overhead.py", "--model", "nosuch", "--pairs", "1",
-                           "--no-download"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "benchmarks/checkpoint_overhead.py", "--model", "nosuch", "--pairs", "1", "--no-download"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "invalid choice: 'nosuch'" in done.stderr

@@ -30,8 +30,11 @@ def _one_step(bound_context):
         step = jax.jit(train_step_fn(graphdef, tx, loss_for_output("log_probs")))
         compiled = step.lower(state, batch).compile()
     new_state, _ = compiled(state, batch)
-    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                         nnx.to_pure_dict(state.params), nnx.to_pure_dict(new_state.params))
+    moved = jax.tree.map(
+        lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+        nnx.to_pure_dict(state.params),
+        nnx.to_pure_dict(new_state.params),
+    )
     return len(re.findall(r"= \S+ convolution\(", compiled.as_text())), moved
 
 

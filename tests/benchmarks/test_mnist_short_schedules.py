@@ -10,14 +10,34 @@ from tests.helpers import BENCHMARKS, REPO
 
 def _run(tmp_path, *args):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # offline: the embedded 6000-image sample
-    return subprocess.run([sys.executable, str(BENCHMARKS / "mnist_short_schedules.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / "mnist_short_schedules.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 def test_fractional_epochs_with_both_decays(tmp_path):
     for decay, optimizer in (("linear", "adam"), ("cosine", "nesterov")):
-        done = _run(tmp_path, "--epochs", "1.5", "--warmup", "0.1", "--batch-size", "100", "--decay", decay,
-                    "--optimizer", optimizer, "--lr", "1e-3" if optimizer == "adam" else "0.05")
+        done = _run(
+            tmp_path,
+            "--epochs",
+            "1.5",
+            "--warmup",
+            "0.1",
+            "--batch-size",
+            "100",
+            "--decay",
+            decay,
+            "--optimizer",
+            optimizer,
+            "--lr",
+            "1e-3" if optimizer == "adam" else "0.05",
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         line = done.stdout.strip().splitlines()[-1]
         # 6000 sample images / batch 100 = 60 steps per epoch; 1.5 epochs = 90 steps

@@ -20,8 +20,9 @@ def train_state(model: str = "mlp128", tx=None, seed: int = 0):
     _, state = create_train_state(create_model(model, seed=seed), tx, seed=seed)
     grads = jax.tree.map(jnp.ones_like, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=jnp.asarray(3, jnp.int32), params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state)
+    return state.replace(
+        step=jnp.asarray(3, jnp.int32), params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
 
 
 def equal_trees(a, b) -> bool:
@@ -40,8 +41,9 @@ def all_files(root: pathlib.Path) -> dict[str, bytes]:
 
 def largest_file(folder: pathlib.Path) -> pathlib.Path:
     """The biggest data file of a step folder (its manifest aside)."""
-    return max((p for p in folder.rglob("*") if p.is_file() and p.name != C.MANIFEST_FILE),
-               key=lambda p: p.stat().st_size)
+    return max(
+        (p for p in folder.rglob("*") if p.is_file() and p.name != C.MANIFEST_FILE), key=lambda p: p.stat().st_size
+    )
 
 
 def flip_middle_byte(path: pathlib.Path) -> None:

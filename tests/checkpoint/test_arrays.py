@@ -57,8 +57,11 @@ def test_state_handler_works_in_orbax_synchronous_checkpointer(tmp_path):
 @pytest.mark.parametrize("array_format", C.ARRAY_FORMATS)
 def test_round_trip_keeps_ml_dtypes(tmp_path, array_format):
     # NumPy's .npy stores bfloat16/float8 as raw bytes ("|V2"); restore gives the target's dtype back.
-    state = {"w": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3) / 7,
-             "f8": jnp.linspace(-2, 2, 5).astype(jnp.float8_e4m3fn), "b": jnp.array([True, False])}
+    state = {
+        "w": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3) / 7,
+        "f8": jnp.linspace(-2, 2, 5).astype(jnp.float8_e4m3fn),
+        "b": jnp.array([True, False]),
+    }
     ckpt = C.create_checkpoint_manager(tmp_path, array_format=array_format)
     C.save(ckpt, 1, state, meta={})
     restored, _ = C.restore(ckpt, jax.eval_shape(lambda: state))

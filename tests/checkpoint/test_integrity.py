@@ -37,7 +37,12 @@ def test_record_round_trip_and_tampering():
     record = I.make_record(state, {"epoch": 1, "sums": {"loss": 0.1 + 0.2}}, {"acc": np.float32(0.5)})
     assert I.record_problem(record) is None
     assert record["metrics"] == {"acc": 0.5} and set(record["state_sha256"]) == {
-        "step", "params", "opt_state", "model_state", "rng"}
+        "step",
+        "params",
+        "opt_state",
+        "model_state",
+        "rng",
+    }
     assert I.shapes_problem(record, state, ["params", "opt_state"]) is None
     assert I.digest_problem(record, state, ["params", "opt_state", "rng"]) is None
     tampered = {**record, "meta": {"epoch": 2, "sums": {"loss": 0.1 + 0.2}}}

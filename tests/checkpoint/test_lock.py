@@ -49,8 +49,13 @@ def holder_process(tmp_path):
     procs = []
 
     def start(workdir: pathlib.Path) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir)], env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(workdir)],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         procs.append(proc)
         line = proc.stdout.readline()
         assert line.strip() == "LOCKED", proc.stderr.read()
@@ -66,15 +71,18 @@ def holder_process(tmp_path):
 def test_a_second_process_is_refused_with_the_holders_pid(tmp_path, holder_process):
     workdir = tmp_path / "w"
     first = holder_process(workdir)
-    second = subprocess.run([sys.executable, "-c", _TRY, str(workdir)], env=_env(), capture_output=True,
-                            text=True, timeout=60)
+    second = subprocess.run(
+        [sys.executable, "-c", _TRY, str(workdir)], env=_env(), capture_output=True, text=True, timeout=60
+    )
     assert second.returncode == 2, second.stdout
     message = second.stderr.strip()
     assert "\n" not in message
     assert re.fullmatch(
         rf"the workdir {re.escape(str(workdir))} is in use by PID {first.pid} on host "
         rf"{re.escape(socket.gethostname())} since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d \(a run is training "
-        r"there\); wait for it, stop it, or choose another --workdir", message), message
+        r"there\); wait for it, stop it, or choose another --workdir",
+        message,
+    ), message
     # in this process too, and the holder's file is untouched
     with pytest.raises(ConfigError, match=f"in use by PID {first.pid} "):
         lock.WorkdirLock(workdir).acquire()
@@ -145,8 +153,11 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(lock, "fcntl", types.SimpleNamespace(
-        flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_SH=fcntl.LOCK_SH, LOCK_NB=fcntl.LOCK_NB))
+    monkeypatch.setattr(
+        lock,
+        "fcntl",
+        types.SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_SH=fcntl.LOCK_SH, LOCK_NB=fcntl.LOCK_NB),
+    )
     with caplog.at_level("WARNING", logger="jaxnet.checkpoint.lock"):
         with lock.WorkdirLock(tmp_path / "w") as taken:
             assert taken.held and json.loads((tmp_path / "w" / lock.LOCK_FILE).read_text())["pid"] == os.getpid()

@@ -42,13 +42,19 @@ def test_write_failures_name_the_errno_the_path_and_the_fix(tmp_path):
     wrapped = RuntimeError("saving failed")
     wrapped.__cause__ = PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/w/checkpoints/3")
     assert orbax_glue.write_failure(wrapped, tmp_path) == (
-        "Permission denied [EACCES] at /w/checkpoints/3", "make it writable or choose another --workdir")
+        "Permission denied [EACCES] at /w/checkpoints/3",
+        "make it writable or choose another --workdir",
+    )
     cause, fix = orbax_glue.write_failure(ValueError(_TENSORSTORE_ENOSPC), tmp_path)
-    assert cause == ("No space left on device [ENOSPC] at /w/checkpoints/93.orbax-checkpoint-tmp/state.orbax-"
-                     "checkpoint-tmp/ocdbt.process_0/d/9e69")
+    assert cause == (
+        "No space left on device [ENOSPC] at /w/checkpoints/93.orbax-checkpoint-tmp/state.orbax-"
+        "checkpoint-tmp/ocdbt.process_0/d/9e69"
+    )
     assert fix == "free some space or choose another --workdir"
     assert orbax_glue.write_failure(ValueError("bad spec\nmore"), tmp_path) == (
-        "ValueError: bad spec", "choose another --workdir")
+        "ValueError: bad spec",
+        "choose another --workdir",
+    )
 
 
 def test_orbax_errors_are_one_line_checkpoint_errors():
@@ -58,8 +64,9 @@ def test_orbax_errors_are_one_line_checkpoint_errors():
 
 
 def _unraisable(exc: BaseException) -> types.SimpleNamespace:
-    return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=exc.__traceback__,
-                                 err_msg=None, object=None)
+    return types.SimpleNamespace(
+        exc_type=type(exc), exc_value=exc, exc_traceback=exc.__traceback__, err_msg=None, object=None
+    )
 
 
 def test_only_the_late_write_race_of_a_failed_save_is_kept_off_stderr(caplog):

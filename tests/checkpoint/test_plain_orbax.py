@@ -51,10 +51,22 @@ def test_plain_orbax_restores_a_default_fit_checkpoint_with_jaxnet_blocked(tmp_p
     from jaxnet.data import load_dataset
 
     data = load_dataset("mnist", download=False)
-    data = dataclasses.replace(data, train_images=data.train_images[:256], train_labels=data.train_labels[:256],
-                               test_images=data.test_images[:128], test_labels=data.test_labels[:128])
-    result = fit(create_model("mlp128"), data, create_optimizer("adam", 1e-3), epochs=1, batch_size=64,
-                 workdir=tmp_path / "w", progress=False)
+    data = dataclasses.replace(
+        data,
+        train_images=data.train_images[:256],
+        train_labels=data.train_labels[:256],
+        test_images=data.test_images[:128],
+        test_labels=data.test_labels[:128],
+    )
+    result = fit(
+        create_model("mlp128"),
+        data,
+        create_optimizer("adam", 1e-3),
+        epochs=1,
+        batch_size=64,
+        workdir=tmp_path / "w",
+        progress=False,
+    )
     directory = W.checkpoint_directory(tmp_path / "w")
     ckpt = C.create_checkpoint_manager(directory, read_only=True)
     step = C.latest(ckpt)
@@ -63,16 +75,23 @@ def test_plain_orbax_restores_a_default_fit_checkpoint_with_jaxnet_blocked(tmp_p
     assert step == 4 and not (directory / str(step) / "state" / C.ARRAYS_FILE).exists()
 
     out = tmp_path / "plain.npz"
-    done = subprocess.run([sys.executable, "-c", _PLAIN_ORBAX, str(directory), str(step), str(out)],
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", _PLAIN_ORBAX, str(directory), str(step), str(out)],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"meta": meta, "jaxnet_modules": []}
 
     # What was saved: the run's final state, typed PRNG keys as their key data.
-    saved = {arrays.path_name(path): np.asarray(leaf) for path, leaf in
-             jax.tree_util.tree_flatten_with_path(integrity.key_data_tree(result.state))[0]}
+    saved = {
+        arrays.path_name(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(integrity.key_data_tree(result.state))[0]
+    }
     with np.load(out) as plain:
         for way in ("manager", "standard"):
             got = {k.split("/", 1)[1]: plain[k] for k in plain.files if k.startswith(f"{way}/")}

@@ -95,8 +95,12 @@ def test_a_save_killed_midway_is_invisible(tmp_path, array_format):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     leftovers: list[pathlib.Path] = []
     for _ in range(5):  # each try kills the saver while a save (not the first) is in flight
-        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(directory), array_format], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(directory), array_format],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         try:
             while time.monotonic() < deadline and proc.poll() is None:
@@ -142,8 +146,12 @@ def test_unfinished_saves_of_a_live_run_are_kept(tmp_path, caplog):
     directory = workdir / "checkpoints"
     in_progress = directory / "7.orbax-checkpoint-tmp-1234"
     in_progress.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir)],
-                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(workdir)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "LOCKED"
         with caplog.at_level(logging.WARNING, logger="jaxnet.checkpoint"):
@@ -196,8 +204,7 @@ def test_a_nan_state_is_flagged_and_restore_latest_good_passes_over_it(tmp_path,
     with caplog.at_level(logging.WARNING, logger="jaxnet.checkpoint"):
         restored, meta = C.restore_latest_good(ckpt, dict_state())
     assert meta == {"step": 1} and np.all(np.asarray(restored["params"]["w"]) == 1.0)
-    assert ("skipping checkpoint step 2: checkpoint step 2 holds non-finite values (NaN/inf) in params/w"
-            in caplog.text)
+    assert "skipping checkpoint step 2: checkpoint step 2 holds non-finite values (NaN/inf) in params/w" in caplog.text
     assert C.steps(ckpt) == [1] and (tmp_path / C.QUARANTINE_DIR / "2").is_dir()
     C.close(ckpt)
 
@@ -271,8 +278,11 @@ def test_garbage_step_metadata_is_damage_without_raw_log_lines(tmp_path, caplog,
     capfd.readouterr()
     with caplog.at_level(logging.DEBUG):
         ckpt = C.create_checkpoint_manager(tmp_path)
-        with pytest.raises(C.CheckpointError, match=r"checkpoint step 2 is damaged: .*2/_CHECKPOINT_METADATA "
-                                                    r"is not valid JSON"):
+        with pytest.raises(
+            C.CheckpointError,
+            match=r"checkpoint step 2 is damaged: .*2/_CHECKPOINT_METADATA "
+            r"is not valid JSON",
+        ):
             C.restore(ckpt, dict_state(), step=2)
         with caplog.at_level(logging.WARNING, logger="jaxnet.checkpoint"):
             restored, meta = C.restore_latest_good(ckpt, dict_state())
@@ -291,8 +301,11 @@ def test_step_metadata_that_stops_orbax_opening_the_folder(tmp_path, caplog):
         C.save(ckpt, step, dict_state(step), meta={"step": step})
     C.close(ckpt)
     (tmp_path / "2" / C.STEP_METADATA_FILE).write_text("[1, 2]")
-    with pytest.raises(C.CheckpointError, match=r"checkpoint step 2 is damaged: .*holds no JSON object, and "
-                                                r"Orbax cannot open .*; move .*2 aside"):
+    with pytest.raises(
+        C.CheckpointError,
+        match=r"checkpoint step 2 is damaged: .*holds no JSON object, and "
+        r"Orbax cannot open .*; move .*2 aside",
+    ):
         C.create_checkpoint_manager(tmp_path, read_only=True)
     with caplog.at_level(logging.WARNING, logger="jaxnet.checkpoint"):
         ckpt = C.create_checkpoint_manager(tmp_path)  # for writing: moved aside, as a resume would

@@ -18,8 +18,13 @@ from tests.checkpoint.helpers import equal_trees, flip_middle_byte, largest_file
 @pytest.mark.parametrize("array_format", C.ARRAY_FORMATS)
 def test_round_trip_is_exact_and_keeps_optax_types(tmp_path, array_format):
     state = train_state()
-    meta = {"epoch": 1, "batch_in_epoch": 7, "seed": 0, "config": {"model": "mlp128"},
-            "train_sums": {"loss": float(np.float32(0.1) * 3), "accuracy": 0.1 + 0.2}}
+    meta = {
+        "epoch": 1,
+        "batch_in_epoch": 7,
+        "seed": 0,
+        "config": {"model": "mlp128"},
+        "train_sums": {"loss": float(np.float32(0.1) * 3), "accuracy": 0.1 + 0.2},
+    }
     ckpt = C.create_checkpoint_manager(tmp_path, array_format=array_format)
     C.save(ckpt, 3, state, meta=meta)
     C.wait(ckpt)
@@ -76,11 +81,14 @@ def test_restoring_into_another_model_is_a_mismatch_not_damage(saved):
 # --- damage ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (flip_middle_byte, "changed after it was written"),
-    (truncate, "truncated"),
-    (os.remove, "is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (flip_middle_byte, "changed after it was written"),
+        (truncate, "truncated"),
+        (os.remove, "is missing"),
+    ],
+)
 def test_damaged_data_file_is_named(saved, damage, expected):
     directory, state = saved
     victim = largest_file(directory / "2")
@@ -127,13 +135,19 @@ def test_sharded_run_resumes_bit_identical_with_its_sharding(fsdp, tmp_path):
     from jaxnet.data import load_dataset
 
     data = load_dataset("mnist", download=False)
-    data = dataclasses.replace(data, train_images=data.train_images[:1024], train_labels=data.train_labels[:1024],
-                               test_images=data.test_images[:256], test_labels=data.test_labels[:256])
+    data = dataclasses.replace(
+        data,
+        train_images=data.train_images[:1024],
+        train_labels=data.train_labels[:1024],
+        test_images=data.test_images[:256],
+        test_labels=data.test_labels[:256],
+    )
     kw = dict(batch_size=64, devices=8, fsdp=fsdp, progress=False)
     whole = fit(create_model("mlp128"), data, create_optimizer("adam", 1e-3), epochs=2, **kw)
     fit(create_model("mlp128"), data, create_optimizer("adam", 1e-3), epochs=1, workdir=tmp_path, **kw)
-    resumed = fit(create_model("mlp128"), data, create_optimizer("adam", 1e-3), epochs=2, workdir=tmp_path,
-                  resume=True, **kw)
+    resumed = fit(
+        create_model("mlp128"), data, create_optimizer("adam", 1e-3), epochs=2, workdir=tmp_path, resume=True, **kw
+    )
     assert resumed.summary["resumed_from_step"] == 16
     assert resumed.summary["params_sha256"] == whole.summary["params_sha256"]
     for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(whole.state)):

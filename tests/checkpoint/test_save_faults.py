@@ -38,8 +38,16 @@ ONE_CHECKPOINT_DISK = {"npz": "200k", "orbax": "300k"}
 
 def _orbax_threads() -> list[threading.Thread]:
     """Threads of Orbax's still alive: a failed save must leave none waiting on a signal."""
-    names = ("jaxnet_npz_save", "json_ch_save", "async_save", "save_finalize", "_target_setting_result",
-             "np_type_handler", "array_type_handler", "write_metadata_after_commits")
+    names = (
+        "jaxnet_npz_save",
+        "json_ch_save",
+        "async_save",
+        "save_finalize",
+        "_target_setting_result",
+        "np_type_handler",
+        "array_type_handler",
+        "write_metadata_after_commits",
+    )
     return [t for t in threading.enumerate() if t.is_alive() and any(n in t.name for n in names)]
 
 
@@ -108,6 +116,7 @@ def _disk_full_in_the_background(monkeypatch, array_format: str, *, partial: boo
     The failure comes where a full disk makes it come: in the commit future
     of the item's handler, after ``save`` has returned.
     """
+
     async def disk_full(path: pathlib.Path) -> None:
         if partial:
             with open(os.fspath(path), "wb") as f:
@@ -115,14 +124,17 @@ def _disk_full_in_the_background(monkeypatch, array_format: str, *, partial: boo
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if array_format == "npz":
+
         async def write(self, path, flat):
             await disk_full(path)
 
         monkeypatch.setattr(arrays.NpzHandler, "_write", write)
     else:
+
         async def async_save(self, directory, args):
-            return [ocp.future.CommitFutureAwaitingContractedSignals(disk_full(directory / "d"),
-                                                                     name="np_type_handler")]
+            return [
+                ocp.future.CommitFutureAwaitingContractedSignals(disk_full(directory / "d"), name="np_type_handler")
+            ]
 
         monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", async_save)
 
@@ -146,11 +158,14 @@ def test_probe_writable_names_the_path_and_the_cause(tmp_path, monkeypatch):
     def fail(code: int):
         def raising(fd):
             raise OSError(code, os.strerror(code))
+
         return raising
 
-    for code, text in [(errno.ENOSPC, r"No space left on device \[ENOSPC\] at .*free some space"),
-                       (errno.EACCES, r"Permission denied \[EACCES\] at .*make it writable"),
-                       (errno.EROFS, r"Read-only file system \[EROFS\] at .*read-only")]:
+    for code, text in [
+        (errno.ENOSPC, r"No space left on device \[ENOSPC\] at .*free some space"),
+        (errno.EACCES, r"Permission denied \[EACCES\] at .*make it writable"),
+        (errno.EROFS, r"Read-only file system \[EROFS\] at .*read-only"),
+    ]:
         monkeypatch.setattr(saving.os, "fsync", fail(code))
         with pytest.raises(C.CheckpointError, match=text) as info:
             C.probe_writable(tmp_path / "ok")
@@ -163,8 +178,11 @@ def test_probe_writable_on_a_read_only_file_system(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
     with _read_only(folder):
-        with pytest.raises(C.CheckpointError, match=rf"cannot write checkpoints to {folder}: Read-only file "
-                                                    r"system \[EROFS\]"):
+        with pytest.raises(
+            C.CheckpointError,
+            match=rf"cannot write checkpoints to {folder}: Read-only file "
+            r"system \[EROFS\]",
+        ):
             C.probe_writable(folder)
 
 
@@ -214,8 +232,9 @@ def test_a_read_only_disk_fails_at_once_and_keeps_the_old_checkpoint(tmp_path, a
 
 
 @pytest.mark.parametrize("array_format", C.ARRAY_FORMATS)
-def test_a_full_disk_fails_at_once_removes_the_partial_save_and_keeps_the_old_one(tmp_path, caplog, capfd,
-                                                                                    array_format):
+def test_a_full_disk_fails_at_once_removes_the_partial_save_and_keeps_the_old_one(
+    tmp_path, caplog, capfd, array_format
+):
     directory = tmp_path / "checkpoints"
     state = dict_state(noisy=True)
     with _tmpfs(directory, ONE_CHECKPOINT_DISK[array_format]):
@@ -225,8 +244,9 @@ def test_a_full_disk_fails_at_once_removes_the_partial_save_and_keeps_the_old_on
         free = shutil.disk_usage(directory).free
         with caplog.at_level(logging.DEBUG):
             message, _ = _fails_fast(ckpt, state, 2)
-        assert message.startswith(f"saving checkpoint step 2 to {directory} failed: No space left on device "
-                                  "[ENOSPC] at ")
+        assert message.startswith(
+            f"saving checkpoint step 2 to {directory} failed: No space left on device [ENOSPC] at "
+        )
         assert "the partial save was removed, the newest checkpoint is still step 1; free some space" in message
         assert tmp_dirs(directory) == [] and shutil.disk_usage(directory).free == free
         assert [r for r in caplog.records if f"{os.sep}orbax{os.sep}" in r.pathname] == []  # muted
@@ -238,8 +258,7 @@ def test_a_full_disk_fails_at_once_removes_the_partial_save_and_keeps_the_old_on
 
 
 @pytest.mark.parametrize("array_format", C.ARRAY_FORMATS)
-def test_disk_full_in_the_background_is_raised_once_and_the_next_save_works(tmp_path, monkeypatch, capfd,
-                                                                            array_format):
+def test_disk_full_in_the_background_is_raised_once_and_the_next_save_works(tmp_path, monkeypatch, capfd, array_format):
     # ENOSPC in the middle of writing the arrays, injected: the partial file and
     # folder are removed, retention keeps every earlier step, and after the
     # failure (raised once, by wait) saving works again.
@@ -263,8 +282,7 @@ def test_disk_full_in_the_background_is_raised_once_and_the_next_save_works(tmp_
 
 
 @pytest.mark.parametrize("array_format", C.ARRAY_FORMATS)
-def test_check_saves_raises_a_background_failure_without_waiting_for_the_next_save(tmp_path, monkeypatch,
-                                                                                    array_format):
+def test_check_saves_raises_a_background_failure_without_waiting_for_the_next_save(tmp_path, monkeypatch, array_format):
     ckpt = C.create_checkpoint_manager(tmp_path, array_format=array_format)
     C.check_saves(ckpt)  # nothing pending: nothing to say
     _disk_full_in_the_background(monkeypatch, array_format, partial=False)
@@ -303,9 +321,13 @@ _FAILING_RUN = textwrap.dedent("""
 def test_the_process_exits_within_seconds_after_a_failed_save(tmp_path, array_format):
     # The 300-s hang was at exit: Orbax's writer threads waited for a signal
     # that the failed folder creation never sent, and Python joins them.
-    proc = subprocess.Popen([sys.executable, "-c", _FAILING_RUN, str(tmp_path / "checkpoints"), array_format],
-                            env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FAILING_RUN, str(tmp_path / "checkpoints"), array_format],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "FAILING"
         start = time.monotonic()

@@ -127,8 +127,11 @@ def test_run_stopped_before_its_first_checkpoint(tmp_path, caplog):
         assert "stopped before its first checkpoint" in message and "--resume" in message
         assert "remove the folder or choose another --workdir" in message and "\n" not in message
         assert ("lr: 0.001 in the saved run, 0.1 now" in message) == (config is not CONFIG)
-    with pytest.raises(ConfigError, match=r"stopped before its first checkpoint.*and it had other settings "
-                                          r"\(lr: 0.001 in the saved run, 0.1 now\).*remove the folder"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stopped before its first checkpoint.*and it had other settings "
+        r"\(lr: 0.001 in the saved run, 0.1 now\).*remove the folder",
+    ):
         W.check_workdir(workdir, {**CONFIG, "lr": 0.1}, resume=True, mutable_keys=W.RESUMABLE_KEYS)
     with pytest.raises(ConfigError, match=r"nothing to resume from\. Start it over with --resume-or-start"):
         W.check_workdir(workdir, CONFIG, resume=True, mutable_keys=W.RESUMABLE_KEYS)

@@ -14,12 +14,27 @@ from tests.cli.helpers import run_main
 
 def test_cli_narrows_the_run_and_rejects_bad_names(capsys):
     parser = build_parser(("bench",))
-    args = parser.parse_args(["bench", "--model", "mlp", "--batch-size", "64,512", "--variants",
-                              "torch-eager,jax-jit", "--steps", "10", "--repeats", "7"])
+    args = parser.parse_args(
+        [
+            "bench",
+            "--model",
+            "mlp",
+            "--batch-size",
+            "64,512",
+            "--variants",
+            "torch-eager,jax-jit",
+            "--steps",
+            "10",
+            "--repeats",
+            "7",
+        ]
+    )
     assert args.variants == ["torch-eager", "jax-jit"] and args.repeats == 7 and args.func is cli.run_bench
     workloads = cli.build_workloads(args)
     assert [(w.model, w.batch_size, w.steps, w.optimizer) for w in workloads] == [
-        ("mlp", 64, 10, "adam"), ("mlp", 512, 10, "adam")]
+        ("mlp", 64, 10, "adam"),
+        ("mlp", 512, 10, "adam"),
+    ]
     code, _, err = run_main(capsys, "bench", "--variants", "torch-eager,jax-pmap", "--no-probe")
     assert code == 2 and "unknown variants ['jax-pmap']" in err
     code, _, err = run_main(capsys, "bench", "--model", "resnet", "--no-probe")
@@ -42,4 +57,7 @@ def test_the_old_module_path_is_the_same_module():
 
     assert jaxnet.bench.cli is cli
     assert (jaxnet.bench.register_cli, jaxnet.bench.run_bench, jaxnet.bench.build_workloads) == (
-        cli.register_cli, cli.run_bench, cli.build_workloads)
+        cli.register_cli,
+        cli.run_bench,
+        cli.build_workloads,
+    )

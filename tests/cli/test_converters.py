@@ -98,4 +98,5 @@ def test_a_bad_value_on_the_command_line_is_one_usage_error():
         parser.parse_args(["--epochs", "0"])
     assert info.value.code == 2
     assert err.getvalue().strip().splitlines()[-1] == (
-        "jaxnet: error: argument --epochs: expected a positive integer, got 0")
+        "jaxnet: error: argument --epochs: expected a positive integer, got 0"
+    )

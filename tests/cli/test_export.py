@@ -28,8 +28,11 @@ def workdir(tmp_path):
     """A run's workdir as jaxnet train leaves it: config.json and checkpoints at steps 10 and 20."""
     spec, graphdef, state = trained_state("mlp128")
     work = tmp_path / "run"
-    W.check_workdir(work, {"model": "mlp128", "dataset": "mnist", "mean": list(MNIST_MEAN),
-                           "std": list(MNIST_STD), "seed": 0}, resume=False)
+    W.check_workdir(
+        work,
+        {"model": "mlp128", "dataset": "mnist", "mean": list(MNIST_MEAN), "std": list(MNIST_STD), "seed": 0},
+        resume=False,
+    )
     ckpt = C.create_checkpoint_manager(W.checkpoint_directory(work), best_metric=C.DEFAULT_BEST_METRIC)
     C.save(ckpt, 10, state, meta={}, metrics={"test_accuracy": 0.9})
     later = state.replace(params=jax.tree.map(lambda p: p * 1.5, state.params))

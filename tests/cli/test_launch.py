@@ -42,13 +42,20 @@ def test_the_launcher_module_keeps_its_command_line_names():
 
     assert jaxnet.launch is launcher
     assert (launcher.run_launch, launcher.register_cli, launcher.main) == (
-        cli_launch.run_launch, cli_launch.register_cli, cli_launch.main)
+        cli_launch.run_launch,
+        cli_launch.register_cli,
+        cli_launch.main,
+    )
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         launcher.nothing  # noqa: B018
 
 
 def test_python_m_launcher_is_jaxnet_launch():
-    proc = subprocess.run([sys.executable, "-m", "jaxnet.parallel.launcher", "--nproc", "0", "--", "train"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxnet.parallel.launcher", "--nproc", "0", "--", "train"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "usage: jaxnet launch" in proc.stderr and "expected a positive integer, got 0" in proc.stderr

@@ -21,8 +21,18 @@ def test_help_lists_commands_and_train_flags(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--model", "--dataset", "--data-dir", "--epochs", "--batch-size", "--optimizer",
-                 "--lr", "--seed", "--workdir", "--json"):
+    for flag in (
+        "--model",
+        "--dataset",
+        "--data-dir",
+        "--epochs",
+        "--batch-size",
+        "--optimizer",
+        "--lr",
+        "--seed",
+        "--workdir",
+        "--json",
+    ):
         assert flag in out
 
 
@@ -37,8 +47,9 @@ def test_main_prints_each_notice_once_and_leaves_logging_as_it_was(tmp_path, cap
     log = logging.getLogger("jaxnet")
     before = (log.level, log.propagate, list(log.handlers))
     try:
-        code = main(["train", "--model", "mlp128", "--epochs", "1", "--batch-size", "500",
-                         "--no-download", "--no-progress"])
+        code = main(
+            ["train", "--model", "mlp128", "--epochs", "1", "--batch-size", "500", "--no-download", "--no-progress"]
+        )
     finally:
         logging.root.removeHandler(root_handler)
     err = capsys.readouterr().err

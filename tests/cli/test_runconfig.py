@@ -16,12 +16,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def test_config_file_parsing(tmp_path):
     parser = build_parser()
-    (tmp_path / "a.toml").write_text('model = "tests_pkg.mod:factory"\nbatch_size = 32\nval-split = 0.2\n'
-                                     'augment = true\nlr = 1\nschedule = "cosine"\n[model_kwargs]\nwidth = 8\n')
+    (tmp_path / "a.toml").write_text(
+        'model = "tests_pkg.mod:factory"\nbatch_size = 32\nval-split = 0.2\n'
+        'augment = true\nlr = 1\nschedule = "cosine"\n[model_kwargs]\nwidth = 8\n'
+    )
     argv = ["train", "--config", str(tmp_path / "a.toml"), "--no-augment", "--schedule", "step"]
     args = parse_train_args(parser, argv, parser.parse_args(argv))
     assert (args.model, args.batch_size, args.val_split, args.model_kwargs) == (
-        "tests_pkg.mod:factory", 32, 0.2, {"width": 8})
+        "tests_pkg.mod:factory",
+        32,
+        0.2,
+        {"width": 8},
+    )
     assert args.augment is False and args.schedule == "step" and args.lr == 1.0 and isinstance(args.lr, float)
     argv = ["train", "--epochs", "3"]  # no --config: the recipe's defaults
     assert parse_train_args(parser, argv, parser.parse_args(argv)).batch_size is None
@@ -30,8 +36,10 @@ def test_config_file_parsing(tmp_path):
 @pytest.mark.parametrize(
     ("text", "needles"),
     [
-        ("learning_rate = 0.1\n",
-         ["unknown key 'learning_rate'", "valid keys are:", "lr", "model_kwargs", "val_split"]),
+        (
+            "learning_rate = 0.1\n",
+            ["unknown key 'learning_rate'", "valid keys are:", "lr", "model_kwargs", "val_split"],
+        ),
         ('epochs = "five"\n', ["epochs = 'five' is a string, expected an integer"]),
         ("lr = true\n", ["lr = True is true or false, expected a number"]),
         ("epochs = 0\n", ["epochs = 0: expected a positive integer, got 0"]),
@@ -65,7 +73,20 @@ def test_the_old_module_path_is_the_same_module_with_its_names():
     import jaxnet.runconfig
 
     assert jaxnet.runconfig is jaxnet.cli.runconfig
-    for name in ("RunConfig", "read_config_file", "HelpFormatter", "positive_int", "nonnegative_float",
-                 "positive_float", "fraction", "seed", "SEED_MAX", "json_object", "LOSSES", "LOSS_OF_OUTPUT",
-                 "CLASSIFIER_OUTPUTS", "VALUE_OUTPUTS"):
+    for name in (
+        "RunConfig",
+        "read_config_file",
+        "HelpFormatter",
+        "positive_int",
+        "nonnegative_float",
+        "positive_float",
+        "fraction",
+        "seed",
+        "SEED_MAX",
+        "json_object",
+        "LOSSES",
+        "LOSS_OF_OUTPUT",
+        "CLASSIFIER_OUTPUTS",
+        "VALUE_OUTPUTS",
+    ):
         assert hasattr(jaxnet.runconfig, name), name

@@ -15,8 +15,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def test_main_job_json_summary_on_embedded_sample(tmp_path):
-    proc = run_cli("train", "--no-download", "--epochs", "1", "--json", "--workdir", str(tmp_path / "w"),
-                   env={"XDG_CACHE_HOME": str(tmp_path / "empty-cache"), "JAXNET_DATA_DIR": ""})
+    proc = run_cli(
+        "train",
+        "--no-download",
+        "--epochs",
+        "1",
+        "--json",
+        "--workdir",
+        str(tmp_path / "w"),
+        env={"XDG_CACHE_HOME": str(tmp_path / "empty-cache"), "JAXNET_DATA_DIR": ""},
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("test_accuracy", "epochs", "steps", "train_seconds", "num_devices", "dataset_source"):
@@ -30,8 +38,19 @@ def test_main_job_json_summary_on_embedded_sample(tmp_path):
 
 
 def test_real_data_dir_is_used(shared_data, tmp_path):
-    proc = run_cli("train", "--model", "mlp128", "--data-dir", str(shared_data), "--epochs", "1",
-                   "--batch-size", "512", "--json", "--no-progress")
+    proc = run_cli(
+        "train",
+        "--model",
+        "mlp128",
+        "--data-dir",
+        str(shared_data),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "512",
+        "--json",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert str(shared_data / "mnist") in summary["dataset_source"]

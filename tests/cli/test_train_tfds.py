@@ -21,10 +21,12 @@ with registered.skip_registration():
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            features = tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(num_classes=10),
-            })
+            features = tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            )
             return tfds.core.DatasetInfo(builder=self, features=features)
 
         def _split_generators(self, dl_manager):
@@ -41,8 +43,21 @@ with registered.skip_registration():
 
 def test_train_on_a_prepared_tfds_dataset(tmp_path):
     JaxnetMnistSlice(data_dir=tmp_path).download_and_prepare(file_format="array_record")
-    proc = run_cli("train", "--dataset", "tfds:jaxnet_mnist_slice", "--data-dir", str(tmp_path),
-                   "--model", "mlp128", "--epochs", "3", "--batch-size", "32", "--json", "--no-progress")
+    proc = run_cli(
+        "train",
+        "--dataset",
+        "tfds:jaxnet_mnist_slice",
+        "--data-dir",
+        str(tmp_path),
+        "--model",
+        "mlp128",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--json",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["dataset"] == "tfds:jaxnet_mnist_slice"

@@ -97,14 +97,16 @@ def project(tmp_path_factory):
     (root / "tests_pkg").mkdir()
     (root / "tests_pkg" / "__init__.py").write_text("")
     (root / "tests_pkg" / "mod.py").write_text(MODULE)
-    (root / "run.toml").write_text(textwrap.dedent('''
+    (root / "run.toml").write_text(
+        textwrap.dedent("""
         model = "tests_pkg.mod:factory"
         dataset = "mnist"
         batch-size = 100
         lr = 0.01
         [model_kwargs]
         width = 16
-    '''))
+    """)
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setattr(sys, "path", [p for p in sys.path if p not in ("", str(root))])  # found via the cwd rule
@@ -200,12 +202,12 @@ def test_resume_refuses_a_changed_lr_and_accepts_more_epochs(trained, tmp_path, 
     argv = [a if a != str(workdir) else str(work) for a in argv]
     before = sorted(p.name for p in (work / "checkpoints").iterdir())
     lr = argv.index("--lr") + 1
-    code, _, err = run_main(capsys, *argv[:lr], "0.01", *argv[lr + 1:], "--resume")
+    code, _, err = run_main(capsys, *argv[:lr], "0.01", *argv[lr + 1 :], "--resume")
     line = one_line_error(code, err, "lr: 0.003 in the saved run, 0.01 now", "only epochs may change on resume")
     assert "model_kwargs" not in line and "batch_size" not in line
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == before
     epochs = argv.index("--epochs") + 1
-    code, resumed, err = run_main(capsys, *argv[:epochs], "2", *argv[epochs + 1:], "--resume")
+    code, resumed, err = run_main(capsys, *argv[:epochs], "2", *argv[epochs + 1 :], "--resume")
     assert code == 0, err[-3000:]
     assert resumed["resumed_from_step"] == summary["steps"] and resumed["steps"] == 2 * summary["steps"]
     assert W.read_config(work)["epochs"] == 2
@@ -266,9 +268,25 @@ def test_val_split_and_loss_flags(project, capsys, tmp_path):
     for bad in ("0", "1", "x"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["train", "--val-split", bad])
-    code, summary, err = run_main(capsys, "train", "--model", "mlp128", "--dataset", "mnist", "--epochs", "1",
-                               "--batch-size", "500", "--val-split", "0.1", "--loss", "nll",
-                               "--workdir", str(tmp_path / "w"), *COMMON)
+    code, summary, err = run_main(
+        capsys,
+        "train",
+        "--model",
+        "mlp128",
+        "--dataset",
+        "mnist",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "500",
+        "--val-split",
+        "0.1",
+        "--loss",
+        "nll",
+        "--workdir",
+        str(tmp_path / "w"),
+        *COMMON,
+    )
     assert code == 0, err[-3000:]
     config = W.read_config(tmp_path / "w")
     assert config["val_split"] == 0.1 and config["loss"] == "nll" and config["output"] == "log_probs"
@@ -278,9 +296,23 @@ def test_val_split_and_loss_flags(project, capsys, tmp_path):
 
 def test_tabular_binary_model_with_a_data_function_exports_and_predicts(project, capsys, tmp_path):
     work = tmp_path / "binary"
-    code, summary, err = run_main(capsys, "train", "--model", "tests_pkg.mod:Tabular", "--dataset",
-                               "tests_pkg.mod:binary_data", "--epochs", "3", "--batch-size", "32", "--lr", "0.05",
-                               "--workdir", str(work), *COMMON)
+    code, summary, err = run_main(
+        capsys,
+        "train",
+        "--model",
+        "tests_pkg.mod:Tabular",
+        "--dataset",
+        "tests_pkg.mod:binary_data",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.05",
+        "--workdir",
+        str(work),
+        *COMMON,
+    )
     assert code == 0, err[-3000:]
     config = W.read_config(work)
     assert config["loss"] == "binary" and config["input_dtype"] == "float32" and config["mean"] is None
@@ -301,9 +333,22 @@ def test_regression_losses_and_value_predictions(project, capsys, tmp_path):
     for loss, output in ((None, "regression"), ("l1", "l1")):
         work = tmp_path / f"reg-{loss}"
         extra = ["--loss", loss] if loss else []
-        code, summary, err = run_main(capsys, "train", "--model", "tests_pkg.mod:Tabular", "--dataset",
-                                   "tests_pkg.mod:regression_data", "--epochs", "2", "--batch-size", "32",
-                                   "--workdir", str(work), *extra, *COMMON)
+        code, summary, err = run_main(
+            capsys,
+            "train",
+            "--model",
+            "tests_pkg.mod:Tabular",
+            "--dataset",
+            "tests_pkg.mod:regression_data",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--workdir",
+            str(work),
+            *extra,
+            *COMMON,
+        )
         assert code == 0, err[-3000:]
         assert W.read_config(work)["output"] == output
     out = tmp_path / "reg.jaxexport"
@@ -321,15 +366,39 @@ def test_help_states_user_model_defaults_and_resumable_keys(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("package.module:factory", "Adam lr 1e-3", "batch 64", "5 epochs", "--config", "--loss",
-                 "--val-split", "--model-kwargs", "except --epochs"):
+    for text in (
+        "package.module:factory",
+        "Adam lr 1e-3",
+        "batch 64",
+        "5 epochs",
+        "--config",
+        "--loss",
+        "--val-split",
+        "--model-kwargs",
+        "except --epochs",
+    ):
         assert text in out, text
 
 
 def test_text_summary_without_a_test_split(project, capsys):
-    code = main(["train", "--model", "tests_pkg.mod:Tabular", "--dataset", "tests_pkg.mod:regression_data",
-                 "--epochs", "1", "--batch-size", "64", "--val-split", "0.25", "--loss", "huber",
-                 "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--model",
+            "tests_pkg.mod:Tabular",
+            "--dataset",
+            "tests_pkg.mod:regression_data",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--val-split",
+            "0.25",
+            "--loss",
+            "huber",
+            "--no-progress",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
     assert "model tests_pkg.mod:Tabular on tests_pkg.mod:regression_data" in out

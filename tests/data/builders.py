@@ -91,11 +91,21 @@ def py2_pickle(batch: dict[bytes, object]) -> bytes:
             out += [
                 b"cnumpy.core.multiarray\n_reconstruct\n",
                 b"cnumpy\nndarray\n",
-                b"K\x00\x85", _op_bytes(b"b"), b"\x87R",  # ((0,), 'b') -> REDUCE
-                b"(K\x01(", shape, b"t",  # state: (1, shape,
-                b"cnumpy\ndtype\n", _op_bytes(b"u1"), b"\x89\x88\x87R",  # dtype('u1', False, True)
-                b"(K\x03", _op_bytes(b"|"), b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb",
-                b"\x89", _op_bytes(value.tobytes()), b"tb",  # , False, raw) BUILD
+                b"K\x00\x85",
+                _op_bytes(b"b"),
+                b"\x87R",  # ((0,), 'b') -> REDUCE
+                b"(K\x01(",
+                shape,
+                b"t",  # state: (1, shape,
+                b"cnumpy\ndtype\n",
+                _op_bytes(b"u1"),
+                b"\x89\x88\x87R",  # dtype('u1', False, True)
+                b"(K\x03",
+                _op_bytes(b"|"),
+                b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb",
+                b"\x89",
+                _op_bytes(value.tobytes()),
+                b"tb",  # , False, raw) BUILD
             ]
         elif isinstance(value, list):
             out.append(b"](")
@@ -150,7 +160,6 @@ def expected_cifar(style_members: dict[str, bytes], batch: str) -> tuple[np.ndar
     """Reference decoding of one member with the standard (unsafe) unpickler."""
     d = pickle.loads(style_members[f"{cifar.CIFAR10_FOLDER}/{batch}"], encoding="bytes")
     return d[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(d[b"labels"])
-
 
 
 class _RunsOnUnpickle:

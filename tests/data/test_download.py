@@ -85,8 +85,13 @@ def _sha(data):
 def test_download_success_with_sha256_and_md5(server, tmp_path):
     body = gz(idx_bytes(make_mnist_arrays(3)[1]))
     server.files["/f.gz"] = body
-    dest = download(server.url("/f.gz"), tmp_path / "d" / "f.gz", sha256=_sha(body),
-                    md5=hashlib.md5(body).hexdigest(), allow_http=True)
+    dest = download(
+        server.url("/f.gz"),
+        tmp_path / "d" / "f.gz",
+        sha256=_sha(body),
+        md5=hashlib.md5(body).hexdigest(),
+        allow_http=True,
+    )
     assert dest.read_bytes() == body
     assert [p.name for p in dest.parent.iterdir()] == ["f.gz"]  # no temp file left
 
@@ -167,13 +172,11 @@ def _mnist_resources(server, n_train=12, n_test=6):
 
 def test_load_official_downloads_into_the_cache_then_reuses_it(server, tmp_path):
     table = _mnist_resources(server)
-    ds = load_official("mnist", data_dir=None, cache_dir=tmp_path, download=True,
-                       resources=table, allow_http=True)
+    ds = load_official("mnist", data_dir=None, cache_dir=tmp_path, download=True, resources=table, allow_http=True)
     assert ds.num_train == 12 and ds.num_test == 6
     assert str(tmp_path / "mnist" / "train-images-idx3-ubyte.gz") in ds.source
     server.files.clear()  # second load must not need the server
-    again = load_official("mnist", data_dir=None, cache_dir=tmp_path, download=True,
-                          resources=table, allow_http=True)
+    again = load_official("mnist", data_dir=None, cache_dir=tmp_path, download=True, resources=table, allow_http=True)
     np.testing.assert_array_equal(again.train_images, ds.train_images)
 
 
@@ -181,8 +184,7 @@ def test_offline_mnist_falls_back_to_the_sample_quickly_with_a_notice(tmp_path, 
     table = [Resource(f"{s}.gz", (_closed_port_url(),), "0" * 64, None) for p in MNIST_FILES.values() for s in p]
     start = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="jaxnet.data"):
-        ds = load_official("mnist", data_dir=None, cache_dir=tmp_path, download=True,
-                           resources=table, allow_http=True)
+        ds = load_official("mnist", data_dir=None, cache_dir=tmp_path, download=True, resources=table, allow_http=True)
     assert time.perf_counter() - start < 5.0
     assert ds.source.startswith("embedded MNIST sample: 6000 train / 1000 test")
     notice = [r.getMessage() for r in caplog.records if r.name == "jaxnet.data"]
@@ -194,8 +196,7 @@ def test_offline_mnist_falls_back_to_the_sample_quickly_with_a_notice(tmp_path, 
 def test_offline_cifar10_raises_with_the_fix(tmp_path):
     table = [Resource("cifar-10-python.tar.gz", (_closed_port_url(),), "0" * 64, None)]
     with pytest.raises(DataError, match=r"cifar10 is not available .*cannot connect.*--data-dir DIR"):
-        load_official("cifar10", data_dir=None, cache_dir=tmp_path, download=True,
-                      resources=table, allow_http=True)
+        load_official("cifar10", data_dir=None, cache_dir=tmp_path, download=True, resources=table, allow_http=True)
 
 
 def test_corrupt_cache_names_the_file_and_the_fix(tmp_path):

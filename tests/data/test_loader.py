@@ -20,7 +20,10 @@ def test_epoch_permutation_is_deterministic_per_seed_and_epoch():
     assert epoch_permutation(5, seed=3, epoch=1, shuffle=False).tolist() == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("n, size, drop_last, expected", [(10, 4, False, 3), (10, 4, True, 2), (8, 4, True, 2), (0, 4, False, 0), (3, 4, True, 0)])
+@pytest.mark.parametrize(
+    "n, size, drop_last, expected",
+    [(10, 4, False, 3), (10, 4, True, 2), (8, 4, True, 2), (0, 4, False, 0), (3, 4, True, 0)],
+)
 def test_num_batches_matches_dataloader_len(n, size, drop_last, expected):
     assert num_batches(n, size, drop_last=drop_last) == expected
 

@@ -133,9 +133,7 @@ def test_embedded_sample():
     sample = load_embedded_mnist_sample()
     assert sample.train_images.shape == (6000, 28, 28, 1)
     assert sample.test_images.shape == (1000, 28, 28, 1)
-    assert sample.source == (
-        "embedded MNIST sample: 6000 train / 1000 test images from the official MNIST set"
-    )
+    assert sample.source == ("embedded MNIST sample: 6000 train / 1000 test images from the official MNIST set")
     for labels, n in ((sample.train_labels, 6000), (sample.test_labels, 1000)):
         assert np.bincount(labels, minlength=10).min() >= 0.8 * n / 10  # balanced enough
     folder = importlib.resources.files("jaxnet.data") / "sample"

@@ -14,7 +14,9 @@ from tests.data.builders import write_mnist_folder
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown data set 'mnsit'; valid names: mnist, cifar10, linear, or tfds:NAME"):
+    with pytest.raises(
+        ConfigError, match=r"unknown data set 'mnsit'; valid names: mnist, cifar10, linear, or tfds:NAME"
+    ):
         load_dataset("mnsit")
     with pytest.raises(ConfigError, match="valid names"):
         load_dataset("tfds:")
@@ -60,7 +62,9 @@ def test_no_download_and_empty_cache_gives_the_sample(tmp_path, monkeypatch):
     monkeypatch.delenv("JAXNET_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert load_dataset("mnist", download=False).num_train == 6000
-    with pytest.raises(DataError, match=r"cifar10 is not available \(downloading is off \(--no-download / download=False\)\)"):
+    with pytest.raises(
+        DataError, match=r"cifar10 is not available \(downloading is off \(--no-download / download=False\)\)"
+    ):
         load_dataset("cifar10", download=False)
 
 

@@ -23,7 +23,9 @@ def test_normalize_equals_totensor_then_normalize():
     out = jax.jit(normalize, static_argnums=(1, 2))(images, mean, std)
     assert out.dtype == jnp.float32 and out.shape == images.shape
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6, atol=1e-6)
-    assert float(normalize(jnp.full((1, 1, 1, 1), 255, jnp.uint8), (0.1307,), (0.3081,))[0, 0, 0, 0]) == pytest.approx((1 - 0.1307) / 0.3081, rel=1e-6)
+    assert float(normalize(jnp.full((1, 1, 1, 1), 255, jnp.uint8), (0.1307,), (0.3081,))[0, 0, 0, 0]) == pytest.approx(
+        (1 - 0.1307) / 0.3081, rel=1e-6
+    )
 
 
 def test_normalize_floats_skips_the_255_division():
@@ -45,8 +47,12 @@ def test_random_crop_is_a_window_of_the_padded_image():
     padded = np.pad(np.asarray(images), ((0, 0), (p, p), (p, p), (0, 0)))
     offsets = []
     for i in range(len(out)):
-        hits = [(r, c) for r in range(2 * p + 1) for c in range(2 * p + 1)
-                if np.array_equal(padded[i, r : r + 8, c : c + 8], out[i])]
+        hits = [
+            (r, c)
+            for r in range(2 * p + 1)
+            for c in range(2 * p + 1)
+            if np.array_equal(padded[i, r : r + 8, c : c + 8], out[i])
+        ]
         assert hits, f"example {i} is not a window of its padded image"
         offsets.append(hits[0])
     assert len(set(offsets)) > 10  # per-example offsets, not one for the batch

@@ -64,7 +64,9 @@ def test_signal_mid_epoch_saves_and_resume_is_exact(tmp_path, sig, status):
     with pytest.raises(Interrupted) as info:
         fit(workdir=w, callbacks=[SendSignal(sig, at_step=25)])
     assert info.value.exit_status == status and info.value.step == 25 and info.value.checkpoint_step == 25
-    assert str(info.value) == f"stopped by {signal.Signals(sig).name} at step 25; checkpoint saved; continue with --resume"
+    assert (
+        str(info.value) == f"stopped by {signal.Signals(sig).name} at step 25; checkpoint saved; continue with --resume"
+    )
     assert 25 in steps_in(w)  # mid-epoch: epoch 2, batch 5; durable before the exception
     resumed = fit(workdir=w, resume=True)
     assert resumed.summary["resumed_from_step"] == 25
@@ -84,9 +86,21 @@ def test_signals_left_alone_when_switched_off():
     previous = signal.signal(signal.SIGUSR1, lambda *a: seen.append(1))
     try:
         old_term = signal.getsignal(signal.SIGTERM)
-        fit(epochs=1, handle_signals=False,
-            callbacks=[type("Probe", (jcb.Callback,), {"on_epoch_end": lambda self, run, e, logs: seen.append(
-                signal.getsignal(signal.SIGTERM) is old_term)})()])
+        fit(
+            epochs=1,
+            handle_signals=False,
+            callbacks=[
+                type(
+                    "Probe",
+                    (jcb.Callback,),
+                    {
+                        "on_epoch_end": lambda self, run, e, logs: seen.append(
+                            signal.getsignal(signal.SIGTERM) is old_term
+                        )
+                    },
+                )()
+            ],
+        )
         assert seen == [True]
     finally:
         signal.signal(signal.SIGUSR1, previous)
@@ -158,8 +172,18 @@ import time  # noqa: E402
 from tests.helpers import offline_env as _env  # noqa: E402
 from tests.helpers import run_jaxnet  # noqa: E402
 
-TRAIN = ["train", "--model", "mlp128", "--epochs", "2", "--batch-size", "64", "--json", "--no-download",
-         "--no-progress"]
+TRAIN = [
+    "train",
+    "--model",
+    "mlp128",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "64",
+    "--json",
+    "--no-download",
+    "--no-progress",
+]
 
 
 def _jaxnet(tmp_path, *args, timeout=600) -> tuple[int, str, str]:
@@ -180,8 +204,13 @@ def test_cli_sigterm_mid_epoch_then_resume_loses_no_step(tmp_path):
     code, out, err = _jaxnet(tmp_path, *TRAIN)
     assert code == 0, err[-3000:]
     reference = _strict(out.strip().splitlines()[-1])
-    proc = subprocess.Popen([sys.executable, "-m", "jaxnet", *TRAIN, "--workdir", str(w), "--checkpoint-every", "500"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxnet", *TRAIN, "--workdir", str(w), "--checkpoint-every", "500"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(tmp_path),
+    )
     metrics, deadline = w / "metrics.jsonl", time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:  # wait for training to be under way
         if metrics.is_file() and sum('"train"' in line for line in metrics.read_text().splitlines()) >= 2:
@@ -204,8 +233,21 @@ def test_cli_sigterm_mid_epoch_then_resume_loses_no_step(tmp_path):
 @pytest.mark.slow
 def test_cli_divergence_in_epoch_two_keeps_epoch_one_and_export_picks_it(tmp_path):
     w = tmp_path / "w"
-    args = [*TRAIN, "--epochs", "3", "--optimizer", "sgd", "--lr", "0.01", "--schedule", "exponential",
-            "--gamma", "1000000", "--workdir", str(w)]
+    args = [
+        *TRAIN,
+        "--epochs",
+        "3",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+        "--schedule",
+        "exponential",
+        "--gamma",
+        "1000000",
+        "--workdir",
+        str(w),
+    ]
     code, out, err = _jaxnet(tmp_path, *args)
     assert code == 1, err[-3000:]
     line = err.strip().splitlines()[-1]
@@ -213,8 +255,9 @@ def test_cli_divergence_in_epoch_two_keeps_epoch_one_and_export_picks_it(tmp_pat
     assert line.startswith("jaxnet: training diverged at step ") and "(loss " in line, err[-3000:]
     assert line.endswith(f"last finite checkpoint: step {steps_per_epoch}") and "Traceback" not in err
     assert steps_in(w) == [steps_per_epoch]
-    code, out, err = _jaxnet(tmp_path, "export", "--workdir", str(w), "--out", str(tmp_path / "m.jaxexport"),
-                             "--step", "latest")
+    code, out, err = _jaxnet(
+        tmp_path, "export", "--workdir", str(w), "--out", str(tmp_path / "m.jaxexport"), "--step", "latest"
+    )
     assert code == 0, err[-3000:]
     assert f"checkpoint step {steps_per_epoch}" in out
     for line in (w / "metrics.jsonl").read_text().splitlines():
@@ -223,8 +266,9 @@ def test_cli_divergence_in_epoch_two_keeps_epoch_one_and_export_picks_it(tmp_pat
 
 @pytest.mark.slow
 def test_cli_json_is_strict_when_training_goes_on_through_nan(tmp_path):
-    code, out, err = _jaxnet(tmp_path, *TRAIN, "--epochs", "1", "--optimizer", "sgd", "--lr", "1e6",
-                             "--on-nan", "continue")
+    code, out, err = _jaxnet(
+        tmp_path, *TRAIN, "--epochs", "1", "--optimizer", "sgd", "--lr", "1e6", "--on-nan", "continue"
+    )
     assert code == 0, err[-3000:]
     summary = _strict(out.strip().splitlines()[-1])  # no bare NaN
     assert summary["test_loss"] is None and summary["test_top5_accuracy"] < 1.0
@@ -268,12 +312,34 @@ def test_predict_takes_integer_pixels_and_advises_on_floats():
 def test_two_process_run_stopped_by_sigterm_saves_together_and_resumes_exactly(tmp_path):
     """A scheduler's SIGTERM to the launcher: both processes stop at one step, save, and resume exactly."""
     env = {**_env(tmp_path)}
-    train = ["launch", "--nproc", "2", "--devices-per-proc", "2", "--", "train", "--model", "mlp128",
-             "--no-download", "--batch-size", "64", "--epochs", "2", "--no-progress", "--json",
-             "--checkpoint-every", "1000"]
+    train = [
+        "launch",
+        "--nproc",
+        "2",
+        "--devices-per-proc",
+        "2",
+        "--",
+        "train",
+        "--model",
+        "mlp128",
+        "--no-download",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "2",
+        "--no-progress",
+        "--json",
+        "--checkpoint-every",
+        "1000",
+    ]
     w = tmp_path / "w"
-    proc = subprocess.Popen([sys.executable, "-m", "jaxnet", *train, "--workdir", str(w)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxnet", *train, "--workdir", str(w)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     metrics, deadline = w / "metrics.jsonl", time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.is_file() and sum('"train"' in line for line in metrics.read_text().splitlines()) >= 1:
@@ -287,12 +353,22 @@ def test_two_process_run_stopped_by_sigterm_saves_together_and_resumes_exactly(t
     assert len({line.split("at step ")[1].split(";")[0] for line in stops}) == 1  # the same step everywhere
     step = int(stops[0].split("at step ")[1].split(";")[0])
     assert step in steps_in(w)
-    done = subprocess.run([sys.executable, "-m", "jaxnet", *train, "--workdir", str(w), "--resume"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxnet", *train, "--workdir", str(w), "--resume"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = _strict(done.stdout.strip().splitlines()[-1])
-    straight = subprocess.run([sys.executable, "-m", "jaxnet", *train, "--workdir", str(tmp_path / "s")],
-                              capture_output=True, text=True, env=env, timeout=300)
+    straight = subprocess.run(
+        [sys.executable, "-m", "jaxnet", *train, "--workdir", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert resumed["resumed_from_step"] == step
     assert resumed["params_sha256"] == _strict(straight.stdout.strip().splitlines()[-1])["params_sha256"]
 
@@ -309,8 +385,13 @@ def test_cli_second_process_on_a_live_workdir_is_refused_and_the_first_unharmed(
     args = [*TRAIN, "--epochs", "40", "--workdir", str(w), "--checkpoint-every", "20"]
     code, out, err = _jaxnet(tmp_path, *TRAIN, "--epochs", "40")
     reference = _strict(out.strip().splitlines()[-1])
-    first = subprocess.Popen([sys.executable, "-m", "jaxnet", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=_env(tmp_path))
+    first = subprocess.Popen(
+        [sys.executable, "-m", "jaxnet", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(tmp_path),
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and first.poll() is None and not (w / "config.json").is_file():
         time.sleep(0.01)  # it holds the lock; by the time the others start, it is saving checkpoints

@@ -82,8 +82,16 @@ def sample():
 
 
 def test_convnet_trains_on_the_gpu_and_its_checkpoint_restores_there(sample, tmp_path):
-    result = train.fit(create_model("convnet"), sample, optax.adam(1e-3), epochs=2, batch_size=64,
-                       output="log_probs", workdir=tmp_path, progress=False)
+    result = train.fit(
+        create_model("convnet"),
+        sample,
+        optax.adam(1e-3),
+        epochs=2,
+        batch_size=64,
+        output="log_probs",
+        workdir=tmp_path,
+        progress=False,
+    )
     leaves = jax.tree.leaves(result.state)
     assert all(next(iter(leaf.devices())).platform == "gpu" for leaf in leaves)
     assert result.history[-1]["test_accuracy"] > 0.9, result.history[-1]  # 6000 sample images, 2 epochs
@@ -99,8 +107,16 @@ def test_convnet_trains_on_the_gpu_and_its_checkpoint_restores_there(sample, tmp
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_the_gpu(sample, precision):
-    result = train.fit(create_model("convnet"), sample, optax.adam(1e-3), epochs=1, batch_size=64,
-                       output="log_probs", precision=precision, progress=False)
+    result = train.fit(
+        create_model("convnet"),
+        sample,
+        optax.adam(1e-3),
+        epochs=1,
+        batch_size=64,
+        output="log_probs",
+        precision=precision,
+        progress=False,
+    )
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(result.state.params))  # master weights
     assert result.history[-1]["test_accuracy"] > 0.8, result.history[-1]
 
@@ -126,8 +142,15 @@ def test_one_export_runs_on_the_gpu_and_on_the_cpu_with_each_platforms_convoluti
     tx = optax.adam(1e-3)
     graphdef, state = create_train_state(create_model("convnet"), tx)
     path = tmp_path / "convnet.jaxexport"
-    path.write_bytes(export_model(graphdef, state, input_shape=(28, 28, 1), output="log_probs",
-                                  transform=train.make_image_transform(sample.mean, sample.std)))
+    path.write_bytes(
+        export_model(
+            graphdef,
+            state,
+            input_shape=(28, 28, 1),
+            output="log_probs",
+            transform=train.make_image_transform(sample.mean, sample.std),
+        )
+    )
     images = sample.test_images[:64]
     on_gpu = load_exported(path)
     assert {next(iter(w.devices())).platform for w in on_gpu.weights} == {"gpu"}

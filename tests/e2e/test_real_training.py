@@ -62,8 +62,18 @@ def test_cifar_cnn_reaches_55_percent_in_10_epochs(shared_data):
 @pytest.mark.slow
 def test_memory_stays_flat_over_20_epochs(shared_data, tmp_path):
     """Peak RSS after epoch 20 is within 5% of the peak after epoch 2 (no growth)."""
-    train("--model", "mlp", "--data-dir", str(shared_data), "--epochs", "20", "--batch-size", "256",
-          "--workdir", str(tmp_path))
+    train(
+        "--model",
+        "mlp",
+        "--data-dir",
+        str(shared_data),
+        "--epochs",
+        "20",
+        "--batch-size",
+        "256",
+        "--workdir",
+        str(tmp_path),
+    )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rss = {r["epoch"]: r["peak_rss_mb"] for r in records if r["split"] == "epoch"}
     assert len(rss) == 20

@@ -28,15 +28,32 @@ from tests.helpers import offline_env as _env
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-TRAIN = ["train", "--model", "mlp128", "--epochs", "2", "--batch-size", "128", "--checkpoint-every", "7",
-         "--json", "--no-download", "--no-progress"]
+TRAIN = [
+    "train",
+    "--model",
+    "mlp128",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "128",
+    "--checkpoint-every",
+    "7",
+    "--json",
+    "--no-download",
+    "--no-progress",
+]
 VOLATILE = ("seconds", "time", "compil", "rss")  # keys whose values differ between identical runs
 TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 def _start(workdir: pathlib.Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jaxnet", *TRAIN, "--workdir", str(workdir), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxnet", *TRAIN, "--workdir", str(workdir), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
@@ -68,13 +85,19 @@ def _scalars(workdir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
 
     acc = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
-            if not any(word in tag for word in VOLATILE)}
+    return {
+        tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+        for tag in acc.Tags()["scalars"]
+        if not any(word in tag for word in VOLATILE)
+    }
 
 
 def _tree(folder: pathlib.Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +170,9 @@ def test_sigkill_and_resume_is_bit_identical(reference, tmp_path):
     assert resumed and int(resumed.group(1)) >= 7, err[-3000:]  # it continued, not restarted
     assert summary["params_sha256"] == ref_summary["params_sha256"]
     assert summary["steps"] == ref_summary["steps"]
-    assert {k: v for k, v in summary.items() if k.startswith("test_")} == \
-        {k: v for k, v in ref_summary.items() if k.startswith("test_")}
+    assert {k: v for k, v in summary.items() if k.startswith("test_")} == {
+        k: v for k, v in ref_summary.items() if k.startswith("test_")
+    }
     assert _metrics(workdir) == _metrics(ref_workdir)  # no gaps, no duplicates, same numbers
     assert _scalars(workdir) == _scalars(ref_workdir)  # TensorBoard: same points, none twice
 
@@ -183,8 +207,7 @@ def test_workdir_errors_are_one_line_and_lose_nothing(reference, tmp_path):
     other[other.index("mlp128")] = "mlp512"
     proc = subprocess.run([sys.executable, "-m", "jaxnet", *other], capture_output=True, text=True, env=env)
     _one_line_error(proc.returncode, proc.stderr, "mlp128", "mlp512", "another --workdir")
-    proc = subprocess.run([sys.executable, "-m", "jaxnet", *other, "--resume"], capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "jaxnet", *other, "--resume"], capture_output=True, text=True, env=env)
     _one_line_error(proc.returncode, proc.stderr, "mlp128", "mlp512")
     assert _tree(ref_workdir) == before
 

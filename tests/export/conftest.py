@@ -20,11 +20,22 @@ def artifacts(tmp_path_factory):
         spec, graphdef, state = trained_state(name)
         transform = make_image_transform(mean, std)
         path = folder / f"{name}.jaxexport"
-        path.write_bytes(export_model(graphdef, state, input_shape=spec.input_shape, transform=transform,
-                                      output=spec.output, metadata={"model": name}))
+        path.write_bytes(
+            export_model(
+                graphdef,
+                state,
+                input_shape=spec.input_shape,
+                transform=transform,
+                output=spec.output,
+                metadata={"model": name},
+            )
+        )
         batch = random_images(spec.input_shape)
         np.save(folder / f"{name}_images.npy", batch)
         live = make_predict_fn(graphdef, transform=transform)
-        result[name] = {"path": path, "images": batch,
-                        "live": {n: np.asarray(live(state, batch[:n])) for n in (1, 7, 64)}}
+        result[name] = {
+            "path": path,
+            "images": batch,
+            "live": {n: np.asarray(live(state, batch[:n])) for n in (1, 7, 64)},
+        }
     return folder, result

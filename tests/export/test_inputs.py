@@ -17,7 +17,7 @@ def test_color_png_for_a_color_model(artifacts, tmp_path):
     batch, batched = read_inputs(tmp_path / "c.png", (32, 32, 3))
     assert not batched
     np.testing.assert_array_equal(batch[0], image)  # PNG is lossless
-    (_, cls, _), = predict_files(result["cifar_cnn"]["path"], [tmp_path / "c.png"])
+    ((_, cls, _),) = predict_files(result["cifar_cnn"]["path"], [tmp_path / "c.png"])
     assert cls == int(np.argmax(result["cifar_cnn"]["live"][1][0]))
 
 

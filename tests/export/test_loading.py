@@ -50,8 +50,9 @@ def fresh_process(artifacts):
     """Runs the exported models in a new Python process and returns what it imported."""
     folder, result = artifacts
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _FRESH, str(folder), *result], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH, str(folder), *result], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -20,8 +20,15 @@ from tests.export.helpers import MNIST_MEAN, MNIST_STD, Net, trained_state
 def test_cpu_only_export(tmp_path):
     spec, graphdef, state = trained_state("mlp128")
     path = tmp_path / "m.jaxexport"
-    path.write_bytes(export_model(graphdef, state, input_shape=spec.input_shape,
-                                  transform=make_image_transform(MNIST_MEAN, MNIST_STD), platforms=("cpu",)))
+    path.write_bytes(
+        export_model(
+            graphdef,
+            state,
+            input_shape=spec.input_shape,
+            transform=make_image_transform(MNIST_MEAN, MNIST_STD),
+            platforms=("cpu",),
+        )
+    )
     assert load_exported(path).exported.platforms == ("cpu",)
 
 

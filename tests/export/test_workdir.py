@@ -35,8 +35,13 @@ def mnist():
     from jaxnet.data.registry import load_embedded_mnist_sample
 
     ds = load_embedded_mnist_sample()
-    return dataclasses.replace(ds, train_images=ds.train_images[:2000], train_labels=ds.train_labels[:2000],
-                               test_images=ds.test_images[:500], test_labels=ds.test_labels[:500])
+    return dataclasses.replace(
+        ds,
+        train_images=ds.train_images[:2000],
+        train_labels=ds.train_labels[:2000],
+        test_images=ds.test_images[:500],
+        test_labels=ds.test_labels[:500],
+    )
 
 
 def _normalized(images: np.ndarray) -> jax.Array:
@@ -74,8 +79,9 @@ def test_python_fit_of_a_user_model_exports_from_its_workdir(mnist, tmp_path, ca
 
 def test_python_fit_of_the_tutorial_mlp_exports_recorded_and_rebuilt(mnist, tmp_path, capsys):
     workdir = tmp_path / "mlp"
-    result = jaxnet.fit(create_model("mlp"), mnist, optax.adam(1e-3), epochs=1, batch_size=100,
-                        workdir=workdir, progress=False)
+    result = jaxnet.fit(
+        create_model("mlp"), mnist, optax.adam(1e-3), epochs=1, batch_size=100, workdir=workdir, progress=False
+    )
     images = mnist.test_images[:50]
     live = np.asarray(make_predict_fn(result.graphdef, transform=make_image_transform(MEAN, STD))(result.state, images))
     _export(capsys, workdir, tmp_path / "recorded.jaxexport")
@@ -94,9 +100,15 @@ def test_write_workdir_model_lowers_from_shapes_without_compiling(tmp_path):
     graphdef, state = create_train_state(create_model("convnet"), optax.sgd(0.1))
     abstract = jax.eval_shape(lambda: (state.params, state.model_state))  # shapes only: nothing is read
     with CompileCounter() as counter:
-        folder = write_workdir_model(tmp_path, graphdef, *abstract, input_shape=(28, 28, 1),
-                                     input_dtype=np.dtype("uint8"), transform=make_image_transform(MEAN, STD),
-                                     output="log_probs")
+        folder = write_workdir_model(
+            tmp_path,
+            graphdef,
+            *abstract,
+            input_shape=(28, 28, 1),
+            input_dtype=np.dtype("uint8"),
+            transform=make_image_transform(MEAN, STD),
+            output="log_probs",
+        )
     assert counter.compiles == 0
     info = json.loads((folder / "model.json").read_text())
     assert (info["input_dtype"], info["output"], info["platforms"]) == ("uint8", "log_probs", ["cpu", "cuda"])
@@ -134,8 +146,9 @@ def user_run(mnist, tmp_path_factory):
             return self.fc(x.reshape(x.shape[0], -1))
 
     workdir = tmp_path_factory.mktemp("local") / "run"
-    jaxnet.fit(Local(rngs=nnx.Rngs(0)), mnist, optax.adam(1e-3), epochs=1, batch_size=500, workdir=workdir,
-               progress=False)
+    jaxnet.fit(
+        Local(rngs=nnx.Rngs(0)), mnist, optax.adam(1e-3), epochs=1, batch_size=500, workdir=workdir, progress=False
+    )
     return workdir
 
 

@@ -75,8 +75,11 @@ def reference_values_and_grads(x, kernel, geometry, cotangent):
     dxp, dk = np.zeros_like(xp), np.zeros_like(kernel)
     for p in range(kh):
         for q in range(kw):
-            window = (slice(None), slice(p * dh, p * dh + sh * (ho - 1) + 1, sh),
-                      slice(q * dw, q * dw + sw * (wo - 1) + 1, sw))
+            window = (
+                slice(None),
+                slice(p * dh, p * dh + sh * (ho - 1) + 1, sh),
+                slice(q * dw, q * dw + sw * (wo - 1) + 1, sw),
+            )
             out += np.einsum("bijc,co->bijo", xp[window], kernel[p, q])
             dk[p, q] = np.einsum("bijc,bijo->co", xp[window], cotangent)
             dxp[window] += np.einsum("bijo,co->bijc", cotangent, kernel[p, q])

@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 from jaxnet.errors import ConfigError
-from jaxnet.models import MODELS, create_model
 from jaxnet.models.cifar_speed import WIDTHS, CifarSpeedNet, dirac_kernel, init_whitening, whitening_filters
 from jaxnet.models.layers import max_pool2d
 
@@ -20,9 +19,8 @@ def small_net(seed: int = 0) -> CifarSpeedNet:
     return CifarSpeedNet(widths=SMALL, rngs=nnx.Rngs(seed))
 
 
-def test_registered_full_width_net_has_airbench94s_shape_and_size():
-    assert MODELS["cifar_speed"].input_shape == (32, 32, 3) and MODELS["cifar_speed"].output == "logits"
-    model = create_model("cifar_speed")
+def test_full_width_net_has_airbench94s_shape_and_size():
+    model = CifarSpeedNet(rngs=nnx.Rngs(0))
     assert isinstance(model, CifarSpeedNet) and WIDTHS == (64, 256, 256)
     params = nnx.state(model, nnx.Param)
     c = (24, *WIDTHS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -82,7 +83,7 @@ def test_conv2d_matches_the_reference_for_every_impl_and_stride(problem):
     x, kernel, geometry, cotangent = problem
     expected = reference_values_and_grads(x, kernel, geometry, cotangent)
     for impl in CONV_IMPLS:
-        actual = values_and_grads(lambda a, k, **g: conv2d(a, k, impl=impl, **g), x, kernel, geometry, cotangent)
+        actual = values_and_grads(functools.partial(conv2d, impl=impl), x, kernel, geometry, cotangent)
         for a, e in zip(actual, expected):
             assert max_rel_err(a, e) <= TOL, (impl, geometry)
 
@@ -106,16 +107,16 @@ def test_cpu_convolution_supports_forward_mode_second_order_and_vmap():
     for padding in (((0, 0), (0, 0)), ((1, 2), (0, 1))):
         geometry = {"stride": (1, 1), "padding": padding, "dilation": (2, 1)}
 
-        def loss(fn, k, a=x):
+        def loss(fn, k, a=x, geometry=geometry):
             return jnp.sum(jnp.tanh(fn(a, k, **geometry)))
 
         tangents = (jnp.ones_like(x), jnp.full_like(kernel, 0.5))
-        jvp_fast = jax.jvp(lambda a, k: conv2d_cpu(a, k, **geometry), (x, kernel), tangents)
-        jvp_ref = jax.jvp(lambda a, k: conv2d_xla(a, k, **geometry), (x, kernel), tangents)
+        jvp_fast = jax.jvp(lambda a, k, geometry=geometry: conv2d_cpu(a, k, **geometry), (x, kernel), tangents)
+        jvp_ref = jax.jvp(lambda a, k, geometry=geometry: conv2d_xla(a, k, **geometry), (x, kernel), tangents)
         assert max_rel_err(jvp_fast[1], jvp_ref[1]) <= TOL
         small_x, small_kernel = x[..., :1], kernel[:, :, :1, :2]  # a (3, 2, 1, 2) kernel: a 12x12 Hessian
-        hess_fast = jax.hessian(lambda k: loss(conv2d_cpu, k, small_x))(small_kernel)
-        hess_ref = jax.hessian(lambda k: loss(conv2d_xla, k, small_x))(small_kernel)
+        hess_fast = jax.hessian(lambda k, small_x=small_x: loss(conv2d_cpu, k, small_x))(small_kernel)
+        hess_ref = jax.hessian(lambda k, small_x=small_x: loss(conv2d_xla, k, small_x))(small_kernel)
         assert max_rel_err(hess_fast, hess_ref) <= 1e-4
         per_example = jax.vmap(lambda a: loss(conv2d_cpu, kernel, a[None]))(x)
         assert max_rel_err(per_example, jax.vmap(lambda a: loss(conv2d_xla, kernel, a[None]))(x)) <= TOL
@@ -133,11 +134,14 @@ def test_fast_convolutions_reject_geometries_xla_cpu_gets_wrong():
             fn(x, kernel, stride=(1, 1), padding=((2, 0), (0, 0)), dilation=(1, 1))
 
 
-@pytest.mark.parametrize("x_shape, kernel_shape, padding, dilation", [
-    ((2, 3, 1, 2), (2, 1, 2, 4), ((2, 0), (0, 0)), (1, 1)),
-    ((2, 3, 6, 2), (2, 3, 2, 4), ((3, 0), (4, 2)), (1, 1)),
-    ((2, 3, 6, 2), (2, 3, 2, 4), ((1, 3), (4, 1)), (2, 1)),
-])
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape, padding, dilation",
+    [
+        ((2, 3, 1, 2), (2, 1, 2, 4), ((2, 0), (0, 0)), (1, 1)),
+        ((2, 3, 6, 2), (2, 3, 2, 4), ((3, 0), (4, 2)), (1, 1)),
+        ((2, 3, 6, 2), (2, 3, 2, 4), ((1, 3), (4, 1)), (2, 1)),
+    ],
+)
 def test_padding_beyond_the_kernel_extent_gives_right_input_gradients(x_shape, kernel_shape, padding, dilation):
     # XLA 0.10:CPU's input gradient of lax.conv padded beyond d*(k-1) reads memory it never
     # wrote (intermittently: 183 of 200 fresh compilations of the first case were wrong, by up
@@ -152,7 +156,7 @@ def test_padding_beyond_the_kernel_extent_gives_right_input_gradients(x_shape, k
     for impl in CONV_IMPLS:
         for _ in range(10):
             jax.clear_caches()  # a fresh compilation each time, as when the bug shows
-            actual = values_and_grads(lambda a, k, **g: conv2d(a, k, impl=impl, **g), x, kernel, geometry, cotangent)
+            actual = values_and_grads(functools.partial(conv2d, impl=impl), x, kernel, geometry, cotangent)
             for part, a, e in zip(("output", "input grad", "kernel grad"), actual, expected):
                 assert max_rel_err(a, e) <= TOL, (impl, part, geometry)
 
@@ -190,8 +194,10 @@ def test_auto_picks_the_form_per_platform_when_lowering():
     assert len(both) > len(on_cpu) and any("lhs_dilate = [1, 2]" in c for c in both)
     # an explicit choice holds on every platform
     with use_conv_impl("eigen"):
-        assert all("lhs_dilate = [1, 2]" in c for c in lowered_convolutions(
-            lambda a, k: conv2d(a, k, **geometry), x, kernel, platforms=("cuda",)))
+        assert all(
+            "lhs_dilate = [1, 2]" in c
+            for c in lowered_convolutions(lambda a, k: conv2d(a, k, **geometry), x, kernel, platforms=("cuda",))
+        )
 
 
 def test_a_cpu_device_gets_the_cpu_forms_whatever_the_default_backend(monkeypatch):
@@ -215,8 +221,9 @@ def test_environment_variable_and_context_select_the_implementation(monkeypatch)
         assert conv_impl() == "eigen"
     assert conv_impl() == "xla"
     x, kernel = jnp.ones((1, 6, 6, 1)), jnp.ones((3, 3, 1, 2))
-    jaxpr = str(jax.make_jaxpr(lambda a: layers.conv2d(a, kernel, stride=(1, 1), padding=((0, 0),) * 2,
-                                                       dilation=(1, 1)))(x))
+    jaxpr = str(
+        jax.make_jaxpr(lambda a: layers.conv2d(a, kernel, stride=(1, 1), padding=((0, 0),) * 2, dilation=(1, 1)))(x)
+    )
     assert "lhs_dilation=(1, 2)" not in jaxpr  # the layer follows $JAXNET_CONV_IMPL=xla
     monkeypatch.setenv(ENV_VAR, "fast")
     with pytest.raises(ConfigError, match="JAXNET_CONV_IMPL='fast'.*auto, xla, eigen, cpu"):
@@ -228,8 +235,14 @@ def test_unknown_implementations_are_named():
         with use_conv_impl("im2col"):
             pass
     with pytest.raises(ConfigError, match="impl='XLA'"):
-        conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((1, 1, 1, 1)), stride=(1, 1), padding=((0, 0),) * 2,
-               dilation=(1, 1), impl="XLA")
+        conv2d(
+            jnp.ones((1, 4, 4, 1)),
+            jnp.ones((1, 1, 1, 1)),
+            stride=(1, 1),
+            padding=((0, 0),) * 2,
+            dilation=(1, 1),
+            impl="XLA",
+        )
 
 
 # --- What XLA:CPU runs: no convolution on YNNPACK under "auto" ------------------------
@@ -265,8 +278,10 @@ def test_auto_keeps_every_convolution_of_the_convnet_step_off_ynnpack():
 def test_auto_and_plain_train_steps_agree():
     spec = MODELS["convnet"]
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.random((8, *spec.input_shape), dtype=np.float32)),
-             "label": jnp.asarray(rng.integers(0, 10, 8).astype(np.int32))}
+    batch = {
+        "image": jnp.asarray(rng.random((8, *spec.input_shape), dtype=np.float32)),
+        "label": jnp.asarray(rng.integers(0, 10, 8).astype(np.int32)),
+    }
     results = {}
     for impl in ("xla", "auto"):
         tx = optax.sgd(0.05, momentum=0.9)

@@ -80,8 +80,9 @@ def test_max_pool_forward_mode_and_second_order():
     x = jnp.asarray(np.random.default_rng(4).standard_normal((1, 4, 6, 2), dtype=np.float32))
     t = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape, dtype=np.float32))
     out, tangent = jax.jvp(lambda a: layers.max_pool2d(a, 2), (x,), (t,))
-    ref_out, ref_tangent = jax.jvp(lambda a: jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
-                                                                   (1, 2, 2, 1), "VALID"), (x,), (t,))
+    ref_out, ref_tangent = jax.jvp(
+        lambda a: jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"), (x,), (t,)
+    )
     np.testing.assert_array_equal(out, ref_out)
     np.testing.assert_array_equal(tangent, ref_tangent)
     # d2/dx2 of sum(max^2): 2 on the diagonal entry of each window's maximum, 0 elsewhere.

@@ -41,8 +41,9 @@ def run_steps(*, fsdp: bool) -> dict[str, np.ndarray]:
     mesh = sharding.make_mesh()
     shardings = sharding.state_shardings(state, mesh, fsdp=fsdp)
     state = sharding.shard_state(state, shardings)
-    step = sharding.make_sharded_train_step(graphdef, tx, loss_for_output("logits"), mesh, shardings,
-                                            transform=make_image_transform((0.5,), (0.5,)))
+    step = sharding.make_sharded_train_step(
+        graphdef, tx, loss_for_output("logits"), mesh, shardings, transform=make_image_transform((0.5,), (0.5,))
+    )
     local = distributed.iterate_process_batches(images, labels, GLOBAL_BATCH, shuffle=True, seed=0, epoch=0)
     losses = []
     wait = sharding.make_dispatch_limiter()
@@ -53,18 +54,26 @@ def run_steps(*, fsdp: bool) -> dict[str, np.ndarray]:
         if len(losses) == STEPS:
             break
     # Evaluation: every process passes the same whole batch (any size) and can read the outputs.
-    evaluate = sharding.make_sharded_eval_step(graphdef, loss_for_output("logits"), mesh, shardings,
-                                               transform=make_image_transform((0.5,), (0.5,)))
+    evaluate = sharding.make_sharded_eval_step(
+        graphdef, loss_for_output("logits"), mesh, shardings, transform=make_image_transform((0.5,), (0.5,))
+    )
     eval_batch = {"image": images[:20], "label": labels[:20]}
     outputs = np.asarray(evaluate(state, eval_batch)["outputs"])
     placed = jax.device_put(eval_batch, sharding.replicated(mesh))
     eval_loss = np.asarray(evaluate(state, placed)["loss"])
     params = distributed.gather_to_host(state.params)
-    flat = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {
+        jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(v)
+        for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
     sharded = sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))
-    return {"losses": np.asarray(losses), "num_sharded": np.asarray(sharded), "eval_outputs": outputs,
-            "eval_loss": eval_loss, **flat}
+    return {
+        "losses": np.asarray(losses),
+        "num_sharded": np.asarray(sharded),
+        "eval_outputs": outputs,
+        "eval_loss": eval_loss,
+        **flat,
+    }
 
 
 def _die() -> None:

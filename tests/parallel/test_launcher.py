@@ -20,8 +20,13 @@ def test_child_command_and_env():
     assert launch.child_command(["run.py", "x"]) == [sys.executable, "run.py", "x"]
     with pytest.raises(ConfigError, match="needs a command after '--'"):
         launch.child_command(["--"])
-    env = launch.child_env(1, 2, 4321, devices_per_proc=4,
-                           base={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo", "PATH": "/bin"})
+    env = launch.child_env(
+        1,
+        2,
+        4321,
+        devices_per_proc=4,
+        base={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo", "PATH": "/bin"},
+    )
     assert env["JAXNET_COORDINATOR_ADDRESS"] == "127.0.0.1:4321"
     assert (env["JAXNET_NUM_PROCESSES"], env["JAXNET_PROCESS_ID"]) == ("2", "1")
     assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=4"
@@ -39,5 +44,3 @@ def test_a_dying_process_stops_the_run_with_a_clear_error(tmp_path):
     with pytest.raises(JaxnetError, match=expected):
         launch.launch([str(WORKER), str(tmp_path), "die"], nproc=2, devices_per_proc=4, timeout=120)
     assert time.monotonic() - start < 60
-
-

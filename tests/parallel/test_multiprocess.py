@@ -33,8 +33,13 @@ ENV = {"JAXNET_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAXNET_NUM_PROCESSES": "
 TRAIN = [sys.executable, "-m", "jaxnet", "train", "--model", "mlp", "--no-download", "--epochs", "1"]
 TIMEOUT = 4  # JAXNET_INIT_TIMEOUT of the lone processes, seconds
 STARTUP = 30  # generous bound on starting Python and importing JAX on 2 busy cores
-SLURM_STEP = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
-              "SLURM_LOCALID": "0"}
+SLURM_STEP = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_STEP_NODELIST": "node[1-2]",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+}
 
 
 def lone_env(process_id: int, port: int, **extra: str) -> dict[str, str]:
@@ -71,10 +76,12 @@ def test_config_from_env():
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"JAXNET_PROCESS_ID": ""}, "JAXNET_PROCESS_ID missing; set all three"),
-     ({"JAXNET_PROCESS_ID": "2"}, r"JAXNET_PROCESS_ID=2 must be in \[0, JAXNET_NUM_PROCESSES\)"),
-     ({"JAXNET_NUM_PROCESSES": "two"}, "JAXNET_NUM_PROCESSES must be an integer, got 'two'"),
-     ({"JAXNET_COORDINATOR_ADDRESS": "localhost"}, "must be HOST:PORT")],
+    [
+        ({"JAXNET_PROCESS_ID": ""}, "JAXNET_PROCESS_ID missing; set all three"),
+        ({"JAXNET_PROCESS_ID": "2"}, r"JAXNET_PROCESS_ID=2 must be in \[0, JAXNET_NUM_PROCESSES\)"),
+        ({"JAXNET_NUM_PROCESSES": "two"}, "JAXNET_NUM_PROCESSES must be an integer, got 'two'"),
+        ({"JAXNET_COORDINATOR_ADDRESS": "localhost"}, "must be HOST:PORT"),
+    ],
 )
 def test_config_from_env_errors(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -87,7 +94,6 @@ def test_initialize_from_env_single_process_is_a_no_op():
     assert distributed.initialize_from_env(one).num_processes == 1
     assert not jax.distributed.is_initialized()
     assert distributed.is_main_process()
-
 
 
 def test_init_timeout_from_env():
@@ -106,18 +112,25 @@ def test_slurm_tasks_from_env():
     assert distributed.slurm_tasks_from_env(SLURM_STEP) == (2, 1)
 
 
-@pytest.mark.parametrize("env, message", [
-    # sbatch/salloc without srun: the allocation's variables, not the step's
-    ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"},
-     r"^SLURM_NTASKS=2 asks for 2 processes, but SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID are not set, "
-     r".*start each task with srun \(srun jaxnet train \.\.\.\), or unset SLURM_NTASKS to run a single process$"),
-    ({**SLURM_STEP, "SLURM_LOCALID": ""}, r"SLURM_LOCALID is not set"),
-    ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "abc"},
-     r"^SLURM_NTASKS must be an integer, got 'abc': start the tasks with srun .*unset SLURM_NTASKS"),
-    ({**SLURM_STEP, "SLURM_PROCID": "x"}, r"SLURM_PROCID must be an integer, got 'x'"),
-    ({**SLURM_STEP, "SLURM_JOB_ID": "j7"}, r"SLURM_JOB_ID must be an integer, got 'j7'"),
-    ({**SLURM_STEP, "SLURM_PROCID": "2"}, r"SLURM_PROCID=2 must be in \[0, SLURM_NTASKS=2\)"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        # sbatch/salloc without srun: the allocation's variables, not the step's
+        (
+            {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"},
+            r"^SLURM_NTASKS=2 asks for 2 processes, but SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID are not set, "
+            r".*start each task with srun \(srun jaxnet train \.\.\.\), or unset SLURM_NTASKS to run a single process$",
+        ),
+        ({**SLURM_STEP, "SLURM_LOCALID": ""}, r"SLURM_LOCALID is not set"),
+        (
+            {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "abc"},
+            r"^SLURM_NTASKS must be an integer, got 'abc': start the tasks with srun .*unset SLURM_NTASKS",
+        ),
+        ({**SLURM_STEP, "SLURM_PROCID": "x"}, r"SLURM_PROCID must be an integer, got 'x'"),
+        ({**SLURM_STEP, "SLURM_JOB_ID": "j7"}, r"SLURM_JOB_ID must be an integer, got 'j7'"),
+        ({**SLURM_STEP, "SLURM_PROCID": "2"}, r"SLURM_PROCID=2 must be in \[0, SLURM_NTASKS=2\)"),
+    ],
+)
 def test_a_partial_or_malformed_slurm_environment_is_one_config_error(env, message):
     with pytest.raises(ConfigError, match=message):
         distributed.slurm_tasks_from_env(env)
@@ -125,8 +138,9 @@ def test_a_partial_or_malformed_slurm_environment_is_one_config_error(env, messa
         distributed.initialize_from_env(env)
 
 
-@pytest.mark.parametrize("env", [{"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"},
-                                 {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "abc"}])
+@pytest.mark.parametrize(
+    "env", [{"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}, {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "abc"}]
+)
 def test_the_cli_reports_a_partial_slurm_environment_in_one_line(env):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAXNET_"))}
     done = subprocess.run(TRAIN, env={**clean, **env}, capture_output=True, text=True, timeout=120)
@@ -176,8 +190,13 @@ def test_global_batch_from_local_in_one_process():
 def test_a_lone_process_stops_after_the_timeout_with_one_line(process_id):
     port = launch.free_port()
     start = time.monotonic()
-    proc = subprocess.Popen(TRAIN, env=lone_env(process_id, port, JAXNET_INIT_TIMEOUT=str(TIMEOUT)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        TRAIN,
+        env=lone_env(process_id, port, JAXNET_INIT_TIMEOUT=str(TIMEOUT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stderr.readline()
         printed = time.monotonic()
@@ -188,8 +207,10 @@ def test_a_lone_process_stops_after_the_timeout_with_one_line(process_id):
     exited = time.monotonic()
     assert proc.returncode == 2, line + rest
     assert rest == "", rest  # one line: no C++ errors, no traceback
-    assert line.startswith(f"jaxnet: error: process {process_id} of 2 gave up after {TIMEOUT} s waiting at "
-                           f"127.0.0.1:{port} for the other 1 process to join: start all 2 processes"), line
+    assert line.startswith(
+        f"jaxnet: error: process {process_id} of 2 gave up after {TIMEOUT} s waiting at "
+        f"127.0.0.1:{port} for the other 1 process to join: start all 2 processes"
+    ), line
     assert "jaxnet launch --nproc 2" in line and "JAXNET_INIT_TIMEOUT=SECONDS" in line
     assert TIMEOUT <= exited - start < TIMEOUT + STARTUP
     assert exited - printed < 4  # no wait at interpreter shutdown (shutting the service down took 5 s)
@@ -226,8 +247,9 @@ def test_a_python_caller_sees_progress_then_a_config_error_and_can_go_on():
     )
     port = launch.free_port()
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", code], env=lone_env(0, port), capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=lone_env(0, port), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "False 1\n"  # detached: a single-process JAX still works
     *waiting, caught = done.stderr.splitlines()
@@ -289,11 +311,36 @@ def test_two_process_checkpoints_resume_bit_identical(tmp_path):
     # format (each process writes its shards), and --resume continues exactly.
     def run(workdir, epochs, *extra):
         done = subprocess.run(
-            [sys.executable, "-m", "jaxnet", "launch", "--nproc", "2", "--devices-per-proc", "2", "--", "train",
-             "--model", "mlp128", "--no-download", "--batch-size", "64", "--epochs", str(epochs),
-             "--workdir", str(workdir), "--no-progress", "--json", *extra],
-            capture_output=True, text=True, timeout=300, check=False,
-            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+            [
+                sys.executable,
+                "-m",
+                "jaxnet",
+                "launch",
+                "--nproc",
+                "2",
+                "--devices-per-proc",
+                "2",
+                "--",
+                "train",
+                "--model",
+                "mlp128",
+                "--no-download",
+                "--batch-size",
+                "64",
+                "--epochs",
+                str(epochs),
+                "--workdir",
+                str(workdir),
+                "--no-progress",
+                "--json",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 

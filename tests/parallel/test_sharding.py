@@ -49,12 +49,14 @@ def test_check_batch_divisible_suggests_the_nearest_multiples():
 
 @pytest.mark.parametrize(
     "shape, expected",
-    [((784, 512), PartitionSpec("data", None)),  # both divisible: the larger
-     ((100, 512), PartitionSpec(None, "data")),  # only the second divisible
-     ((3, 3, 32, 64), PartitionSpec(None, None, None, "data")),
-     ((9216, 128), PartitionSpec("data", None)),
-     ((99, 101), PartitionSpec()),  # nothing divisible: replicated
-     ((512,), PartitionSpec())],  # small: replicated
+    [
+        ((784, 512), PartitionSpec("data", None)),  # both divisible: the larger
+        ((100, 512), PartitionSpec(None, "data")),  # only the second divisible
+        ((3, 3, 32, 64), PartitionSpec(None, None, None, "data")),
+        ((9216, 128), PartitionSpec("data", None)),
+        ((99, 101), PartitionSpec()),  # nothing divisible: replicated
+        ((512,), PartitionSpec()),
+    ],  # small: replicated
 )
 def test_fsdp_spec(shape, expected):
     assert sharding.fsdp_spec(shape, 8) == expected
@@ -146,7 +148,8 @@ def test_sharded_eval_step_equals_eval_step():
     mesh = sharding.make_mesh()
     shardings = sharding.state_shardings(state, mesh, fsdp=True)
     out = sharding.make_sharded_eval_step(graphdef, LOSS, mesh, shardings, transform=TRANSFORM)(
-        sharding.shard_state(state, shardings), batch)
+        sharding.shard_state(state, shardings), batch
+    )
     assert out["outputs"].sharding.is_fully_replicated
     assert rel_err(out["outputs"], ref["outputs"]) <= 1e-5
     assert rel_err(out["loss"], ref["loss"]) <= 1e-5
@@ -158,7 +161,8 @@ def test_step_keeps_structure_and_dtypes():
     shardings = sharding.state_shardings(state, mesh, fsdp=True)
     before = jax.tree.map(lambda x: (x.shape, x.dtype), state)
     new_state, _ = sharding.make_sharded_train_step(graphdef, tx, LOSS, mesh, shardings, transform=TRANSFORM)(
-        sharding.shard_state(state, shardings), mnist_batches(1, 8)[0])
+        sharding.shard_state(state, shardings), mnist_batches(1, 8)[0]
+    )
     assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == before
     assert new_state.rng.dtype == jnp.uint32
 

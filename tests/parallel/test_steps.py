@@ -43,8 +43,15 @@ def test_shard_map_step_without_all_reduce_would_diverge():
     graphdef, state, _ = setup("mlp512", tx)
     mesh = sharding.make_mesh()
     local = train_step_fn(graphdef, tx, LOSS, transform=TRANSFORM)
-    no_allreduce = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data")),
-                                         out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
+    no_allreduce = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(PartitionSpec(), PartitionSpec("data")),
+            out_specs=(PartitionSpec(), PartitionSpec()),
+            check_vma=False,
+        )
+    )
     state, _ = no_allreduce(state, data[0])
     assert leafwise_rel_err(state.params, ref_state.params) > 1e-3
 
