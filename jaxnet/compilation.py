@@ -45,13 +45,13 @@ class CompileCounter:
         self.compile_seconds = 0.0
         self._lock = threading.Lock()
 
-    def _listener(self, event: str, duration: float, **_: object) -> None:
+    def _listener(self, event: str, duration_secs: float, **_: object) -> None:
         with self._lock:
             if event == TRACE_EVENT:
                 self.traces += 1
             elif event == COMPILE_EVENT:
                 self.compiles += 1
-                self.compile_seconds += duration
+                self.compile_seconds += duration_secs
 
     def snapshot(self) -> tuple[int, int]:
         """Returns ``(traces, compiles)`` so far, for differences over a span."""

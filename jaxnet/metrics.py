@@ -23,6 +23,8 @@ computed in numpy from scores gathered by :class:`ScoreCollector`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, overload
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -53,6 +55,12 @@ class ClassificationMetrics:
     count: jax.Array
     topk_correct: jax.Array
     k: int = flax.struct.field(pytree_node=False, default=5)
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds replace at runtime; type checkers do not see it
+
+        def replace(self, **updates: Any) -> ClassificationMetrics:
+            """A copy with ``updates`` applied (``dataclasses.replace``)."""
+            ...
 
 
 def metrics_init(num_classes: int, *, k: int = 5) -> ClassificationMetrics:
@@ -329,6 +337,18 @@ def _average(values: np.ndarray, weights: np.ndarray | None) -> float:
     return float(np.average(values[keep], weights=weights[keep]))
 
 
+@overload
+def precision_recall_f1(
+    confusion: np.ndarray | jax.Array, average: str = ..., zero_division: float = ...
+) -> tuple[float, float, float]: ...
+
+
+@overload
+def precision_recall_f1(
+    confusion: np.ndarray | jax.Array, average: None, zero_division: float = ...
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
 def precision_recall_f1(
     confusion: np.ndarray | jax.Array,
     average: str | None = "macro",
@@ -483,12 +503,12 @@ class ScoreCollector:
             labels: ``(B,)`` integer classes.
             mask: optional ``(B,)`` bool; False marks padding.
         """
-        scores, labels = np.asarray(scores), np.asarray(labels)
+        host_scores, host_labels = np.asarray(scores), np.asarray(labels)
         if mask is not None:
             keep = np.asarray(mask).astype(bool)
-            scores, labels = scores[keep], labels[keep]
-        self._scores.append(scores)
-        self._labels.append(labels)
+            host_scores, host_labels = host_scores[keep], host_labels[keep]
+        self._scores.append(host_scores)
+        self._labels.append(host_labels)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All gathered ``(N, C)`` scores and ``(N,)`` labels."""

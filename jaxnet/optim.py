@@ -86,7 +86,7 @@ _OPTIONS_OF = {
 class DampenedTraceState(NamedTuple):
     """State of :func:`dampened_trace`: steps taken and the momentum buffer."""
 
-    count: jax.Array  # () int32
+    count: jax.Array  # type: ignore[assignment]  # () int32; the field shadows tuple.count, as in optax's states
     trace: optax.Updates
 
 
@@ -133,7 +133,7 @@ def _one_minus_power(beta: float, count: jax.Array) -> jax.Array:
 class TorchAmsgradState(NamedTuple):
     """State of :func:`scale_by_torch_adam` with ``amsgrad``: moments and max of ``nu``."""
 
-    count: jax.Array  # () int32
+    count: jax.Array  # type: ignore[assignment]  # () int32; the field shadows tuple.count, as in optax's states
     mu: optax.Updates
     nu: optax.Updates
     nu_max: optax.Updates
@@ -192,7 +192,7 @@ def scale_by_torch_adam(b1: float, b2: float, eps: float, *, amsgrad: bool = Fal
 class TorchAdagradState(NamedTuple):
     """State of :func:`scale_by_torch_adagrad`: steps taken and the sum of squares."""
 
-    count: jax.Array  # () int32
+    count: jax.Array  # type: ignore[assignment]  # () int32; the field shadows tuple.count, as in optax's states
     sum_of_squares: optax.Updates
 
 
@@ -245,7 +245,7 @@ def _check_values(
     nesterov: bool,
     dampening: float,
     weight_decay: float,
-    betas: tuple[float, float],
+    betas: tuple[float, ...],  # checked here to be two values
     eps: float,
     alpha: float,
     rho: float,
@@ -284,9 +284,9 @@ def _check_values(
         raise ConfigError(f"rho must be in [0, 1], like 0.9; got {rho}")
     if clip_norm is not None and clip_value is not None:
         raise ConfigError("pass clip_norm or clip_value, not both")
-    for option, value in (("clip_norm", clip_norm), ("clip_value", clip_value)):
-        if value is not None and not value > 0.0:
-            raise ConfigError(f"{option} must be > 0 (or None for no clipping); got {value}")
+    for option, clip in (("clip_norm", clip_norm), ("clip_value", clip_value)):
+        if clip is not None and not clip > 0.0:
+            raise ConfigError(f"{option} must be > 0 (or None for no clipping); got {clip}")
 
 
 def create_optimizer(

@@ -130,12 +130,14 @@ def _epoch_decay(
     """``StepLR``/``ExponentialLR`` as a function of the step count."""
     if not gamma > 0.0:
         raise ConfigError(f"gamma must be > 0; got {gamma}")
-    if name == "step" and not (isinstance(step_size, int) and step_size > 0):
-        raise ConfigError(
-            f"schedule 'step' needs step_size=, a positive int of epochs; "
-            f"got {step_size!r}. E.g. step_size=30 like StepLR(step_size=30)"
-        )
-    every = steps_per_epoch * (step_size if name == "step" else 1)
+    every = steps_per_epoch  # ExponentialLR: decays every epoch
+    if name == "step":
+        if not (isinstance(step_size, int) and step_size > 0):
+            raise ConfigError(
+                f"schedule 'step' needs step_size=, a positive int of epochs; "
+                f"got {step_size!r}. E.g. step_size=30 like StepLR(step_size=30)"
+            )
+        every = steps_per_epoch * step_size
 
     def schedule(count: jax.Array) -> jax.Array:
         decays = (jnp.asarray(count) // every).astype(jnp.float32)

@@ -67,8 +67,10 @@ def _jax_side(
         step_size=recipe.step_size,
         gamma=recipe.gamma,
     )
-    kwargs = {"momentum": recipe.momentum} if recipe.optimizer in ("sgd", "rmsprop") else {}
-    tx = create_optimizer(recipe.optimizer, schedule, **kwargs)
+    if recipe.optimizer in ("sgd", "rmsprop"):
+        tx = create_optimizer(recipe.optimizer, schedule, momentum=recipe.momentum)
+    else:
+        tx = create_optimizer(recipe.optimizer, schedule)
     graphdef, state = create_train_state(create_model(name, seed=seed), tx, seed=seed)
     transform = make_image_transform(*_stats(name, data))
     train_step = make_train_step(graphdef, tx, loss_for_output(spec.output), transform=transform)
@@ -116,7 +118,7 @@ def _torch_side(
     loss_fn = functional.nll_loss if spec.output == "log_probs" else functional.cross_entropy
 
     def to_tensor(images: np.ndarray) -> Any:  # ToTensor + Normalize, NHWC uint8 -> NCHW float32
-        x = (np.asarray(images, np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
+        x = (np.asarray(images, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
     train_x, test_x = to_tensor(data.train_images), to_tensor(data.test_images)

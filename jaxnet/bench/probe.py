@@ -196,9 +196,12 @@ def first_step_latency(
             np.savez(weights, **state_dict)
         cache_dir = str(pathlib.Path(tmp) / "cache")
         os.makedirs(cache_dir)
-        kw = dict(cache_dir=cache_dir, weights=weights, threads=threads, timeout=timeout)
-        cold = run_probe(workload, variant, **kw)
-        warm = run_probe(workload, variant, **kw) if variant in COMPILED_VARIANTS else None
+
+        def probe() -> dict[str, Any]:
+            return run_probe(workload, variant, cache_dir=cache_dir, weights=weights, threads=threads, timeout=timeout)
+
+        cold = probe()
+        warm = probe() if variant in COMPILED_VARIANTS else None
     out = {
         "first_step_seconds": cold["first_step_seconds"],
         "first_step_seconds_warm": warm["first_step_seconds"] if warm else None,

@@ -216,7 +216,7 @@ def _bar_chart(plt: Any, rows: Sequence[Mapping[str, Any]], key: str, ylabel: st
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     width = 0.8 / max(1, len(variants))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
-    warm_label = "warm cache"
+    warm_label: str | None = "warm cache"  # None after the first: one legend entry
     for i, v in enumerate(variants):
         found = [
             (g, r)

@@ -39,8 +39,9 @@ def import_torch() -> Any:
 
 def _classes() -> dict[str, type]:
     """Defines the tutorial modules (needs torch, hence inside a function)."""
-    torch = import_torch()
-    nn, F = torch.nn, torch.nn.functional
+    torch = import_torch()  # first: its ImportError says how to install torch
+    from torch import nn
+    from torch.nn import functional as F
 
     class MLP(nn.Module):  # 784-512-256-10, ReLU, Dropout(0.2)
         def __init__(self):

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxnet.bench import torch_models
@@ -34,7 +35,7 @@ from jaxnet.interop import to_torch_state_dict
 from jaxnet.models import Dropout, create_model
 from jaxnet.optim import create_optimizer
 from jaxnet.state import create_train_state
-from jaxnet.step import loss_for_output, make_scan_epoch, make_train_step
+from jaxnet.step import loss_for_output, make_scan_epoch, make_train_step, train_step_fn
 
 __all__ = ["Runner", "count_flops", "has_dropout", "initial_state_dict", "make_runner"]
 
@@ -68,9 +69,10 @@ def initial_state_dict(workload: Workload) -> dict[str, np.ndarray]:
     return to_torch_state_dict(create_model(workload.model, seed=workload.seed))
 
 
-def _jax_optimizer(workload: Workload):
-    kwargs = {"momentum": workload.momentum} if workload.optimizer in ("sgd", "rmsprop") else {}
-    return create_optimizer(workload.optimizer, workload.lr, **kwargs)
+def _jax_optimizer(workload: Workload) -> optax.GradientTransformation:
+    if workload.optimizer in ("sgd", "rmsprop"):
+        return create_optimizer(workload.optimizer, workload.lr, momentum=workload.momentum)
+    return create_optimizer(workload.optimizer, workload.lr)
 
 
 class JaxJitRunner:
@@ -237,8 +239,9 @@ def count_flops(workload: Workload) -> float | None:
     """
     tx = _jax_optimizer(workload)
     graphdef, state = create_train_state(_jax_model(workload, True), tx, seed=workload.seed)
-    step = make_train_step(
-        graphdef, tx, loss_for_output(workload.output), classification=workload.output != "regression", donate=False
+    # make_train_step's jit without donation, kept as a jax.jit object (make_train_step returns a StepFn)
+    step = jax.jit(
+        train_step_fn(graphdef, tx, loss_for_output(workload.output), classification=workload.output != "regression")
     )
     images, labels = make_batch_pool(workload)
     batch = {"image": jnp.asarray(images[0]), "label": jnp.asarray(labels[0])}

@@ -108,8 +108,10 @@ def safe_extract(
                 )
         partial = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            extract_kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(partial, members=members, **extract_kwargs)
+            if hasattr(tarfile, "data_filter"):  # the extraction filters (3.12, backported)
+                tar.extractall(partial, members=members, filter="data")
+            else:
+                tar.extractall(partial, members=members)
             partial.chmod(0o755)  # mkdtemp creates it private (0o700)
             try:
                 os.rename(partial, target)  # atomic on one file system

@@ -102,7 +102,7 @@ class _RefuseDowngrade(urllib.request.HTTPRedirectHandler):
         super().__init__()
         self.allow_http = allow_http
 
-    def redirect_request(  # type: ignore[override]
+    def redirect_request(
         self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
     ) -> urllib.request.Request | None:
         _check_scheme(newurl, self.allow_http)

@@ -29,7 +29,7 @@ import re
 import reprlib
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,7 +37,9 @@ from jaxnet.errors import DataError
 
 MAX_OPS = 1_000_000  # opcodes per pickle; an official batch uses about 35,000
 _DTYPE_SPEC = re.compile(r"[iuf][1248]|b1")  # numeric dtypes only, never object
-_BYTE_ORDERS = ("<", ">", "|", "=")
+_ByteOrder = Literal["<", ">", "|", "="]
+# Pickled byte-order text -> numpy byte order; anything else is refused.
+_BYTE_ORDERS: dict[str, _ByteOrder] = {"<": "<", ">": ">", "|": "|", "=": "="}
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
@@ -101,20 +103,20 @@ class _DtypeStub:
 
     def __init__(self, spec: Any, *_: Any) -> None:
         self.spec = _text(spec)
-        self.byte_order = "|"
+        self.byte_order: _ByteOrder | None = "|"  # None: unsupported
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, tuple) and len(state) >= 2:
             order = _text(state[1])
-            self.byte_order = order if order in _BYTE_ORDERS else "?"
+            self.byte_order = None if order is None else _BYTE_ORDERS.get(order)
             # A structured or sub-array dtype has fields or a shape here.
             if len(state) >= 5 and any(x is not None for x in state[2:5]):
-                self.byte_order = "?"
+                self.byte_order = None
         else:
-            self.byte_order = "?"
+            self.byte_order = None
 
     def build(self) -> np.dtype:
-        if self.spec is None or not _DTYPE_SPEC.fullmatch(self.spec) or self.byte_order == "?":
+        if self.spec is None or not _DTYPE_SPEC.fullmatch(self.spec) or self.byte_order is None:
             raise ValueError(f"unsupported array dtype {reprlib.repr(self.spec)}")
         return np.dtype(self.spec).newbyteorder(self.byte_order)
 
@@ -188,12 +190,16 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+class RestrictedUnpickler(pickle._Unpickler):
     """Unpickler that only rebuilds numeric numpy arrays and plain containers.
 
     Counterpart of the ``pickle.load(f, encoding="bytes")`` in the CIFAR-10
     page's ``unpickle`` helper, minus its ability to run arbitrary code.
     """
+
+    # Set by ``pickle._Unpickler.load`` (undocumented, so not in the stubs).
+    read: Callable[[int], bytes]
+    append: Callable[[Any], None]
 
     def __init__(self, file: io.BufferedIOBase, *, filename: str, max_bytes: int) -> None:
         super().__init__(file, encoding="bytes")
@@ -242,7 +248,7 @@ def _counted(load: Callable[[Any], None]) -> Callable[[Any], None]:
 _REFUSED_OPCODES = {op[0] for op in (pickle.EXT1, pickle.EXT2, pickle.EXT4, pickle.PERSID, pickle.BINPERSID)}
 RestrictedUnpickler.dispatch = {
     code: _counted(RestrictedUnpickler.load_bytearray8 if code == pickle.BYTEARRAY8[0] else load)
-    for code, load in pickle._Unpickler.dispatch.items()  # type: ignore[attr-defined]
+    for code, load in pickle._Unpickler.dispatch.items()
     if code not in _REFUSED_OPCODES
 }
 

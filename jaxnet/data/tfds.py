@@ -89,6 +89,7 @@ def _read_split(
         stop = start + len(records)
         labels[start:stop] = np.asarray([r[label_key] for r in records], dtype=np.int64)
         if images is not None:
+            assert image_key is not None  # images are allocated only for an image_key
             images[start:stop] = _stack_images(records, image_key, image_shape)
     return images, labels
 
@@ -298,7 +299,7 @@ def _image_stats(images: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
         total = total + chunk.sum(axis=(0, 1, 2))  # (C,)
         total_sq = total_sq + np.square(chunk).sum(axis=(0, 1, 2))
         count += chunk.shape[0] * chunk.shape[1] * chunk.shape[2]
-    mean = total / count
+    mean = np.asarray(total / count)  # (C,): the sums are arrays once a chunk is read
     std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 

@@ -119,7 +119,8 @@ def create_model(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None) -> n
     spec = MODELS.get(name)
     if spec is None:
         raise ConfigError(f"unknown model {name!r}; valid names are: {', '.join(sorted(MODELS))}")
-    return spec.cls(rngs=rngs if rngs is not None else nnx.Rngs(params=seed))
+    build: Callable[..., nnx.Module] = spec.cls  # registered classes take rngs= (ModelSpec.cls)
+    return build(rngs=rngs if rngs is not None else nnx.Rngs(params=seed))
 
 
 # ---------------------------------------------------------------------------
@@ -243,7 +244,10 @@ def build_model(spec: str, *, seed: int = 0, kwargs: Mapping[str, Any] | None = 
 
 def _parameters(factory: Callable[..., Any]) -> set[str]:
     """The named parameters of a function, or of a class's ``__init__`` (nnx's metaclass hides it)."""
-    target = factory.__init__ if isinstance(factory, type) else factory
+    target: Callable[..., Any] = factory
+    if isinstance(factory, type):
+        cls: type[object] = factory  # a class object, so its __init__ is the unbound function
+        target = cls.__init__
     try:
         return set(inspect.signature(target).parameters)
     except (TypeError, ValueError):  # a builtin: no signature to read

@@ -43,8 +43,8 @@ import contextlib
 import contextvars
 import functools
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,19 @@ Padding = tuple[Pair, Pair]  # ((top, bottom), (left, right))
 CONV_IMPLS = ("auto", "xla", "eigen", "cpu")
 ENV_VAR = "JAXNET_CONV_IMPL"
 _DIMS = ("NHWC", "HWIO", "NHWC")
+_T = TypeVar("_T")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxnet_conv_impl", default=None)
+
+
+def _pair(values: Iterable[_T]) -> tuple[_T, _T]:
+    """``values`` (a tuple, list or array row of two) as a tuple of two; any other length raises."""
+    first, second = values
+    return first, second
+
+
+def _kernel_size(kernel: jax.Array) -> Pair:
+    """``(kh, kw)`` of an HWIO kernel."""
+    return _pair(kernel.shape[:2])
 
 
 def _check_impl(name: object, source: str) -> str:
@@ -184,7 +196,7 @@ def resolve_conv_impl(
 
 
 def _check_fast_path(kernel: jax.Array, stride: Pair, padding: Padding, dilation: Pair, impl: str) -> None:
-    if not supports_fast_path(kernel.shape[:2], stride=stride, padding=padding, dilation=dilation):
+    if not supports_fast_path(_kernel_size(kernel), stride=stride, padding=padding, dilation=dilation):
         raise ConfigError(
             f"the {impl!r} convolution needs stride 1 and padding at most dilation * (kernel - 1) per side, got "
             f"stride={tuple(stride)}, padding={padding}, dilation={tuple(dilation)}, kernel {kernel.shape[:2]}; "
@@ -255,12 +267,11 @@ def _conv2d_cpu_jvp(
     # (the images, for the first layer) is skipped.
     (x, kernel), (dx, dkernel) = primals, tangents
     y = _conv2d_cpu(x, kernel, padding, dilation)
-    geometry = {"stride": (1, 1), "padding": padding, "dilation": dilation}
     terms = []
     if not isinstance(dx, SymbolicZero):
-        terms.append(conv2d_xla(dx, kernel, **geometry))
+        terms.append(conv2d_xla(dx, kernel, stride=(1, 1), padding=padding, dilation=dilation))
     if not isinstance(dkernel, SymbolicZero):
-        terms.append(conv2d_eigen(x, dkernel, **geometry))
+        terms.append(conv2d_eigen(x, dkernel, stride=(1, 1), padding=padding, dilation=dilation))
     dy = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
     return y, dy
 
@@ -284,7 +295,8 @@ def conv2d_cpu(x: jax.Array, kernel: jax.Array, *, stride: Pair, padding: Paddin
     geometries, the same values.
     """
     _check_fast_path(kernel, stride, padding, dilation, "cpu")
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    (top, bottom), (left, right) = padding
+    padding = ((int(top), int(bottom)), (int(left), int(right)))
     return _conv2d_cpu(x, kernel, padding, (int(dilation[0]), int(dilation[1])))
 
 
@@ -304,7 +316,7 @@ def _pad_beyond_extent(x: jax.Array, kernel_size: Pair, padding: Padding, dilati
         added, and the padding left for the convolution (at most the extent).
     """
     extents = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
-    inner = tuple((min(lo, ext), min(hi, ext)) for (lo, hi), ext in zip(padding, extents))
+    inner = _pair((min(lo, ext), min(hi, ext)) for (lo, hi), ext in zip(padding, extents))
     outer = [(lo - a, hi - b) for (lo, hi), (a, b) in zip(padding, inner)]
     if not any(lo > 0 or hi > 0 for lo, hi in outer):
         return x, padding
@@ -343,7 +355,8 @@ def conv2d(
            [9., 9., 9.]], dtype=float32)
     """
     impl = _check_impl(conv_impl() if impl is None else impl, "impl")
-    geometry = {"stride": tuple(stride), "padding": tuple(tuple(side) for side in padding), "dilation": tuple(dilation)}
+    vertical, horizontal = padding
+    stride, padding, dilation = _pair(stride), (_pair(vertical), _pair(horizontal)), _pair(dilation)
     # Chosen per platform when the function is lowered, not from the default
     # backend when it is traced: a step traced once and compiled for the CPU
     # (a CPU device on a machine with a GPU, or an export for several
@@ -351,8 +364,8 @@ def conv2d(
     return lax.platform_dependent(
         x,
         kernel,
-        cpu=functools.partial(_conv2d_on_cpu, impl=impl, **geometry),
-        default=functools.partial(_conv2d_elsewhere, impl=impl, **geometry),
+        cpu=functools.partial(_conv2d_on_cpu, impl=impl, stride=stride, padding=padding, dilation=dilation),
+        default=functools.partial(_conv2d_elsewhere, impl=impl, stride=stride, padding=padding, dilation=dilation),
     )
 
 
@@ -360,9 +373,9 @@ def _conv2d_on_cpu(
     x: jax.Array, kernel: jax.Array, *, impl: str, stride: Pair, padding: Padding, dilation: Pair
 ) -> jax.Array:
     if tuple(stride) == (1, 1):
-        x, padding = _pad_beyond_extent(x, kernel.shape[:2], padding, dilation)
+        x, padding = _pad_beyond_extent(x, _kernel_size(kernel), padding, dilation)
     chosen = resolve_conv_impl(
-        impl, kernel_size=kernel.shape[:2], stride=stride, padding=padding, dilation=dilation, backend="cpu"
+        impl, kernel_size=_kernel_size(kernel), stride=stride, padding=padding, dilation=dilation, backend="cpu"
     )
     return _IMPLEMENTATIONS[chosen](x, kernel, stride=stride, padding=padding, dilation=dilation)
 
@@ -371,6 +384,6 @@ def _conv2d_elsewhere(
     x: jax.Array, kernel: jax.Array, *, impl: str, stride: Pair, padding: Padding, dilation: Pair
 ) -> jax.Array:
     chosen = resolve_conv_impl(
-        impl, kernel_size=kernel.shape[:2], stride=stride, padding=padding, dilation=dilation, backend="other"
+        impl, kernel_size=_kernel_size(kernel), stride=stride, padding=padding, dilation=dilation, backend="other"
     )
     return _IMPLEMENTATIONS[chosen](x, kernel, stride=stride, padding=padding, dilation=dilation)

@@ -51,9 +51,10 @@ def _window_max_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tu
     if kh * kw <= _UNROLLED_TAPS:
         # One elementwise select chain: the last tap is the fallback, each earlier
         # tap that equals the maximum takes over, so the first one wins.
-        t_out = None
-        for tap, t_tap in zip(_window_taps(windows)[::-1], _window_taps(t)[::-1]):
-            t_out = t_tap if t_out is None else jnp.where(tap == out, t_tap, t_out)
+        taps, t_taps = _window_taps(windows)[::-1], _window_taps(t)[::-1]
+        t_out = t_taps[0]
+        for tap, t_tap in zip(taps[1:], t_taps[1:]):
+            t_out = jnp.where(tap == out, t_tap, t_out)
         return out, t_out
     # Large windows: the row-major rank of the first maximum, then a masked sum.
     rank = jax.lax.broadcasted_iota(jnp.int32, (1, 1, kh, 1, kw, 1), 2) * kw + jax.lax.broadcasted_iota(
