@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=float, default=SpeedrunRecipe.epochs)
     parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=SpeedrunRecipe.batch_size,
+        help="examples per step; the recipe's rates are per example, so a smaller batch runs the same "
+        "schedule in more steps",
+    )
+    parser.add_argument(
         "--tta",
         type=int,
         choices=(0, 1, 2),
@@ -46,7 +53,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"data: {data.source}")
 
     # --- Recipe: airbench94's hyper-parameters; the SGD groups in PyTorch's units ----------------
-    recipe = dataclasses.replace(SpeedrunRecipe(), epochs=args.epochs, tta_level=args.tta, precision=args.precision)
+    recipe = dataclasses.replace(
+        SpeedrunRecipe(), epochs=args.epochs, batch_size=args.batch_size, tta_level=args.tta, precision=args.precision
+    )
     for name, group in speedrun_groups(recipe, data.num_train // recipe.batch_size).items():
         print(f"group {name:12s} {'frozen' if group is None else group}")
 

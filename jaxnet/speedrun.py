@@ -41,7 +41,7 @@ from jaxnet.models.cifar_speed import CifarSpeedNet, init_whitening
 from jaxnet.param_groups import FROZEN, SGDGroup, label_params, make_group_sgd
 from jaxnet.precision import apply_policy, get_policy
 from jaxnet.state import TrainState, create_train_state
-from jaxnet.step import StepFn, Transform, make_predict_fn, make_train_step
+from jaxnet.step import StepFn, Transform, compile_step, make_predict_fn, train_step_fn
 from jaxnet.tta import tta_accuracy
 
 __all__ = [
@@ -54,11 +54,17 @@ __all__ = [
     "make_epoch_batches",
     "make_speedrun_optimizer",
     "make_speedrun_step",
+    "speedrun_compiler_options",
     "speedrun_groups",
     "speedrun_model",
     "train_speedrun",
     "triangle_schedule",
 ]
+
+# XLA:CPU hands this net's padded 3x3 float32 convolutions to YNNPACK, whose kernels run them
+# slower than XLA's own Eigen ones (benchmarks/CIFAR_SPEED.md); this per-executable option turns
+# YNNPACK off for the speedrun's step alone, leaving every other jit of the process as it is.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # airbench's statistics (the tutorial's are 0.5)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -190,10 +196,28 @@ def _transforms(recipe: SpeedrunRecipe) -> tuple[Transform, Any]:
     return apply_policy(get_policy(recipe.precision), to_inputs, loss)
 
 
-def make_speedrun_step(graphdef: nnx.GraphDef, tx: Any, recipe: SpeedrunRecipe) -> StepFn:
-    """The compiled train step: normalize, forward, summed label-smoothed loss, grouped SGD update."""
+def speedrun_compiler_options(backend: str | None = None) -> dict[str, str]:
+    """XLA options for the speedrun's step: :data:`CPU_COMPILER_OPTIONS` on the CPU, none elsewhere.
+
+    >>> speedrun_compiler_options("gpu")
+    {}
+    """
+    return dict(CPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}
+
+
+def make_speedrun_step(
+    graphdef: nnx.GraphDef, tx: Any, recipe: SpeedrunRecipe, *, compiler_options: dict[str, str] | None = None
+) -> StepFn:
+    """The compiled train step: normalize, forward, summed label-smoothed loss, grouped SGD update.
+
+    Args:
+        graphdef, tx, recipe: the model's graph, the optimizer, the recipe.
+        compiler_options: XLA options of the step's executable; default
+            :func:`speedrun_compiler_options` (``{}`` compiles as ``jax.jit`` does by default).
+    """
     transform, loss = _transforms(recipe)
-    return make_train_step(graphdef, tx, loss, transform=transform)
+    options = speedrun_compiler_options() if compiler_options is None else compiler_options
+    return compile_step(train_step_fn(graphdef, tx, loss, transform=transform), compiler_options=options)
 
 
 @functools.partial(jax.jit, static_argnames="batch_stats", donate_argnums=(0, 1))

@@ -10,7 +10,7 @@ built by :mod:`jaxnet.step`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
@@ -39,6 +39,14 @@ class TrainState:
     opt_state: optax.OptState
     model_state: nnx.State
     rng: jax.Array
+
+    if TYPE_CHECKING:
+        # ``flax.struct.dataclass`` adds ``replace`` at runtime, but its
+        # ``dataclass_transform`` typing does not declare it; declared here so
+        # the type checker sees it (nothing is defined at runtime).
+        def replace(self, **changes: Any) -> TrainState:
+            """A copy of the state with ``changes`` applied (``dataclasses.replace``)."""
+            ...
 
 
 def create_train_state(

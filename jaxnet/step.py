@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.typing import ArrayLike
 
 from jaxnet import losses
 from jaxnet.errors import ConfigError
@@ -44,8 +45,9 @@ Transform = Callable[[jax.Array, jax.Array, bool], jax.Array]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
 # eval_step(state, batch) -> {"outputs": (B, ...), "loss": (B,), "metrics": {name: (B,)}}.
 EvalFn = Callable[[TrainState, Batch], dict[str, Any]]
-# train_epoch(state, images, labels, batch_indices) -> (state, per-step metrics): a scanned epoch.
-EpochFn = Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+# train_epoch(state, images, labels, batch_indices) -> (state, per-step metrics): a scanned epoch;
+# the (S, B) indices come from the host (jaxnet.data.epoch_permutation), a numpy array.
+EpochFn = Callable[[TrainState, jax.Array, jax.Array, ArrayLike], tuple[TrainState, dict[str, jax.Array]]]
 
 
 def compile_step(
@@ -301,13 +303,13 @@ def scan_epoch_fn(step: StepFn) -> EpochFn:
     """
 
     def train_epoch(
-        state: TrainState, images: jax.Array, labels: jax.Array, batch_indices: jax.Array
+        state: TrainState, images: jax.Array, labels: jax.Array, batch_indices: ArrayLike
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         def body(state: TrainState, idx: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:  # idx: (B,)
             batch = {"image": jnp.take(images, idx, axis=0), "label": jnp.take(labels, idx, axis=0)}
             return step(state, batch)
 
-        return jax.lax.scan(body, state, batch_indices)
+        return jax.lax.scan(body, state, jnp.asarray(batch_indices))
 
     return train_epoch
 
@@ -344,7 +346,7 @@ def make_scan_epoch(
 
 def make_predict_fn(
     graphdef: nnx.GraphDef, *, transform: Transform | None = None
-) -> Callable[[TrainState, jax.Array], jax.Array]:
+) -> Callable[[TrainState, ArrayLike], jax.Array]:
     """Builds the jit-compiled ``predict(state, images) -> outputs`` in eval mode.
 
     Counterpart of ``model.eval()`` plus ``with torch.no_grad(): model(x)``:

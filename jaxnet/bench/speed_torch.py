@@ -38,8 +38,9 @@ __all__ = [
 
 def _speed_net_class() -> type:
     """Defines the twin (needs torch, hence inside a function)."""
-    torch = import_torch()
-    nn, F = torch.nn, torch.nn.functional
+    torch = import_torch()  # first: its ImportError says how to install torch
+    from torch import nn
+    from torch.nn import functional as F
 
     class ConvGroup(nn.Module):
         def __init__(self, cin: int, cout: int, momentum: float, eps: float):

@@ -92,9 +92,24 @@ class FitData:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
+    def __post_init__(self) -> None:
+        if (self.mean is None) != (self.std is None):  # Normalize needs both; one alone is a mistake
+            raise ConfigError(f"{self.name}: give the pixel statistics mean and std together, or neither")
+
     @property
     def streamed(self) -> bool:
         return isinstance(self.train, BatchStream)
+
+    @property
+    def train_split(self) -> Split:
+        """The training split as arrays, for code that runs only on arrays (``scan=True``, a dataset check).
+
+        Raises:
+            TypeError: the training data is streamed as batches, with no arrays to index.
+        """
+        if isinstance(self.train, BatchStream):
+            raise TypeError(f"the training data of {self.name} is streamed as batches ({self.train.description})")
+        return self.train
 
     def splits(self) -> dict[str, Split]:
         """The splits held as arrays, by name."""

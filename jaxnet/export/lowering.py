@@ -82,6 +82,11 @@ def _variables(params: Any, model_state: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _part_name(key: Any) -> str:
+    """The part a leaf of the flattened ``(params, model_state)`` pair is in: its path starts with the tuple index."""
+    return ("params", "model_state")[int(key.idx)]
+
+
 def _weight_name(part: str, path: Sequence[Any]) -> str:
     return "/".join([part, *(str(_key_name(k)) for k in path)])
 
@@ -138,9 +143,7 @@ def make_forward(
 
     rng_state, kept = nnx.split_state(model_state, nnx.RngState, ...)
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path((params, kept))
-    names = tuple(
-        _weight_name(("params", "model_state")[_key_name(path[0])], path[1:]) for path, _ in leaves_with_paths
-    )
+    names = tuple(_weight_name(_part_name(path[0]), path[1:]) for path, _ in leaves_with_paths)
     specs = tuple(jax.ShapeDtypeStruct(np.shape(w), w.dtype) for _, w in leaves_with_paths)
     rng_leaves, rng_treedef = jax.tree.flatten(rng_state)
     rng_specs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in rng_leaves]
@@ -221,7 +224,8 @@ def _pack(exported: Any, weights: Sequence[np.ndarray], info: Mapping[str, Any])
         info_bytes = json.dumps(info).encode()
     except TypeError as exc:
         raise ConfigError(f"export metadata must be JSON: {exc}") from None
-    arrays = {
+    # Any: numpy's stubs would match `**arrays` against np.savez's `allow_pickle: bool`.
+    arrays: dict[str, Any] = {
         "module": np.frombuffer(bytes(exported.serialize()), np.uint8),
         "info": np.frombuffer(info_bytes, np.uint8),
     }

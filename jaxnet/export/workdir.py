@@ -216,9 +216,11 @@ def _rebuilt_source(workdir: str | os.PathLike, config: Mapping[str, Any], platf
     registered = name if name in models.MODELS else by_class.get(name)
     if registered is None and ":" not in name:
         return None
-    spec = models.MODELS.get(registered)
+    spec = models.MODELS[registered] if registered is not None else None
     where = f"{workdir}/{workdir_lib.CONFIG_FILE}"
-    output = config.get("output") or LOSSES.get(config.get("loss")) or (spec.output if spec else "logits")
+    loss = config.get("loss")
+    loss_output = LOSSES.get(loss) if isinstance(loss, str) else None
+    output = config.get("output") or loss_output or (spec.output if spec else "logits")
     shape = tuple(config.get("input_shape") or (spec.input_shape if spec else ()))
     if not shape:
         raise ConfigError(f"{where} records no input_shape")

@@ -18,6 +18,7 @@ from typing import Any
 from flax import nnx
 
 from jaxnet.errors import ConfigError
+from jaxnet.models.cifar_speed import CifarSpeedNet
 from jaxnet.models.layers import (
     BatchNorm1d,
     BatchNorm2d,
@@ -40,6 +41,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "CifarCNN",
+    "CifarSpeedNet",
     "Conv2d",
     "ConvNet",
     "Dropout",
@@ -93,6 +95,15 @@ MODELS: dict[str, ModelSpec] = {
             "logits",
             "cifar10",
             "conv16-pool-conv32-pool-fc128-fc10, no activations (as the tutorial)",
+        ),
+        ModelSpec(
+            "cifar_speed",
+            CifarSpeedNet,
+            (32, 32, 3),
+            10,
+            "logits",
+            "cifar10",
+            "airbench94's net: 2x2 whitening, conv groups 64-256-256 with BatchNorm and GELU (jaxnet.speedrun)",
         ),
         ModelSpec("linear", LinearRegression, (1,), 0, "regression", "linear", "linear regression nn.Linear(1, 1)"),
     )

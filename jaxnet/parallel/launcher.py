@@ -180,14 +180,15 @@ def launch(
             procs.append(subprocess.Popen(command, env=child_env(rank, nproc, port, devices_per_proc=devices_per_proc)))
         while True:
             codes = [p.poll() for p in procs]
-            failed = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)
+            failed = next(((r, c) for r, c in enumerate(codes) if c is not None and c != 0), None)
             if failed is not None:
                 _stop(procs)
+                rank, code = failed
                 stopped = [r for r, c in enumerate(codes) if c is None]
                 raise JaxnetError(
-                    f"process {failed} of {nproc} {_describe(codes[failed])}; stopped the other "
+                    f"process {rank} of {nproc} {_describe(code)}; stopped the other "
                     f"processes still running ({', '.join(map(str, stopped)) or 'none'}). "
-                    f"See process {failed}'s messages above"
+                    f"See process {rank}'s messages above"
                 )
             if all(c == 0 for c in codes):
                 return LaunchResult(tuple(codes), None, time.monotonic() - start)

@@ -87,7 +87,7 @@ def evaluate(
     probs = np.exp(outputs - outputs.max(axis=1, keepdims=True))  # softmax; also right for log-probs
     probs /= probs.sum(axis=1, keepdims=True)
     try:
-        metrics["roc_auc"] = jmetrics.roc_auc_ovr(probs, true)
+        metrics["roc_auc"] = float(jmetrics.roc_auc_ovr(probs, true))  # one number: the macro average
     except JaxnetError:  # a class absent from this split: AUC undefined, as in scikit-learn
         pass
     return metrics

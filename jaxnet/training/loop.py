@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxnet import callbacks as jcallbacks
 from jaxnet import data as jdata
-from jaxnet.data.inputs import FitData, Split, batch_arrays
+from jaxnet.data.inputs import BatchStream, Split, batch_arrays
 from jaxnet.errors import DataError, Interrupted, TrainingDiverged
 from jaxnet.state import TrainState
 from jaxnet.training.plan import _Plan
@@ -124,7 +124,7 @@ class FitLoop:
     def stop_for_signal(self) -> None:
         """After the stopping signal's checkpoint: wait until it is durable, then raise Interrupted."""
         self.files.wait()
-        raise Interrupted(self.signals.name, self.signals.signum, self.run.step, self.files.last_saved)
+        raise Interrupted(self.signals.name, self.signals.received, self.run.step, self.files.last_saved)
 
 
 def _train_batches(
@@ -144,13 +144,13 @@ def _train_batches(
     return jdata.prefetch_to_device(batches, sharding=steps.batch_sharding)
 
 
-def _streamed_batches(data: FitData, batch_size: int, steps: FitSteps, start_batch: int) -> Iterator[Any]:
+def _streamed_batches(stream: BatchStream, batch_size: int, steps: FitSteps, start_batch: int) -> Iterator[Any]:
     """One epoch of a user's iterable of batches; batches of another size are skipped, and said so."""
     skipped = 0
 
     def fixed() -> Iterator[dict[str, Any]]:
         nonlocal skipped
-        for batch in itertools.islice(data.train.make_iterator(), start_batch, None):
+        for batch in itertools.islice(stream.make_iterator(), start_batch, None):
             batch = batch_arrays(batch)
             if len(batch["label"]) != batch_size:
                 skipped += 1  # another shape would compile the step anew
@@ -206,10 +206,13 @@ def train_epoch(loop: FitLoop, plan: _Plan, epoch: int, scan_data: Any) -> dict[
 
 def _scan_epoch(loop: FitLoop, plan: _Plan, epoch: int, scan_data: Any, bar: Any) -> int:
     """The epoch as one compiled ``lax.scan`` over the device-resident split; returns the steps run."""
-    run, steps_per_epoch = loop.run, loop.steps_per_epoch
-    perm = jdata.epoch_permutation(len(plan.data.train), seed=loop.seed, epoch=epoch, shuffle=True)
+    run, steps_per_epoch, scan = loop.run, loop.steps_per_epoch, loop.steps.scan
+    if scan is None or steps_per_epoch is None:  # plan_fit and build_steps(scan=True) give both for arrays
+        raise RuntimeError("a scanned epoch needs steps built with scan=True and a known number of steps")
+    perm = jdata.epoch_permutation(len(plan.data.train_split), seed=loop.seed, epoch=epoch, shuffle=True)
     idx = perm[: steps_per_epoch * loop.batch_size].reshape(steps_per_epoch, loop.batch_size)
-    run.state, per_step = loop.steps.scan(run.state, *scan_data, idx.astype(np.int32))
+    images, labels = scan_data  # the training split, placed on the device once
+    run.state, per_step = scan(run.state, images, labels, idx.astype(np.int32))
     run.step += steps_per_epoch
     bar.update(steps_per_epoch)
     loop.sums = {k: jnp.sum(v) for k, v in per_step.items()}
@@ -223,10 +226,11 @@ def _step_epoch(loop: FitLoop, plan: _Plan, epoch: int, skip: int, bar: Any) -> 
     """The epoch step by step from batch ``skip`` on, until its end or a stopping signal; returns the batches done."""
     steps, run = loop.steps, loop.run
     throttle = _dispatch_limiter(steps)
-    if plan.data.streamed:
-        batches = _streamed_batches(plan.data, loop.batch_size, steps, skip)
+    train = plan.data.train
+    if isinstance(train, BatchStream):
+        batches = _streamed_batches(train, loop.batch_size, steps, skip)
     else:
-        batches = _train_batches(plan.data.train, loop.batch_size, steps, seed=loop.seed, epoch=epoch, start_batch=skip)
+        batches = _train_batches(train, loop.batch_size, steps, seed=loop.seed, epoch=epoch, start_batch=skip)
     count = skip
     for i, batch in enumerate(batches, start=skip):
         run.state, m = steps.train(run.state, batch)

@@ -19,7 +19,7 @@ from flax import nnx
 from jaxnet import callbacks as jcallbacks
 from jaxnet import data as jdata
 from jaxnet.data.dataset import ArrayDataset
-from jaxnet.data.inputs import FitData, as_fit_data, batch_arrays
+from jaxnet.data.inputs import BatchStream, FitData, as_fit_data, batch_arrays
 from jaxnet.data.transforms import make_image_transform
 from jaxnet.errors import ConfigError, DataError
 from jaxnet.outputs import CLASSIFIER_KINDS, LOSSES, OUTPUT_KINDS
@@ -65,26 +65,24 @@ def resolve_output(
             output = "regression"
         else:
             output = "binary" if out_shape[-1:] == (1,) or len(out_shape) == 1 else "logits"
-    classifier = output in CLASSIFIER_KINDS
-    if classifier != (data.num_classes is not None):
+    classifier, num_classes = output in CLASSIFIER_KINDS, data.num_classes
+    if classifier != (num_classes is not None):
         kind = "a classification" if classifier else "a regression"
-        task = "regression targets (float labels)" if data.num_classes is None else f"{data.num_classes} classes"
+        task = "regression targets (float labels)" if num_classes is None else f"{num_classes} classes"
         raise ConfigError(
             f"{kind} model cannot train on {data.name}, which has {task}; use a regression model "
             "(--model linear) with --dataset linear, and a classifier with mnist, cifar10 or tfds:NAME"
             " (in Python: integer labels for classifiers, float targets for regression, or pass output=)"
         )
+    if num_classes is None:  # a regression kind: no classes to check the outputs against
+        return output
     if output == "binary":
-        if data.num_classes > 2:
-            raise ConfigError(f"output='binary' needs 0/1 labels; {data.name} has {data.num_classes} classes")
+        if num_classes > 2:
+            raise ConfigError(f"output='binary' needs 0/1 labels; {data.name} has {num_classes} classes")
         if out_shape[-1:] != (1,) and len(out_shape) != 1:
             raise ConfigError(f"output='binary' needs one logit per example; the model outputs {out_shape[1:]}")
-    elif (
-        classifier
-        and out_shape[-1] != data.num_classes
-        and not (data.mean is None and out_shape[-1] > data.num_classes)
-    ):
-        raise ConfigError(f"the model outputs {out_shape[-1]} classes but {data.name} has {data.num_classes}")
+    elif out_shape[-1] != num_classes and not (data.mean is None and out_shape[-1] > num_classes):
+        raise ConfigError(f"the model outputs {out_shape[-1]} classes but {data.name} has {num_classes}")
     return output
 
 
@@ -108,7 +106,7 @@ def check_dataset(data: ArrayDataset, model: nnx.Module, *, output: str) -> None
         ConfigError: images whose shape the model cannot take.
     """
     fit_data = as_fit_data(data)
-    output = resolve_output(model, fit_data, output, fit_data.train.x)
+    output = resolve_output(model, fit_data, output, fit_data.train_split.x)
     _check_label_range(fit_data, output, data.num_classes)
 
 
@@ -123,7 +121,7 @@ def _check_sizes(
         from jaxnet.parallel.sharding import check_batch_divisible
 
         check_batch_divisible(batch_size, devices)
-    if data.streamed:
+    if isinstance(data.train, BatchStream):
         return None
     n = len(data.train)
     if batch_size > n:
@@ -196,7 +194,7 @@ class _Plan:
 
 def _input_transform(data: FitData, sample_x: Any, augment: bool) -> Transform | None:
     """``ToTensor`` (+ ``Normalize``) for pixels; other inputs are used as they are."""
-    if data.mean is not None:
+    if data.mean is not None and data.std is not None:  # FitData holds both or neither
         return make_image_transform(data.mean, data.std, augment=augment)
     if np.asarray(sample_x).dtype == np.uint8:
         channels = np.shape(sample_x)[-1]
@@ -208,9 +206,9 @@ def _input_transform(data: FitData, sample_x: Any, augment: bool) -> Transform |
     return None
 
 
-def _first_batch(data: FitData) -> dict[str, Any]:
+def _first_batch(stream: BatchStream) -> dict[str, Any]:
     try:
-        return batch_arrays(next(iter(data.train.make_iterator())))
+        return batch_arrays(next(iter(stream.make_iterator())))
     except StopIteration:
         raise DataError("the training data yields no batches") from None
 
@@ -230,17 +228,18 @@ def plan_fit(
 ) -> _Plan:
     """fit's argument checks in one place (the CLI calls it too), before anything is compiled."""
     steps_per_epoch = _check_sizes(data, epochs=epochs, batch_size=batch_size, devices=devices, grad_accum=grad_accum)
-    if data.streamed:
+    train = data.train
+    if isinstance(train, BatchStream):
         if scan or jax.process_count() > 1:
             raise ConfigError(
                 "training from an iterable of batches runs step by step in one process; "
                 "pass arrays for scan=True or a multi-process run"
             )
-        first = _first_batch(data)
+        first = _first_batch(train)
         sample_x = np.asarray(first["image"][:2])
     else:
-        sample_x = np.asarray(data.train.x[np.arange(min(2, len(data.train)))])
-        if scan and not isinstance(data.train.x, np.ndarray):
+        sample_x = np.asarray(train.x[np.arange(min(2, len(train)))])
+        if scan and not isinstance(train.x, np.ndarray):
             raise ConfigError("scan=True keeps the training split on the device; it needs in-memory arrays")
     out_shape = _model_output_shape(model, sample_x, data.name)  # traced once, shapes only
     if data.streamed and data.num_classes is None and np.issubdtype(np.asarray(first["label"]).dtype, np.integer):

@@ -86,12 +86,21 @@ def epoch_record(
     """The epoch's record: train_* means, then val_* (or the tutorials' per-epoch test_*)."""
     record: dict[str, Any] = {"epoch": epoch + 1, "step": loop.run.step}
     record.update({f"train_{k}": v for k, v in train.items()})
-    if plan.eval_split is not None:
-        split = plan.data.validation if plan.eval_split == "val" else plan.data.test
+    split = _epoch_eval_split(plan)
+    if split is not None:
         scores = evaluate_split(loop.steps, loop.run.state, split, plan, eval_batch_size)
         record.update({f"{plan.eval_split}_{k}": v for k, v in scores.items()})
     record.update(epoch_seconds=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb())
     return record
+
+
+def _epoch_eval_split(plan: _Plan) -> Split | None:
+    """The split each epoch evaluates: validation, else the tutorials' per-epoch test, else none."""
+    if plan.eval_split == "val":
+        return plan.data.validation
+    if plan.eval_split == "test":
+        return plan.data.test
+    return None
 
 
 def end_epoch(loop: FitLoop, epoch: int, record: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -19,6 +19,10 @@ from flax import nnx
 from jaxnet.state import TrainState
 from jaxnet.tracking import METRICS_FILE, MetricsLogger
 from jaxnet.training.plan import _Plan
+
+if TYPE_CHECKING:  # imported when a workdir is opened, not with the module
+    from jaxnet.checkpoint.folder import CheckpointFolder
+    from jaxnet.checkpoint.lock import WorkdirLock
 
 
 class RunFiles:
@@ -42,7 +46,16 @@ class RunFiles:
         self.last_saved: int | None = None  # the newest checkpoint step of this run (restored or written)
         self.resumed_from: int | None = None
         self.main = jax.process_index() == 0
-        self.ckpt, self.logger, self.lock = None, None, None
+        self.ckpt: CheckpointFolder | None = None
+        self.lock: WorkdirLock | None = None
+        self._logger: MetricsLogger | None = None
+
+    @property
+    def logger(self) -> MetricsLogger:
+        """The run's metrics logger; :meth:`restore` opens it, once the first step to log is known."""
+        if self._logger is None:
+            raise RuntimeError("RunFiles.restore opens the metrics logger; call it first")
+        return self._logger
 
     def _open(self) -> None:
         """One writer per workdir (the lock first), then the config check, a write probe, the checkpoints."""
@@ -70,18 +83,31 @@ class RunFiles:
         )
 
     def restore(self, state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-        from jaxnet import checkpoint as ckpt_lib
-        from jaxnet.checkpoint import workdir as workdir_lib
-
-        restored = ckpt_lib.restore_latest_good(self.ckpt, state) if self.resume else None
+        """The checkpoint to resume from (``None``: start afresh), then the metrics logger opened after it."""
+        restored = self._latest_good(state)
         step = int(restored[0].step) if restored is not None else None
         self.last_saved = self.resumed_from = step
-        if restored is not None and self.main:
-            workdir_lib.rewind_jsonl(os.path.join(self.workdir, METRICS_FILE), step)
-        self.logger = MetricsLogger(
+        if step is not None:
+            self._rewind_logs(step)
+        self._logger = MetricsLogger(
             self.workdir if self.main else None, purge_step=step + 1 if step is not None else None
         )
         return restored
+
+    def _latest_good(self, state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+        """The newest sound checkpoint when resuming; ``None`` otherwise (no workdir: fit refuses to resume)."""
+        if not self.resume or self.ckpt is None:
+            return None
+        from jaxnet import checkpoint as ckpt_lib
+
+        return ckpt_lib.restore_latest_good(self.ckpt, state)
+
+    def _rewind_logs(self, step: int) -> None:
+        """Drops the metrics logged after the restored step: the resumed run logs them again."""
+        if self.main and self.workdir is not None:
+            from jaxnet.checkpoint import workdir as workdir_lib
+
+            workdir_lib.rewind_jsonl(os.path.join(self.workdir, METRICS_FILE), step)
 
     def write_model(self, graphdef: nnx.GraphDef, state: TrainState, plan: _Plan) -> None:
         """Records how to rebuild the model's forward pass, so that ``jaxnet export`` works for any model."""
@@ -136,8 +162,8 @@ class RunFiles:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            if self.logger is not None:
-                self.logger.close()
+            if self._logger is not None:
+                self._logger.close()
             if self.ckpt is not None:
                 from jaxnet import checkpoint as ckpt_lib
 

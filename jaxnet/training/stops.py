@@ -56,7 +56,9 @@ class StopSignals:
     """
 
     def __init__(self, enabled: bool):
-        self.enabled, self.signum, self._previous = enabled, None, {}
+        self.enabled = enabled
+        self.signum: int | None = None  # the first stopping signal received
+        self._previous: dict[int, Any] = {}  # signal -> the handler to put back
 
     def _handler(self, signum: int, frame: Any) -> None:
         import signal
@@ -100,7 +102,14 @@ class StopSignals:
         return bool(np.any(flags))
 
     @property
+    def received(self) -> int:
+        """The stopping signal's number, once :meth:`requested` said to stop."""
+        if self.signum is None:
+            raise RuntimeError("no stopping signal was received")
+        return self.signum
+
+    @property
     def name(self) -> str:
         import signal
 
-        return signal.Signals(self.signum).name
+        return signal.Signals(self.received).name
