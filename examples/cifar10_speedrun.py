@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         help="test-time augmentation: 0 none, 1 mirror, 2 mirror + translate",
     )
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--curve", action="store_true", help="also test (no TTA) after every epoch, with the clock stopped"
+    )
     args = parser.parse_args(argv)
 
     # --- Data: the 50,000 / 10,000 official images, uint8 on the device -------------------------
@@ -60,7 +63,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"group {name:12s} {'frozen' if group is None else group}")
 
     # --- Train (whitening init, compile and every step on the clock), then evaluate -------------
-    result = train_speedrun(data, recipe=recipe, seed=args.seed)
+    result = train_speedrun(data, recipe=recipe, seed=args.seed, curve=args.curve)
+    for seconds, steps, accuracy in result.curve:
+        print(f"curve: {seconds:8.1f} s  step {steps:4d}  test accuracy {100 * accuracy:.2f}%")
     print(
         f"measured: test accuracy {100 * result.accuracy:.2f}%, with TTA level {args.tta} "
         f"{100 * result.tta_accuracy:.2f}%, {result.steps} steps in {result.train_seconds:.1f} s "
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "tta_accuracy": result.tta_accuracy,
         "train_seconds": result.train_seconds,
         "tta_seconds": result.tta_seconds,
+        "curve": result.curve,
     }
 
 

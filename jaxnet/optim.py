@@ -352,21 +352,19 @@ def create_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    _check_options(
-        name,
-        dict(
-            momentum=momentum,
-            nesterov=nesterov,
-            dampening=dampening,
-            betas=tuple(betas),
-            alpha=alpha,
-            rho=rho,
-            centered=centered,
-            lr_decay=lr_decay,
-            amsgrad=amsgrad,
-            initial_accumulator_value=initial_accumulator_value,
-        ),
+    options = dict(
+        momentum=momentum,
+        nesterov=nesterov,
+        dampening=dampening,
+        betas=tuple(betas),
+        alpha=alpha,
+        rho=rho,
+        centered=centered,
+        lr_decay=lr_decay,
+        amsgrad=amsgrad,
+        initial_accumulator_value=initial_accumulator_value,
     )
+    _check_options(name, options)
     if name == "sgd" and eps is not None:
         raise ConfigError("eps does not apply to 'sgd'; remove it")
     lr = _DEFAULT_LR[name] if learning_rate is None else learning_rate
@@ -389,7 +387,21 @@ def create_optimizer(
         clip_norm,
         clip_value,
     )
+    tx = optax.chain(*_chain(name, lr, weight_decay, eps, clip_norm, clip_value, options))
+    _BUILT[id(tx)] = (tx, lr, _settings(name, lr, weight_decay, eps, clip_norm, clip_value, options))
+    return tx
 
+
+def _chain(
+    name: str,
+    lr: Any,
+    weight_decay: float,
+    eps: float,
+    clip_norm: float | None,
+    clip_value: float | None,
+    options: dict[str, Any],
+) -> list[optax.GradientTransformation]:
+    """The optimizer's transforms in torch's order: clipping, L2 decay, the update rule, decoupled decay, the lr."""
     chain: list[optax.GradientTransformation] = []
     if clip_norm is not None:
         chain.append(optax.clip_by_global_norm(clip_norm))
@@ -397,47 +409,42 @@ def create_optimizer(
         chain.append(optax.clip(clip_value))
     if weight_decay and name != "adamw":
         chain.append(optax.add_decayed_weights(weight_decay))  # torch: grad += wd * p
-    chain.extend(
-        _core(
-            name,
-            momentum,
-            nesterov,
-            dampening,
-            betas,
-            eps,
-            alpha,
-            centered,
-            rho,
-            initial_accumulator_value,
-            lr_decay,
-            amsgrad,
-        )
-    )
+    chain.extend(_core(name, eps=eps, **options))
     if weight_decay and name == "adamw":
         # -lr * (adam + wd * p) == torch's p *= 1 - lr * wd, then p -= lr * adam.
         chain.append(optax.add_decayed_weights(weight_decay))
     chain.append(optax.scale_by_learning_rate(lr))
-    tx = optax.chain(*chain)
-    settings = {
+    return chain
+
+
+def _settings(
+    name: str,
+    lr: Any,
+    weight_decay: float,
+    eps: float,
+    clip_norm: float | None,
+    clip_value: float | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """What :func:`describe` reports: every setting, torch's defaults filled in (JSON)."""
+    return {
         "optimizer": name,
         "lr": lr if not callable(lr) else getattr(lr, "__name__", "schedule"),
-        "momentum": momentum,
-        "nesterov": nesterov,
-        "dampening": dampening,
+        "momentum": options["momentum"],
+        "nesterov": options["nesterov"],
+        "dampening": options["dampening"],
         "weight_decay": weight_decay,
-        "betas": list(betas),
+        "betas": list(options["betas"]),
         "eps": eps,
-        "alpha": alpha,
-        "rho": rho,
-        "centered": centered,
-        "initial_accumulator_value": initial_accumulator_value,
-        "lr_decay": lr_decay,
-        "amsgrad": amsgrad,
+        "alpha": options["alpha"],
+        "rho": options["rho"],
+        "centered": options["centered"],
+        "initial_accumulator_value": options["initial_accumulator_value"],
+        "lr_decay": options["lr_decay"],
+        "amsgrad": options["amsgrad"],
         "clip_norm": clip_norm,
         "clip_value": clip_value,
     }
-    _BUILT[id(tx)] = (tx, lr, settings)
-    return tx
 
 
 # The optimizers create_optimizer built: id -> (tx, learning rate or schedule, settings). The

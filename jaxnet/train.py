@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from flax import nnx
 
 from jaxnet import callbacks as jcallbacks
 from jaxnet.compilation import CompileCounter
-from jaxnet.data.inputs import FitData, as_fit_data
+from jaxnet.data.inputs import FitData, Split, as_fit_data
 from jaxnet.data.transforms import make_image_transform
 from jaxnet.errors import ConfigError
 from jaxnet.step import LossFn, MetricFn
@@ -208,22 +208,10 @@ def fit(
         CompileCounter() as counter,
         StopSignals(handle_signals) as signals,
     ):
-        steps = build_steps(
-            model,
-            tx,
-            output=plan.output,
-            transform=plan.transform,
-            seed=seed,
-            devices=devices,
-            fsdp=fsdp,
-            precision=precision,
-            scan=scan,
-            loss_fn=user_loss,
-            train_metrics={**default_train_metrics(plan.output), **user_metrics},
-            eval_metrics=user_metrics,
-        )
+        steps = _build_fit_steps(model, tx, plan, user_loss, user_metrics, seed, devices, fsdp, precision, scan)
         _add_learning_rate_logging(callbacks, tx)
-        run = jcallbacks.Run(steps.graphdef, steps.state, epochs, workdir=files.workdir)
+        # Run.workdir is annotated str; fit hands callbacks the workdir as the caller gave it, as it always has.
+        run = jcallbacks.Run(steps.graphdef, steps.state, epochs, workdir=cast("str | None", files.workdir))
         loop = FitLoop(
             run,
             steps,
@@ -241,23 +229,7 @@ def fit(
         )
         first_epoch = loop.restore(files.restore(run.state))
         files.write_model(steps.graphdef, run.state, plan)
-        scan_data = jax.device_put((plan.data.train.x, plan.data.train.y)) if scan else None
-        jcallbacks.call(callbacks, "on_fit_start", run)
-        for epoch in range(first_epoch, epochs):
-            run.epoch, t0 = epoch, time.perf_counter()
-            jcallbacks.call(callbacks, "on_epoch_start", run, epoch)
-            train = train_epoch(loop, plan, epoch, scan_data)
-            if loop.stopped_mid_epoch is not None:  # SIGTERM/SIGINT: save where we are, then stop
-                loop.save(epoch, loop.stopped_mid_epoch)
-                loop.stop_for_signal()
-            record = epoch_record(loop, plan, epoch, train, t0, eval_batch_size)
-            jcallbacks.call(callbacks, "on_epoch_end", run, epoch, record)
-            end_epoch(loop, epoch, record)
-            loop.compiles_after_first_epoch = loop.compiles_after_first_epoch or counter.snapshot()[1]
-            if signals.requested(run.step, every_step=True):
-                loop.stop_for_signal()
-            if run.stop_training:
-                break
+        _train_epochs(loop, plan, callbacks, counter, signals, range(first_epoch, epochs), eval_batch_size, scan)
         trained = run.state
         jcallbacks.call(callbacks, "on_fit_end", run, run.history[-1] if run.history else {})
     return finish(
@@ -269,6 +241,66 @@ def fit(
         precision=precision,
         eval_batch_size=eval_batch_size,
     )
+
+
+def _build_fit_steps(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    plan: _Plan,
+    user_loss: Any,
+    user_metrics: Mapping[str, MetricFn],
+    seed: int,
+    devices: int | None,
+    fsdp: bool,
+    precision: str,
+    scan: bool,
+) -> FitSteps:
+    """The state and the compiled train and eval steps, with the output kind's metrics and the user's."""
+    return build_steps(
+        model,
+        tx,
+        output=plan.output,
+        transform=plan.transform,
+        seed=seed,
+        devices=devices,
+        fsdp=fsdp,
+        precision=precision,
+        scan=scan,
+        loss_fn=user_loss,
+        train_metrics={**default_train_metrics(plan.output), **user_metrics},
+        eval_metrics=user_metrics,
+    )
+
+
+def _train_epochs(
+    loop: FitLoop,
+    plan: _Plan,
+    callbacks: Sequence[jcallbacks.Callback],
+    counter: CompileCounter,
+    signals: StopSignals,
+    epochs: range,
+    eval_batch_size: int,
+    scan: bool,
+) -> None:
+    """The epochs of the run: train, evaluate, record, checkpoint; until the last, a signal or a callback's stop."""
+    run, train_split = loop.run, plan.data.train
+    scan_data = jax.device_put((train_split.x, train_split.y)) if scan and isinstance(train_split, Split) else None
+    jcallbacks.call(callbacks, "on_fit_start", run)
+    for epoch in epochs:
+        run.epoch, t0 = epoch, time.perf_counter()
+        jcallbacks.call(callbacks, "on_epoch_start", run, epoch)
+        train = train_epoch(loop, plan, epoch, scan_data)
+        if loop.stopped_mid_epoch is not None:  # SIGTERM/SIGINT: save where we are, then stop
+            loop.save(epoch, loop.stopped_mid_epoch)
+            loop.stop_for_signal()
+        record = epoch_record(loop, plan, epoch, train, t0, eval_batch_size)
+        jcallbacks.call(callbacks, "on_epoch_end", run, epoch, record)
+        end_epoch(loop, epoch, record)
+        loop.compiles_after_first_epoch = loop.compiles_after_first_epoch or counter.snapshot()[1]
+        if signals.requested(run.step, every_step=True):
+            loop.stop_for_signal()
+        if run.stop_training:
+            break
 
 
 def _run_config(
@@ -300,7 +332,7 @@ def _run_config(
     return config
 
 
-def _check_run_args(workdir: Any, resume: bool, fsdp: bool, on_nan: str) -> None:
+def _check_run_args(workdir: Any, resume: bool | str, fsdp: bool, on_nan: str) -> None:
     if on_nan not in ("stop", "continue"):
         raise ConfigError(f"on_nan must be 'stop' or 'continue'; got {on_nan!r}")
     if fsdp and workdir is not None and jax.process_count() > 1:

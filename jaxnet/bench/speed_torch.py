@@ -33,6 +33,9 @@ __all__ = [
     "torch_speed_net_like",
     "torch_train_step",
     "torch_translate",
+    "torch_tta_accuracy",
+    "torch_tta_logits",
+    "train_torch_speedrun",
 ]
 
 
@@ -214,15 +217,196 @@ class TorchLookahead:
 
 
 def torch_translate(images: Any, offsets: Any, pad: int) -> Any:
-    """Image ``i`` of an NCHW batch becomes the window at ``offsets[i]`` (row, col) of its reflect-padded self."""
+    """Image ``i`` of an NCHW batch becomes the window at ``offsets[i]`` (row, col) of its reflect-padded self.
+
+    One masked copy per possible offset, ``(2 * pad + 1) ** 2`` in all, instead of one per image (a
+    kernel launch each on a GPU).
+    """
     torch = import_torch()
     padded = torch.nn.functional.pad(images, (pad,) * 4, mode="reflect")
     h, w = images.shape[-2:]
-    return torch.stack([padded[i, :, r : r + h, c : c + w] for i, (r, c) in enumerate(np.asarray(offsets).tolist())])
+    offsets = torch.as_tensor(np.asarray(offsets), dtype=torch.long, device=images.device)  # (N, 2)
+    out = torch.empty_like(images)
+    for r in range(2 * pad + 1):
+        for c in range(2 * pad + 1):
+            chosen = (offsets[:, 0] == r) & (offsets[:, 1] == c)
+            out[chosen] = padded[chosen, :, r : r + h, c : c + w]
+    return out
 
 
 def torch_alternating_flip(images: Any, bits: Any, epoch: int) -> Any:
     """Mirrors image ``i`` of an NCHW batch iff ``bits[i] XOR (epoch odd)``."""
     torch = import_torch()
-    mask = torch.from_numpy(np.array(bits, bool)) ^ bool(epoch % 2)  # a copy: jax's arrays are read-only
+    mask = torch.from_numpy(np.array(bits, bool)).to(images.device) ^ bool(epoch % 2)  # a copy: jax's are read-only
     return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def torch_tta_logits(module: Any, images: Any, level: int = 2) -> Any:
+    """airbench's TTA in PyTorch: the views of :func:`jaxnet.tta.tta_views` on an NCHW batch, eval mode.
+
+    Level 0 is ``module(x)``; 1 the mean with the mirror; 2 half that plus a
+    quarter each of the mirrored means of the 1-pixel translations (reflect
+    pad 1, crops at (0, 0) and (2, 2)). Returns float32 ``(B, K)`` logits.
+    """
+    torch = import_torch()
+    if level not in (0, 1, 2):
+        raise ConfigError(f"tta level must be 0, 1 or 2 (none, mirror, mirror + translate); got {level!r}")
+
+    def mirrored(x: Any) -> Any:
+        return 0.5 * (module(x).float() + module(x.flip(-1)).float())
+
+    if level == 0:
+        return module(images).float()
+    if level == 1:
+        return mirrored(images)
+    padded = torch.nn.functional.pad(images, (1,) * 4, mode="reflect")
+    h, w = images.shape[-2:]
+    shifted = (padded[..., 0:h, 0:w], padded[..., 2 : 2 + h, 2 : 2 + w])
+    return 0.5 * mirrored(images) + 0.25 * (mirrored(shifted[0]) + mirrored(shifted[1]))
+
+
+def torch_tta_accuracy(module: Any, images: Any, labels: Any, *, level: int = 2, batch_size: int = 2000) -> float:
+    """Test accuracy of :func:`torch_tta_logits` over NCHW ``images`` (no grad, eval mode, then train mode)."""
+    torch = import_torch()
+    module.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(labels), batch_size):
+            logits = torch_tta_logits(module, images[start : start + batch_size], level)
+            correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
+    module.train()
+    return correct / len(labels)
+
+
+def _wait(torch: Any, device: str) -> None:
+    """Returns when the device's queued work is done (a CUDA launch returns at once)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _torch_inputs(torch: Any, images: Any, recipe: SpeedrunRecipe, device: str) -> Any:
+    """uint8 NHWC images as the recipe's normalized float32 NCHW tensor on ``device`` (channels-last on CPU)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if device == "cpu" else x.contiguous()
+
+
+def train_torch_speedrun(
+    dataset: Any,
+    *,
+    recipe: SpeedrunRecipe | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    compile_mode: str | None = None,
+    threads: int | None = None,
+    curve: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The whole speedrun in PyTorch, from the weights :func:`jaxnet.speedrun.train_speedrun` starts from.
+
+    The twin of ``train_speedrun``: the whitened jaxnet net of the same seed
+    copied in, then per epoch the alternating flip, the 2-pixel reflect
+    translation and a random order (drawn with numpy from ``seed``: the same
+    distributions, other draws), ``torch_train_step`` per batch with the
+    whitening bias frozen after ``recipe.whiten_bias_epochs``, the lookahead
+    syncs of :func:`jaxnet.averaging.sync_decay`, and the TTA evaluation.
+    The clock covers what ``train_speedrun``'s does (model build and whitening,
+    compilation, every step); ``recipe.precision == "bf16"`` runs the forward
+    under ``torch.autocast``.
+
+    Args:
+        dataset: CIFAR-10 as uint8 NHWC arrays (``jaxnet.data.load_dataset("cifar10")``).
+        recipe: the hyper-parameters (default: airbench94's ``SpeedrunRecipe()``).
+        seed: the initial weights (jaxnet's init) and the data order.
+        device: ``"cpu"`` or ``"cuda"`` (or ``"cuda:N"``).
+        compile_mode: ``None`` for eager, else ``torch.compile``'s mode
+            (``"default"``, ``"max-autotune"``).
+        threads: ``torch.set_num_threads`` (CPU).
+        curve: measure the test accuracy (no TTA) after each epoch, clock stopped.
+        progress: a tqdm bar over the steps.
+
+    Returns:
+        ``{"accuracy", "tta_accuracy", "train_seconds", "tta_seconds", "steps",
+        "losses", "curve"}`` as in :class:`jaxnet.speedrun.SpeedrunResult`.
+    """
+    import math
+    import time
+
+    from tqdm.auto import tqdm
+
+    from jaxnet.averaging import sync_decay
+    from jaxnet.speedrun import speedrun_model
+
+    torch = import_torch()
+    recipe = SpeedrunRecipe() if recipe is None else recipe
+    if threads is not None and device == "cpu":
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    twin = torch_speed_net_like(
+        speedrun_model(recipe, seed=seed, whiten_from=dataset.train_images[: recipe.whiten_images])
+    ).to(device)
+    if device == "cpu":
+        twin = twin.to(memory_format=torch.channels_last)
+    forward = twin if compile_mode is None else torch.compile(twin, mode=compile_mode)
+    steps_per_epoch = dataset.num_train // recipe.batch_size
+    total_steps = math.ceil(steps_per_epoch * recipe.epochs)
+    optimizer, scheduler = make_torch_speedrun_optimizer(
+        twin, recipe, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
+    lookahead = TorchLookahead(twin)
+    images = _torch_inputs(torch, dataset.train_images, recipe, device)
+    labels = torch.from_numpy(np.asarray(dataset.train_labels, np.int64)).to(device)
+    test_images = _torch_inputs(torch, dataset.test_images, recipe, device)
+    test_labels = torch.from_numpy(np.asarray(dataset.test_labels, np.int64)).to(device)
+    rng = np.random.default_rng(seed)
+    bits = rng.random(dataset.num_train) < 0.5
+    autocast = torch.bfloat16 if recipe.precision == "bf16" else None
+    losses: list[Any] = []
+    points: list[tuple[float, int, float]] = []
+    clock = 0.0
+    with tqdm(total=total_steps, desc="speedrun (torch)", disable=not progress) as bar:
+        for epoch in range(math.ceil(recipe.epochs)):
+            epoch_images = torch_alternating_flip(images, bits, epoch) if recipe.flip else images
+            if recipe.translate:
+                offsets = rng.integers(0, 2 * recipe.translate + 1, size=(dataset.num_train, 2))
+                epoch_images = torch_translate(epoch_images, offsets, recipe.translate)
+            order = torch.from_numpy(rng.permutation(dataset.num_train)).to(device)
+            for i in range(min(steps_per_epoch, total_steps - len(losses))):
+                idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+                loss = torch_train_step(
+                    forward,  # the twin or its compiled form (same parameters)
+                    optimizer,
+                    scheduler,
+                    epoch_images[idx],
+                    labels[idx],
+                    label_smoothing=recipe.label_smoothing,
+                    whiten_bias_trainable=epoch < recipe.whiten_bias_epochs,
+                    autocast_dtype=autocast,
+                )
+                losses.append(loss)
+                decay = sync_decay(len(losses), total_steps, every=recipe.lookahead_every)
+                if decay is not None:
+                    lookahead.update(twin, decay)
+                bar.update()
+            if curve:  # off the clock
+                _wait(torch, device)
+                clock += time.perf_counter() - start
+                points.append((clock, len(losses), torch_tta_accuracy(forward, test_images, test_labels, level=0)))
+                start = time.perf_counter()
+    _wait(torch, device)
+    train_seconds = clock + time.perf_counter() - start
+    start = time.perf_counter()
+    tta = torch_tta_accuracy(forward, test_images, test_labels, level=recipe.tta_level)
+    tta_seconds = time.perf_counter() - start
+    plain = points[-1][2] if points else torch_tta_accuracy(forward, test_images, test_labels, level=0)
+    return {
+        "accuracy": plain,
+        "tta_accuracy": tta,
+        "train_seconds": train_seconds,
+        "tta_seconds": tta_seconds,
+        "steps": len(losses),
+        "losses": [float(loss) / recipe.batch_size for loss in losses],
+        "curve": points,
+    }

@@ -2,7 +2,9 @@
 
 One parser family: each subcommand lives in a module of this package that
 adds its parser (``register_cli``) and runs it (``args.func``):
-:mod:`~jaxnet.cli.train` (``train``), :mod:`~jaxnet.cli.export` (``export``,
+:mod:`~jaxnet.cli.train` (``train``; its flags are
+:mod:`~jaxnet.cli.train_args`, and ``--model cifar_speed``'s own run is
+:mod:`~jaxnet.cli.speedrun`), :mod:`~jaxnet.cli.export` (``export``,
 ``predict``), :mod:`~jaxnet.cli.launch` (``launch``) and
 :mod:`~jaxnet.cli.bench` (``bench``). Every flag's type is one of
 :mod:`jaxnet.cli.converters`; ``train``'s ``--config`` file and recorded run

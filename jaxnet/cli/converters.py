@@ -36,7 +36,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             or action.default == argparse.SUPPRESS
         ):
             return text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or text  # typeshed types it str | None
 
 
 def add_command(

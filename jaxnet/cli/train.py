@@ -1,11 +1,13 @@
-"""``jaxnet train``: its flags, the run they describe, and the summary it prints.
+"""``jaxnet train``: the parser, the run its flags describe, and the summary it prints.
 
 Trains a tutorial model or your own (``--model package.module:factory``) on
 a named data set or your own (``--dataset package.module:function``). A
 setting comes from the model's recipe, then a ``--config`` TOML file, then
 the command line (:mod:`jaxnet.cli.runconfig`); the resolved settings,
 :class:`~jaxnet.cli.runconfig.RunConfig`, are what ``fit`` records in the
-workdir and what ``--resume`` checks.
+workdir and what ``--resume`` checks. The flags themselves are
+:mod:`jaxnet.cli.train_args`; ``--model cifar_speed``, which trains with
+its own loop rather than ``fit``, is :mod:`jaxnet.cli.speedrun`.
 """
 
 from __future__ import annotations
@@ -14,44 +16,16 @@ import argparse
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from jaxnet.cli.converters import (
-    add_command,
-    fraction,
-    json_object,
-    model_spec,
-    nonnegative_float,
-    positive_float,
-    positive_int,
-    seed,
-)
+from jaxnet.cli.converters import add_command
 from jaxnet.cli.runconfig import RunConfig, read_config_file
+from jaxnet.cli.train_args import OPERATIONAL_FLAGS, add_train_args, epilog
 from jaxnet.errors import ConfigError
 from jaxnet.outputs import LOSS_OF_OUTPUT, LOSSES
 
-# Flags that say where data comes from or how the run is watched and saved: not part of the
-# recorded run config (W/config.json), so they may differ on --resume.
-OPERATIONAL_FLAGS = (
-    "config",
-    "data_dir",
-    "no_download",
-    "workdir",
-    "resume",
-    "resume_or_start",
-    "on_nan",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "eval_batch_size",
-    "json",
-    "no_progress",
-)
-
-
-def _flags(dests: Iterable[str]) -> str:
-    """``--a-flag, --b`` for argparse destinations ``a_flag, b``."""
-    return ", ".join("--" + d.replace("_", "-") for d in dests)
+__all__ = ["OPERATIONAL_FLAGS", "parse_train_args", "print_summary", "register_cli", "run_train", "strict_json"]
 
 
 # ---------------------------------------------------------------------------
@@ -70,217 +44,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         description="Train a tutorial model, or your own flax.nnx model, with a jit-compiled step and "
         "evaluate it after every epoch. Hyper-parameters default to the model's tutorial "
         "recipe; a --config file overrides the recipe, and every flag overrides both.",
-        epilog=_epilog(RESUMABLE_KEYS),
+        epilog=epilog(RESUMABLE_KEYS),
     )
-    _add_model_and_data_args(p)
-    _add_recipe_args(p)
-    _add_run_args(p, RESUMABLE_KEYS)
+    add_train_args(p, RESUMABLE_KEYS)
     p.set_defaults(func=run_train)
     return p
-
-
-def _epilog(resumable_keys: Sequence[str]) -> str:
-    """The end of ``jaxnet train --help``: your own model, the config file, what the workdir records."""
-    from jaxnet.recipes import USER_MODEL_RECIPE
-
-    return (
-        "Your own model: --model package.module:factory imports the module (the current directory "
-        "is searched first) and calls factory(rngs=nnx.Rngs(seed)) if it takes rngs, else "
-        "factory(seed=seed) if it takes seed, else factory(), with the keyword arguments of "
-        "--model-kwargs or the config file's [model_kwargs] table; it must return an nnx.Module. "
-        f"It needs --dataset, and trains with {USER_MODEL_RECIPE.source} unless flags say otherwise. "
-        "--config run.toml holds any flags by name (lr = 0.01, batch_size = 128, val_split = 0.1, "
-        'model = "mypkg.nets:build"). The workdir records every setting except '
-        f"{_flags(OPERATIONAL_FLAGS)}; --resume refuses "
-        f"any other change except {_flags(resumable_keys)}."
-    )
-
-
-def _add_model_and_data_args(p: argparse.ArgumentParser) -> None:
-    """``--config``, the model and the data: what is trained on what."""
-    p.add_argument(
-        "--config",
-        default=None,
-        metavar="FILE.toml",
-        help="TOML file of flag values (keys are flag names); flags given here override it",
-    )
-    p.add_argument(
-        "--model",
-        default="mlp",
-        type=model_spec,
-        help="tutorial model (mlp, mlp512, mlp128, convnet, cifar_cnn, linear) or your own as package.module:factory",
-    )
-    p.add_argument(
-        "--model-kwargs",
-        type=json_object,
-        default=None,
-        metavar="JSON",
-        help="keyword arguments of a factory, e.g. '{\"width\": 128}' (or [model_kwargs] in --config)",
-    )
-    p.add_argument(
-        "--dataset",
-        default=None,
-        help="mnist, cifar10, linear, tfds:NAME, or package.module:function, called with no "
-        "arguments, returning an "
-        "ArrayDataset, an (x, y) tuple or a dict of arrays (default: the model's data set; "
-        "required for your own model)",
-    )
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder holding mnist/ and cifar10/ in the official formats "
-        "(default: $JAXNET_DATA_DIR, then the user cache, then download)",
-    )
-    p.add_argument("--no-download", action="store_true", help="never try to download data")
-    p.add_argument(
-        "--loss",
-        default=None,
-        choices=tuple(LOSSES),
-        help="training loss (default: the model's: cross_entropy for logits, nll for "
-        "log-probabilities, mse for regression; your own model: mse for float labels, "
-        "binary for one output, else cross_entropy)",
-    )
-    p.add_argument(
-        "--val-split",
-        type=fraction,
-        default=None,
-        metavar="FRACTION",
-        help="hold out this fraction of the training split for validation",
-    )
-
-
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """The tutorial recipe's settings: epochs, batch size, optimizer, schedule, clipping."""
-    from jaxnet.optim import OPTIMIZERS, SCHEDULES
-
-    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training data")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="examples per step")
-    p.add_argument("--eval-batch-size", type=positive_int, default=1000, help="examples per evaluation call")
-    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (PyTorch's rules)")
-    p.add_argument("--lr", type=nonnegative_float, default=None, help="learning rate")
-    p.add_argument("--momentum", type=nonnegative_float, default=None, help="SGD/RMSprop momentum")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum (SGD)")
-    p.add_argument(
-        "--weight-decay",
-        type=nonnegative_float,
-        default=None,
-        help="weight decay (L2 added to the gradient; decoupled for adamw); default: PyTorch's (0, or 0.01 for adamw)",
-    )
-    p.add_argument("--schedule", default=None, choices=SCHEDULES, help="learning-rate schedule")
-    p.add_argument(
-        "--gamma", type=nonnegative_float, default=None, help="decay factor per epoch (step/exponential schedules)"
-    )
-    p.add_argument("--step-size", type=positive_int, default=None, help="epochs between decays (step schedule)")
-    p.add_argument(
-        "--warmup-epochs",
-        type=nonnegative_float,
-        default=None,
-        metavar="E",
-        help="linear warm-up of --schedule warmup_cosine, in epochs (fractions allowed; default: 5%% of the run)",
-    )
-    p.add_argument("--clip-norm", type=positive_float, default=None, help="clip gradients to this global norm")
-    p.add_argument("--clip-value", type=positive_float, default=None, help="clip each gradient to [-v, v]")
-
-
-def _add_run_args(p: argparse.ArgumentParser, resumable_keys: Sequence[str]) -> None:
-    """Preprocessing, devices, precision, the workdir and its checkpoints, and the output."""
-    from jaxnet.precision import PRECISIONS
-
-    p.add_argument(
-        "--normalize",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Normalize(mean, std) after scaling to [0, 1]; --no-normalize: ToTensor only "
-        "(default: the model's tutorial; yes for your own model)",
-    )
-    p.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="random crop + horizontal flip (on device)",
-    )
-    p.add_argument(
-        "--scan",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="run each epoch as one compiled lax.scan over device-resident data",
-    )
-    p.add_argument("--seed", type=seed, default=0, help="seed for init, shuffling and dropout")
-    p.add_argument(
-        "--workdir",
-        default=None,
-        help="folder for config.json, metrics.jsonl, TensorBoard events, curves.png, the model "
-        "for 'jaxnet export' and checkpoints (one per epoch end; default: write nothing)",
-    )
-    p.add_argument(
-        "--checkpoint-every",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="also checkpoint every N steps (needs --workdir)",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --workdir from its latest sound checkpoint, exactly; only "
-        f"{_flags(resumable_keys)} may change; "
-        "an error when there is no checkpoint to continue from",
-    )
-    p.add_argument(
-        "--resume-or-start",
-        action="store_true",
-        help="--resume if --workdir holds a checkpoint of this run, else start it (a run that "
-        "stopped before its first checkpoint starts over, its logs cleared)",
-    )
-    p.add_argument(
-        "--keep-checkpoints",
-        type=positive_int,
-        default=3,
-        help="newest checkpoints to keep, besides the best by validation accuracy (validation "
-        "loss for regression) when there is a validation split",
-    )
-    p.add_argument(
-        "--devices",
-        type=positive_int,
-        default=None,
-        help="data parallel over N local devices (default: 1; all of them under 'jaxnet launch')",
-    )
-    p.add_argument(
-        "--fsdp",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="shard parameters and optimizer state over the devices",
-    )
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=PRECISIONS,
-        help="compute dtype (parameters stay fp32; fp16 adds dynamic loss scaling)",
-    )
-    p.add_argument(
-        "--grad-accum",
-        type=positive_int,
-        default=1,
-        metavar="K",
-        help="accumulate gradients over K batches per optimizer step",
-    )
-    p.add_argument(
-        "--json", action="store_true", help="print the summary as one JSON object on the last line of stdout"
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument(
-        "--on-nan",
-        choices=("stop", "continue"),
-        default="stop",
-        help="a NaN or infinite loss: stop the run (exit status 1, naming the step and the last "
-        "finite checkpoint) or train on; no checkpoint is ever written from a non-finite state",
-    )
 
 
 def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``train`` subcommand's parser inside :func:`jaxnet.cli.build_parser`'s."""
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return sub.choices["train"]
+    train_parser: argparse.ArgumentParser = sub.choices["train"]
+    return train_parser
 
 
 def parse_train_args(
@@ -321,8 +96,12 @@ def _user_data(spec: str) -> Any:
         raise ConfigError(f"--dataset {spec}: calling it raised {type(exc).__name__}{first}") from None
 
 
-def _load_data(args: argparse.Namespace, name: str, normalize: bool) -> Any:
-    """The training data in a form fit takes: a jaxnet data set, or what a user function returned."""
+def load_data(args: argparse.Namespace, name: str, normalize: bool) -> Any:
+    """The training data in a form fit takes: a jaxnet data set, or what a user function returned.
+
+    A named data set is :func:`jaxnet.data.load_dataset`'s ``ArrayDataset``
+    (uint8 images), its statistics zeroed for ``normalize=False`` (ToTensor only).
+    """
     from jaxnet import data
     from jaxnet.data.dataset import ArrayDataset
     from jaxnet.data.registry import TFDS_PREFIX
@@ -386,13 +165,50 @@ def _create_optimizer(
     return tx, s
 
 
+@dataclasses.dataclass(frozen=True)
+class _Resolved:
+    """The run the flags describe over the model's recipe, before anything is compiled."""
+
+    model: Any  # the nnx.Module to train
+    recipe: Any  # jaxnet.recipes.Recipe
+    dataset: str  # the data set's name (or package.module:function)
+    normalize: bool
+    fit_data: Any  # jaxnet.data.inputs.FitData, the validation holdout taken once
+    epochs: int
+    batch_size: int
+
+
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """Runs ``jaxnet train``; returns the summary."""
-    import jax
+    from jaxnet.cli import speedrun
 
-    from jaxnet import models, train
-    from jaxnet.data.inputs import as_fit_data
-    from jaxnet.recipes import recipe_for
+    if args.model == speedrun.SPEEDRUN_MODEL:  # its own loop, not fit's
+        return speedrun.run_speedrun(args)
+    if args.tta is not None:
+        raise ConfigError(
+            f"--tta applies to --model {speedrun.SPEEDRUN_MODEL} only (its recipe's test-time augmentation); drop it"
+        )
+    _check_run_flags(args)
+    run = _resolve(args)
+    plan = _plan(args, run)
+    tx, opt = _create_optimizer(args, run.recipe, plan.steps_per_epoch, run.epochs)
+    config = _run_config(args, run, plan, opt)
+    result = _fit(args, run, plan, tx, config)
+    summary = dict(result.summary)
+    summary.update(
+        model=args.model,
+        dataset=run.dataset,
+        loss=config.loss,
+        normalize=run.normalize,
+        seed=args.seed,
+        **{k: opt[k] for k in ("optimizer", "lr", "schedule", "grad_accum")},
+    )
+    return summary
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """The flags that need one another, and your own model's data set."""
+    from jaxnet import models
 
     if (args.checkpoint_every or args.resume or args.resume_or_start) and not args.workdir:
         raise ConfigError(
@@ -408,19 +224,34 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                 f"--model {args.model} is your own model, which has no tutorial data set: name its data "
                 "with --dataset (mnist, cifar10, linear, tfds:NAME, or package.module:function)"
             )
+
+
+def _resolve(args: argparse.Namespace) -> _Resolved:
+    """The model, its recipe under the flags, and the data (loaded, its validation split held out)."""
+    from jaxnet import models
+    from jaxnet.data.inputs import as_fit_data
+    from jaxnet.recipes import recipe_for
+
     model = models.build_model(args.model, seed=args.seed, kwargs=args.model_kwargs)
     recipe = recipe_for(args.model)
     normalize = recipe.normalize if args.normalize is None else args.normalize
     dataset = args.dataset or recipe.dataset
-    data = _load_data(args, dataset, normalize)
-    epochs, batch_size = args.epochs or recipe.epochs, args.batch_size or recipe.batch_size
-    # fit's own checks, before anything is compiled: sizes, the model against the data, the loss.
+    data = load_data(args, dataset, normalize)
     fit_data = as_fit_data(data, validation_split=args.val_split, seed=args.seed)  # the holdout, once
-    plan = train.plan_fit(
-        model,
-        fit_data,
-        epochs=epochs,
-        batch_size=batch_size,
+    return _Resolved(
+        model, recipe, dataset, normalize, fit_data, args.epochs or recipe.epochs, args.batch_size or recipe.batch_size
+    )
+
+
+def _plan(args: argparse.Namespace, run: _Resolved) -> Any:
+    """fit's own checks, before anything is compiled: sizes, the model against the data, the loss."""
+    from jaxnet import train
+
+    return train.plan_fit(
+        run.model,
+        run.fit_data,
+        epochs=run.epochs,
+        batch_size=run.batch_size,
         output=LOSSES.get(args.loss),
         callbacks=(),
         augment=args.augment,
@@ -428,36 +259,47 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         devices=args.devices,
         grad_accum=args.grad_accum,
     )
-    tx, opt = _create_optimizer(args, recipe, plan.steps_per_epoch, epochs)
+
+
+def _run_config(args: argparse.Namespace, run: _Resolved, plan: Any, opt: dict[str, Any]) -> RunConfig:
+    """Every setting of the run, as ``W/config.json`` records it and ``--resume`` compares it."""
+    import jax
+
     sample = plan.sample_x  # (2, *input_shape)
-    config = RunConfig(
+    return RunConfig(
         model=args.model,
         model_kwargs=dict(args.model_kwargs or {}),
         loss=LOSS_OF_OUTPUT[plan.output],
         output=plan.output,
-        dataset=dataset,
+        dataset=run.dataset,
         input_shape=list(sample.shape[1:]),
         input_dtype=sample.dtype.name,
-        normalize=normalize,
+        normalize=run.normalize,
         mean=None if plan.data.mean is None else list(plan.data.mean),
         std=None if plan.data.std is None else list(plan.data.std),
         augment=bool(args.augment),
         val_split=args.val_split,
         **opt,
-        batch_size=batch_size,
-        epochs=epochs,
+        batch_size=run.batch_size,
+        epochs=run.epochs,
         seed=args.seed,
         precision=args.precision,
         devices=args.devices or (jax.device_count() if jax.process_count() > 1 else 1),
         fsdp=bool(args.fsdp),
         scan=bool(args.scan),
     )
-    result = train.fit(
-        model,
-        fit_data,
+
+
+def _fit(args: argparse.Namespace, run: _Resolved, plan: Any, tx: Any, config: RunConfig) -> Any:
+    """:func:`jaxnet.train.fit` with the resolved run and the flags that watch and save it."""
+    from jaxnet import train
+
+    return train.fit(
+        run.model,
+        run.fit_data,
         tx,
-        epochs=epochs,
-        batch_size=batch_size,
+        epochs=run.epochs,
+        batch_size=run.batch_size,
         output=plan.output,
         seed=args.seed,
         augment=args.augment,
@@ -474,16 +316,6 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.no_progress,
         on_nan=args.on_nan,
     )
-    summary = dict(result.summary)
-    summary.update(
-        model=args.model,
-        dataset=dataset,
-        loss=config.loss,
-        normalize=normalize,
-        seed=args.seed,
-        **{k: opt[k] for k in ("optimizer", "lr", "schedule", "grad_accum")},
-    )
-    return summary
 
 
 # ---------------------------------------------------------------------------
@@ -503,15 +335,16 @@ def strict_json(value: Any) -> Any:
 
 
 def print_summary(summary: dict[str, Any], as_json: bool) -> None:
-    """Prints ``jaxnet train``'s summary: a few lines, or one strict JSON object (``--json``)."""
+    """Prints ``jaxnet train``'s summary: a few lines, or one strict JSON object (``--json``).
+
+    A ``fit`` run's summary, or a ``--model cifar_speed`` one (which has
+    ``tta_seconds`` and ``test_accuracy_no_tta`` in place of compilation counts).
+    """
     if as_json:  # strict JSON: a NaN or infinite number is null
         print(json.dumps(strict_json(summary), default=str, allow_nan=False))
         return
     print(f"model {summary['model']} on {summary['dataset']} ({summary['dataset_source']})")
-    print(
-        f"{summary['epochs']} epochs, {summary['steps']} steps in {summary['train_seconds']:.1f} s "
-        f"({summary['compilations']} compilations, {summary['steady_state_compilations']} after epoch 1)"
-    )
+    print(_timing_line(summary))
     if summary.get("checkpoint_seconds"):
         share = summary["checkpoint_seconds"] / max(summary["train_seconds"], 1e-9)
         print(
@@ -527,5 +360,15 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
         else:
             continue
         shown = True
+    if summary.get("test_accuracy_no_tta") is not None:
+        print(f"test accuracy without TTA: {100 * summary['test_accuracy_no_tta']:.2f}%")
     if not shown:
         print("no validation or test split was evaluated (pass --val-split, or return a test split from --dataset)")
+
+
+def _timing_line(summary: dict[str, Any]) -> str:
+    """``E epochs, S steps in T s (...)``: compilations for a fit run, the TTA evaluation for a speedrun."""
+    head = f"{summary['epochs']} epochs, {summary['steps']} steps in {summary['train_seconds']:.1f} s"
+    if "tta_seconds" in summary:
+        return f"{head} (+ {summary['tta_seconds']:.1f} s for the TTA level {summary['tta_level']} evaluation)"
+    return f"{head} ({summary['compilations']} compilations, {summary['steady_state_compilations']} after epoch 1)"

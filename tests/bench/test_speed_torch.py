@@ -30,6 +30,9 @@ from jaxnet.bench.speed_torch import (  # noqa: E402  (needs torch)
     torch_speed_net_like,
     torch_train_step,
     torch_translate,
+    torch_tta_accuracy,
+    torch_tta_logits,
+    train_torch_speedrun,
 )
 
 # Whitening bias frozen after 2 steps, a lookahead sync at step 5 and the final one at step 6.
@@ -124,3 +127,70 @@ def test_the_recipe_gives_the_same_losses_and_weights_step_by_step():
     for key, ours in to_torch_state_dict(trained).items():
         scale = max(1.0, float(np.abs(ours).max()))
         np.testing.assert_allclose(ours, theirs[key].numpy(), rtol=0, atol=1e-4 * scale, err_msg=key)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_torch_tta_is_jaxnets_tta(level):
+    from jaxnet.tta import tta_logits
+
+    images, _ = data(3)
+    model = speedrun_model(RECIPE, whiten_from=images[0])
+    twin = torch_speed_net_like(model).eval()
+    model.eval()
+    x = jnp.asarray(normalize(images[0], RECIPE.mean, RECIPE.std))
+    want = np.asarray(tta_logits(lambda v: model(v), x, level))
+    with torch.no_grad():
+        got = torch_tta_logits(twin, to_torch(images[0]), level).numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    with pytest.raises(Exception, match="tta level"):
+        torch_tta_logits(twin, to_torch(images[0]), 3)
+
+
+def test_torch_tta_accuracy_counts_hits_and_restores_train_mode():
+    images, _ = data(4)
+    twin = torch_speed_net_like(speedrun_model(RECIPE, whiten_from=images[0]))
+    x = to_torch(images[0])
+    with torch.no_grad():
+        predicted = torch_tta_logits(twin.eval(), x, 1).argmax(-1)
+    twin.train()
+    labels = predicted.clone()
+    labels[:4] = (labels[:4] + 1) % 10  # four wrong on purpose
+    assert torch_tta_accuracy(twin, x, labels, level=1, batch_size=5) == pytest.approx(1 - 4 / len(labels))
+    assert twin.training
+
+
+def test_train_torch_speedrun_runs_the_recipe_and_learns():
+    import dataclasses
+
+    from jaxnet.data.dataset import ArrayDataset
+    from jaxnet.speedrun import train_speedrun
+
+    # A learnable synthetic task: the class is the brightest third of the image.
+    rng = np.random.default_rng(0)
+    n, m = 512, 128
+    labels = rng.integers(0, 3, n + m).astype(np.int32)
+    images = rng.integers(0, 96, (n + m, 32, 32, 3)).astype(np.uint8)
+    for k in range(3):
+        images[labels == k, :, 10 * k : 10 * k + 10, :] += 150
+    dataset = ArrayDataset(
+        name="thirds",
+        train_images=images[:n],
+        train_labels=labels[:n],
+        test_images=images[n:],
+        test_labels=labels[n:],
+        num_classes=10,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        source="synthetic",
+    )
+    recipe = dataclasses.replace(RECIPE, batch_size=32, epochs=2.0, whiten_images=256, eval_batch_size=64)
+    out = train_torch_speedrun(dataset, recipe=recipe, seed=0, curve=True, progress=False)
+    assert out["steps"] == 2 * (n // 32) == len(out["losses"])
+    assert [p[1] for p in out["curve"]] == [16, 32] and out["curve"][0][0] < out["curve"][1][0]
+    assert out["accuracy"] == out["curve"][-1][2]
+    assert np.mean(out["losses"][-5:]) < np.mean(out["losses"][:5])
+    # 32 steps at the recipe's per-example rates move the loss, not yet the accuracy (the smoke test's job)
+    assert 0 <= out["tta_accuracy"] <= 1 and out["train_seconds"] > 0 and out["tta_seconds"] > 0
+    jax_out = train_speedrun(dataset, recipe=recipe, seed=0, curve=True, progress=False)
+    assert [p[1] for p in jax_out.curve] == [16, 32] and jax_out.accuracy == jax_out.curve[-1][2]
+    assert np.mean(jax_out.losses[-5:]) < np.mean(jax_out.losses[:5])
