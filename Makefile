@@ -32,12 +32,13 @@ test: $(VENV)/.dev-installed
 test-quick: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Lint and format check, as CI runs them before the tests.
+# Lint, format check and type check, as CI runs them before the tests.
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
-# The type checker (configured in pyproject.toml); not yet clean, so not in CI.
+# The type checker alone (configured in pyproject.toml; make lint runs it too).
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
 

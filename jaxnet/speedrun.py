@@ -173,14 +173,19 @@ def make_speedrun_optimizer(
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _initializer(widths: tuple[int, ...], batchnorm_momentum: float) -> Any:
+    """One compiled ``key -> CifarSpeedNet`` per architecture: built eagerly, each layer's random
+    init compiles on its own, and a compile per call (a new closure each time) costs seconds on a CPU."""
+    return nnx.jit(
+        lambda key: CifarSpeedNet(widths=widths, batchnorm_momentum=batchnorm_momentum, rngs=nnx.Rngs(params=key))
+    )
+
+
 def speedrun_model(recipe: SpeedrunRecipe, *, seed: int = 0, whiten_from: Any = None) -> CifarSpeedNet:
     """The net of ``recipe.widths``, its whitening layer set from ``whiten_from`` (uint8 images) if given."""
-    # One compiled initializer: built eagerly, each layer's random init compiles on its own (seconds on a CPU).
-    model = nnx.jit(
-        lambda: CifarSpeedNet(
-            widths=recipe.widths, batchnorm_momentum=1.0 - recipe.batchnorm_momentum, rngs=nnx.Rngs(params=seed)
-        )
-    )()
+    initializer = _initializer(tuple(recipe.widths), 1.0 - recipe.batchnorm_momentum)
+    model = initializer(jax.random.key(seed))  # what nnx.Rngs(params=seed) makes of the seed
     if whiten_from is not None:
         init_whitening(model, normalize(whiten_from, recipe.mean, recipe.std), recipe.whiten_eps)
     return model
