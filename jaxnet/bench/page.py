@@ -28,7 +28,11 @@ _METHOD = """\
   `jaxnet.interop.to_torch_state_dict`), train on the same pool of 8 synthetic
   batches in the same order, with the model's tutorial optimizer
   (`jaxnet.recipes`) at a constant learning rate. The PyTorch models are the
-  tutorials' own modules (`jaxnet/bench/torch_models.py`).
+  tutorials' own modules (`jaxnet/bench/torch_models.py`). `cifar_speed`
+  (airbench94's net, `jaxnet bench --model cifar_speed`) trains with its own
+  recipe step instead: `jaxnet.speedrun.make_speedrun_step` and its PyTorch
+  twin's `torch_train_step` (`jaxnet/bench/speed_torch.py`), on uint8 pixels
+  that jaxnet normalizes on the device and PyTorch gets normalized, channels-last.
 - **Variants.** `torch-eager`: the tutorials' loop (`zero_grad`, forward, loss,
   `backward`, `step`). `torch-eager-ftz`: the same after
   `torch.set_flush_denormal(True)` (PyTorch's CPU kernels slow down on subnormal
@@ -37,7 +41,17 @@ _METHOD = """\
   step stays eager). `jax-jit`: `jaxnet.step.make_train_step`, forward, backward
   and update as one XLA executable per step. `jax-scan`:
   `jaxnet.step.make_scan_epoch`, the steps of a repeat as one `lax.scan` call.
-  PyTorch runs with `torch.set_num_threads` equal to the cores XLA uses.
+  Opt-in on a CPU (`--variants`), defaults on a GPU: `torch-compile-max`
+  (`torch.compile(model, mode="max-autotune")`), `torch-bf16` (eager under
+  `torch.autocast(dtype=torch.bfloat16)`, the loss in float32) and
+  `jax-jit-bf16` (`jax-jit` with jaxnet's bf16 policy: bfloat16 compute,
+  float32 parameters). On a CPU, PyTorch runs with `torch.set_num_threads`
+  equal to the cores XLA uses.
+- **Device.** `--device auto` (the default) runs both frameworks on a CUDA GPU
+  when PyTorch and JAX both see one, else on the CPU; the probes' subprocesses
+  get `JAX_PLATFORMS` to match. On a GPU every PyTorch repeat ends with
+  `torch.cuda.synchronize()` and every JAX one with `block_until_ready`; JAX
+  allocates GPU memory on demand there, so the frameworks share the GPU.
 - **Steady-state speed.** After a warm-up repeat, each variant runs `repeats`
   timed repeats of `steps` steps, interleaved (A B C D A B C D ...), so machine
   drift hits all variants alike; the tables give the median with min and max.
@@ -47,9 +61,11 @@ _METHOD = """\
 - **FLOPs** per step are XLA's HLO cost analysis of the jax train step
   (`jit(step).lower(state, batch).cost_analysis()["flops"]`: forward, backward
   and update, only the work the math needs); the same count is used for every
-  variant. **Peak** is cores x clock x FLOP/cycle, with FLOP/cycle = vector
-  lanes (from `/proc/cpuinfo`'s flags) x 2 (fused multiply-add) x FMA units
-  per core (2, an assumption that `/proc/cpuinfo` cannot confirm).
+  variant (bf16 ones included). **Peak** is cores x clock x FLOP/cycle, with
+  FLOP/cycle = vector lanes (from `/proc/cpuinfo`'s flags) x 2 (fused
+  multiply-add) x FMA units per core (2, an assumption that `/proc/cpuinfo`
+  cannot confirm): the CPU's fp32 peak. On a GPU no peak is given; the rows
+  report the achieved GFLOP/s.
 - **First step** is measured in fresh subprocesses: the wall time of the first
   training step once model, optimizer and batches exist (tracing and compiling
   included), first with an empty compilation cache (cold: JAX's persistent
@@ -61,10 +77,14 @@ _METHOD = """\
   the other steps is subtracted.
 - **Peak memory** is the rise of the subprocess's resident memory (peak
   `VmHWM`, reset just before the first step, minus the resident memory after
-  imports and batch creation) over the first step and one repeat.
+  imports and batch creation) over the first step and one repeat. On a GPU,
+  `peak_device_mb` in `bench.json` is the most GPU memory the framework held
+  in use in that subprocess.
 - **Loss agreement**: every variant runs the first steps again with dropout
   off (rates set to 0); their losses must match PyTorch eager's within
-  1e-5 + 1e-3 x |loss|.
+  1e-5 + 1e-3 x |loss|; the bf16 variants' within 1e-3 + 5e-2 x |loss|
+  (bfloat16 keeps 8 significant bits, and the two frameworks cast different
+  operations to it).
 - **load** in the table is the machine's 1-minute load average right after a
   row's timed repeats (`os.getloadavg`); above the number of cores, other
   processes were competing for the CPU.
@@ -119,6 +139,10 @@ def findings(result: Mapping[str, Any]) -> list[str]:
             _ratio_line(result, "jax-scan", "jax-jit", "Whole-repeat `lax.scan` vs one call per step"),
             _ratio_line(result, "torch-compile", "torch-eager", "`torch.compile` vs eager"),
             _ratio_line(result, "torch-eager-ftz", "torch-eager", "Flushing denormals in eager PyTorch"),
+            _ratio_line(result, "torch-compile-max", "torch-compile", "`max-autotune` vs the default `torch.compile`"),
+            _ratio_line(result, "torch-bf16", "torch-eager", "bfloat16 autocast vs float32, eager PyTorch"),
+            _ratio_line(result, "jax-jit-bf16", "jax-jit", "jaxnet's bf16 policy vs float32"),
+            _ratio_line(result, "jax-jit-bf16", "torch-bf16", "bf16 static graph vs bf16 dynamic"),
         )
         if line
     ]
@@ -133,10 +157,16 @@ def findings(result: Mapping[str, Any]) -> list[str]:
     if rows:
         disagree = [f"{r['model']}/{r['batch_size']} {r['variant']}" for r in rows if not r["losses_agree"]]
         worst = max((r.get("loss_max_abs_diff") or 0.0) for r in rows)
+        reference = (
+            "PyTorch eager"
+            if all(r.get("loss_reference", "torch-eager") == "torch-eager" for r in rows)
+            else "its row's reference variant (`loss_reference` in bench.json)"
+        )
+        bf16 = " (bf16 variants to bf16's tolerance)" if any(r.get("precision") == "bf16" for r in rows) else ""
         lines.append(
             "- Losses over the first steps (dropout off): "
             + (
-                f"every variant agrees with PyTorch eager (largest difference {worst:.1e})."
+                f"every variant agrees with {reference}{bf16} (largest difference {worst:.1e})."
                 if not disagree
                 else f"disagree in {', '.join(disagree)}."
             )
@@ -173,6 +203,23 @@ def _stall(curve: Sequence[Sequence[float]]) -> str:
     )
 
 
+def _device_lines(m: Mapping[str, Any]) -> list[str]:
+    """The machine and device lines: the CPU and its peak, or the GPU both frameworks ran on."""
+    device = m.get("device") or {}
+    cpu = f"{m['cpu']}, {m['cores']} cores used ({m.get('logical_cpus')} logical CPUs), {m['mhz']:.0f} MHz, "
+    if device.get("platform", "cpu") == "cpu":
+        return [
+            f"- **Machine**: {cpu}{m.get('vector')}; fp32 peak {m['peak_gflops']} GFLOP/s = {m.get('peak_formula')}.",
+            f"- **Device**: JAX on {device.get('platform', '?')}; PyTorch on CPU.",
+        ]
+    gpu = device.get("gpu") or device.get("kind", "?")
+    return [
+        f"- **Machine**: {cpu}{m.get('vector')} (the host; no peak is given for the GPU).",
+        f"- **Device**: JAX and PyTorch on the GPU: {gpu} (JAX's device kind {device.get('kind', '?')}, "
+        f"PyTorch built for CUDA {device.get('torch_cuda') or '?'}).",
+    ]
+
+
 def _where(result: Mapping[str, Any]) -> list[str]:
     m, v, c = result["machine"], result["versions"], result.get("config", {})
     versions = ", ".join(f"{k} {val}" for k, val in v.items() if val)
@@ -195,9 +242,7 @@ def _where(result: Mapping[str, Any]) -> list[str]:
             if "suite_seconds" in c
             else f"{c.get('wall_seconds', '?')} s of wall time for the measurements table."
         ),
-        f"- **Machine**: {m['cpu']}, {m['cores']} cores used ({m.get('logical_cpus')} logical CPUs), "
-        f"{m['mhz']:.0f} MHz, {m.get('vector')}; fp32 peak {m['peak_gflops']} GFLOP/s = {m.get('peak_formula')}.",
-        f"- **Device**: JAX on {m.get('device', {}).get('platform', '?')}; PyTorch on CPU.",
+        *_device_lines(m),
         f"- **Load** (`uptime`'s 1/5/15-minute averages): {m.get('load_average')} at the start, "
         f"{m.get('load_average_end')} at the end. Other work on the machine slows every variant; the "
         "interleaving keeps the comparison fair, not the absolute numbers.",

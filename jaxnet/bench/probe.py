@@ -18,6 +18,15 @@ Definitions (the same for every variant):
   ``steps``-long run: the peak (``VmHWM`` of ``/proc/self/status``, reset
   by writing 5 to ``/proc/self/clear_refs`` just before the first step;
   ``ru_maxrss`` where that is impossible) minus the level before.
+- ``peak_device_mb`` (cuda only): the most GPU memory the variant's framework
+  held in use over the whole process (weights, batches, first step and the
+  run after it): ``torch.cuda.max_memory_allocated()``, or the
+  ``peak_bytes_in_use`` of JAX's device memory statistics.
+
+The subprocess runs on the parent's device: ``JAX_PLATFORMS`` is ``cpu`` or
+``cuda`` (:data:`jaxnet.bench.machine.JAX_PLATFORMS`), so JAX cannot pick
+another one, and on cuda JAX allocates GPU memory on demand
+(:func:`jaxnet.bench.machine.share_gpu_memory`).
 """
 
 from __future__ import annotations
@@ -35,12 +44,14 @@ from typing import Any
 
 import numpy as np
 
+from jaxnet.bench.machine import JAX_PLATFORMS
 from jaxnet.bench.workload import JAX_VARIANTS, TORCH_VARIANTS, Workload
 from jaxnet.errors import JaxnetError
 
-__all__ = ["first_step_latency", "main", "run_probe"]
+__all__ = ["first_step_latency", "main", "probe_env", "run_probe"]
 
-COMPILED_VARIANTS = ("torch-compile", "jax-jit", "jax-scan")  # have a compilation cache to be warm
+# have a compilation cache to be warm
+COMPILED_VARIANTS = ("torch-compile", "torch-compile-max", "jax-jit", "jax-scan", "jax-jit-bf16")
 
 
 def _status_mb(field: str) -> float | None:
@@ -70,6 +81,20 @@ def _peak_rss_mb(reset: bool) -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
 
 
+def _device_peak_mb(variant: str, device: str) -> float | None:
+    """The most GPU memory the variant's framework held in use in this process (None off the GPU)."""
+    if device != "cuda":
+        return None
+    if variant in TORCH_VARIANTS:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    from jaxnet.bench.machine import jax_device
+
+    stats = jax_device(device).memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
 def _count_files(folder: str) -> int:
     return sum(len(files) for _, _, files in os.walk(folder))
 
@@ -79,9 +104,9 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
     from jaxnet.bench.variants import make_runner  # after the cache options are set
     from jaxnet.compilation import CompileCounter
 
-    workload, variant = Workload(**spec["workload"]), spec["variant"]
+    workload, variant, device = Workload(**spec["workload"]), spec["variant"], spec.get("device", "cpu")
     state_dict = dict(np.load(spec["weights"])) if variant in TORCH_VARIANTS else None
-    runner = make_runner(variant, workload, state_dict=state_dict, threads=spec.get("threads"))
+    runner = make_runner(variant, workload, state_dict=state_dict, threads=spec.get("threads"), device=device)
     base_rss = _status_mb("VmRSS") or 0.0
     reset = _reset_peak_rss()
     with CompileCounter() as counter:
@@ -96,17 +121,18 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
     result = {
         "first_step_seconds": first,
         "peak_rss_mb": max(0.0, _peak_rss_mb(reset) - base_rss),
+        "peak_device_mb": _device_peak_mb(variant, device),
         "jax_compiles": counter.compiles,
         "cache_files": _count_files(spec["cache_dir"]),
     }
-    return result  # the JAX variants run on the CPU (JAX_PLATFORMS=cpu): their memory is in peak_rss_mb
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: ``python -m jaxnet.bench.probe SPEC_JSON``; prints one JSON line.
 
     ``SPEC_JSON`` holds ``workload`` (a :class:`Workload` as a dict),
-    ``variant``, ``cache_dir``, ``threads`` and, for PyTorch variants,
+    ``variant``, ``device``, ``cache_dir``, ``threads`` and, for PyTorch variants,
     ``weights`` (an ``.npz`` of the initial state_dict). Inductor's cache
     folder is taken from ``TORCHINDUCTOR_CACHE_DIR``, which the parent sets.
     """
@@ -125,6 +151,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def probe_env(cache_dir: str, device: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The probe subprocess's environment: ``base`` (default: this process's) with the device and cache folders.
+
+    >>> probe_env("/tmp/c", "cuda", {})["JAX_PLATFORMS"]
+    'cuda'
+    """
+    env = dict(os.environ if base is None else base)
+    env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"), JAX_PLATFORMS=JAX_PLATFORMS[device])
+    if device == "cuda":  # PyTorch and JAX may share the GPU: no 75% reservation by JAX
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return env
+
+
 def run_probe(
     workload: Workload,
     variant: str,
@@ -132,6 +171,7 @@ def run_probe(
     cache_dir: str,
     weights: str | None,
     threads: int | None,
+    device: str = "cpu",
     timeout: float = 600.0,
 ) -> dict[str, Any]:
     """Runs one probe subprocess and returns its JSON result.
@@ -145,9 +185,10 @@ def run_probe(
         "cache_dir": cache_dir,
         "weights": weights,
         "threads": threads,
+        "device": device,
     }
-    # both frameworks on the CPU, also where JAX would pick a GPU (see machine.on_the_cpu)
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"), JAX_PLATFORMS="cpu")
+    # JAX on the parent's device, also where it would pick another one (see machine.on_device)
+    env = probe_env(cache_dir, device)
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "jaxnet.bench.probe", json.dumps(spec)],
@@ -173,6 +214,7 @@ def first_step_latency(
     state_dict: Mapping[str, np.ndarray],
     *,
     threads: int | None,
+    device: str = "cpu",
     timeout: float = 600.0,
 ) -> dict[str, Any]:
     """First-step latency with a cold and a warm compilation cache, and peak memory.
@@ -181,13 +223,15 @@ def first_step_latency(
         workload: what to train.
         variant: the variant to measure.
         state_dict: the initial weights (PyTorch layout), for PyTorch variants.
-        threads: ``torch.set_num_threads`` in the subprocess.
+        threads: ``torch.set_num_threads`` in the subprocess (on the CPU).
+        device: ``cpu`` or ``cuda``.
         timeout: seconds allowed per subprocess.
 
     Returns:
         ``first_step_seconds`` (cold cache), ``first_step_seconds_warm``
         (None for eager variants, which have no cache), ``peak_rss_mb`` and
-        ``peak_rss_mb_cold`` (the warm and the cold run's), ``cache_files``.
+        ``peak_rss_mb_cold`` (the warm and the cold run's), ``peak_device_mb``
+        (the warm or only run's; None off the GPU), ``cache_files``.
     """
     with tempfile.TemporaryDirectory(prefix="jaxnet-bench-") as tmp:
         weights = None
@@ -199,7 +243,9 @@ def first_step_latency(
         os.makedirs(cache_dir)
 
         def probe() -> dict[str, Any]:
-            return run_probe(workload, variant, cache_dir=cache_dir, weights=weights, threads=threads, timeout=timeout)
+            return run_probe(
+                workload, variant, cache_dir=cache_dir, weights=weights, threads=threads, device=device, timeout=timeout
+            )
 
         cold = probe()
         warm = probe() if variant in COMPILED_VARIANTS else None
@@ -208,6 +254,7 @@ def first_step_latency(
         "first_step_seconds_warm": warm["first_step_seconds"] if warm else None,
         "peak_rss_mb": (warm or cold)["peak_rss_mb"],
         "peak_rss_mb_cold": cold["peak_rss_mb"],
+        "peak_device_mb": (warm or cold)["peak_device_mb"],
         "cache_files": cold["cache_files"],
     }
     return out

@@ -5,7 +5,11 @@
 ``machine``, ``versions``, ``config`` and, with ``--time-to-accuracy``,
 ``time_to_accuracy``. The schema is a subset of JSON Schema (``type``,
 ``required``, ``properties``, ``items``, ``enum``, ``minimum``) that
-:func:`validate` checks without any extra dependency.
+:func:`validate` checks without any extra dependency. Keys added since the
+first published results (a row's ``device``, ``precision``, ``loss_rtol``,
+``peak_device_mb``) are optional, so that ``--render`` still reads those.
+On a GPU the machine's ``peak_gflops`` and the rows' ``peak_fraction`` are
+null: only the CPU's peak is computed.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxnet.bench.workload import VARIANTS
+from jaxnet.bench.workload import DEVICES, VARIANTS
 from jaxnet.errors import JaxnetError
 
 __all__ = ["RESULT_SCHEMA", "markdown_tables", "plot_charts", "validate", "write_outputs"]
@@ -46,6 +50,8 @@ ROW_SCHEMA: dict[str, Any] = {
         "model": {"type": "string"},
         "batch_size": {"type": "integer", "minimum": 1},
         "variant": {"type": "string", "enum": list(VARIANTS)},
+        "device": {"type": "string", "enum": list(DEVICES)},  # where both frameworks ran
+        "precision": {"type": "string", "enum": ["fp32", "bf16"]},  # compute dtype (parameters stay float32)
         "steps": {"type": "integer", "minimum": 1},  # steps per timed repeat
         "repeats": {"type": "integer", "minimum": 1},
         "steps_per_sec": {"type": "number", "minimum": 0},  # median over repeats
@@ -56,14 +62,18 @@ ROW_SCHEMA: dict[str, Any] = {
         "first_step_seconds_warm": _OPT_NUM,  # warm cache; null for eager variants
         "flops_per_step": _OPT_NUM,
         "gflops_per_sec": _OPT_NUM,
-        "peak_fraction": _OPT_NUM,  # gflops_per_sec / machine.peak_gflops
+        "peak_fraction": _OPT_NUM,  # gflops_per_sec / machine.peak_gflops; null on a GPU
         "peak_rss_mb": _OPT_NUM,
         "peak_rss_mb_cold": _OPT_NUM,
+        "peak_device_mb": _OPT_NUM,  # GPU memory in use at most (probe); null on the CPU
         "warmup_compiles": _OPT_INT,  # JAX compilations before timing (null for torch)
         "steady_state_compiles": _OPT_INT,  # JAX compilations while timed: must be 0
         "first_losses": {"type": "array", "items": _NUM},
         "loss_max_abs_diff": _OPT_NUM,
-        "losses_agree": {"type": "boolean"},
+        "losses_agree": {"type": "boolean"},  # within loss_atol + loss_rtol * |reference loss|
+        "loss_reference": {"type": "string", "enum": list(VARIANTS)},
+        "loss_rtol": _NUM,
+        "loss_atol": _NUM,
         "flush_denormal": {"type": "boolean"},
         "load_average_1min": _OPT_NUM,  # the machine's load right after the timed repeats
     },
@@ -96,8 +106,17 @@ RESULT_SCHEMA: dict[str, Any] = {
             "properties": {
                 "cpu": {"type": "string"},
                 "cores": {"type": "integer", "minimum": 1},
-                "peak_gflops": _OPT_NUM,
+                "peak_gflops": _OPT_NUM,  # the CPU's fp32 peak; null when the run was on a GPU
                 "load_average": {"type": ["array", "null"]},
+                "device": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "enum": list(DEVICES)},
+                        "platform": {"type": "string"},  # JAX's: cpu, gpu
+                        "kind": {"type": "string"},  # JAX's device_kind
+                        "gpu": {"type": ["string", "null"]},  # torch.cuda.get_device_name()
+                    },
+                },
             },
         },
         "versions": {

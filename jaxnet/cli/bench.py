@@ -7,13 +7,19 @@ CLI became a package. The harness is imported inside the functions, when the
 command runs: ``jaxnet.bench`` re-exports names of this module, so importing
 it here at the top would be circular.
 
+On a machine where PyTorch and JAX both see a CUDA GPU, both frameworks run
+there (``--device auto``, the default; ``--device cpu`` keeps them on the
+processor, ``--device cuda`` insists on the GPU and says what is missing).
+
 Examples::
 
-    jaxnet bench                                   # tutorial models, all variants
+    jaxnet bench                                   # tutorial models, each device's default variants
     jaxnet bench --model mlp --batch-size 64,512 --variants torch-eager,jax-jit --steps 50 --repeats 5
     jaxnet bench --quick --json                    # CI: one small model, few steps
     jaxnet bench --time-to-accuracy --data-dir DIR
     jaxnet bench --full --out docs/                # the published run (docs/static_vs_dynamic.md)
+    jaxnet bench --model cifar_speed --batch-size 512 --device cuda   # airbench94's step, GPU
+    jaxnet bench --model mlp --variants torch-eager,torch-bf16,jax-jit,jax-jit-bf16 --device cpu
 """
 
 from __future__ import annotations
@@ -44,19 +50,24 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     Returns:
         The ``bench`` parser.
     """
-    from jaxnet.bench.workload import VARIANTS
+    from jaxnet.bench.workload import CPU_VARIANTS, CUDA_VARIANTS, VARIANTS
 
     p = add_command(
         subparsers,
         "bench",
-        help="measure PyTorch eager / torch.compile vs jaxnet jit / scan on the tutorial models",
+        help="measure PyTorch eager / torch.compile vs jaxnet jit / scan on the tutorial models, CPU or GPU",
         description=(
-            "On the CPU (both frameworks, also where a GPU is visible), train the same model from the same "
-            "weights on the same batches with PyTorch eager "
-            "(with and without flushing denormals), torch.compile, jaxnet's jit-compiled step and "
-            "its whole-epoch lax.scan; report steps/s (median, min, max of interleaved repeats), "
-            "first-step latency with a cold and a warm compilation cache, GFLOP/s and share of the "
-            "CPU's peak, peak memory, compile counts and whether the losses agree."
+            "Train the same model from the same weights on the same batches with PyTorch eager "
+            "(with and without flushing denormals), torch.compile (default and max-autotune), "
+            "eager bf16 autocast, jaxnet's jit-compiled step (float32 and bf16) and its whole-epoch "
+            "lax.scan; report steps/s (median, min, max of interleaved repeats), first-step latency "
+            "with a cold and a warm compilation cache, GFLOP/s and share of the CPU's peak, peak "
+            "memory, compile counts and whether the losses agree. Both frameworks run on one device: "
+            "the CPU, or a CUDA GPU when PyTorch and JAX both see one (--device). On a GPU every "
+            "timed PyTorch repeat ends with torch.cuda.synchronize(), the machine section names the "
+            "GPU, GFLOP/s are reported without a share of peak, and the default variants are the "
+            "GPU's (no flush-denormal variant: that is a CPU setting). --model cifar_speed times "
+            "airbench94's net with its own recipe step in both frameworks."
         ),
     )
     p.add_argument(
@@ -68,7 +79,21 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         default=None,
         help="comma-separated batch sizes (default: each model's tutorial batch size)",
     )
-    p.add_argument("--variants", type=name_list, default=list(VARIANTS), help="comma-separated variants")
+    p.add_argument(
+        "--variants",
+        type=name_list,
+        default=None,
+        help=f"comma-separated variants, of {', '.join(VARIANTS)} (default on the CPU: "
+        f"{', '.join(CPU_VARIANTS)}; on a GPU: {', '.join(CUDA_VARIANTS)}; cifar_speed has no jax-scan)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where both frameworks run: auto (default) is cuda when torch.cuda.is_available() and "
+        "jax.devices('gpu') both find a GPU, else cpu; cuda refuses to run without both "
+        '(JAX: pip install "jaxnet[cuda12]"; PyTorch: a CUDA build of torch==2.13.0)',
+    )
     p.add_argument(
         "--steps",
         type=positive_int,
@@ -77,7 +102,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     p.add_argument("--repeats", type=positive_int, default=5, help="timed, interleaved repeats per variant")
     p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: the cores XLA uses)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch.set_num_threads on the CPU (default: the cores XLA uses; not applied on a GPU)",
     )
     p.add_argument(
         "--no-probe", action="store_true", help="skip the first-step and memory measurements (fresh subprocesses)"
@@ -113,7 +141,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         metavar="BENCH_JSON",
         help="measure nothing: rewrite the table, charts and page of --out from an earlier bench.json",
     )
-    p.add_argument("--fma-units", type=positive_int, default=2, help="FMA units per core, for the peak FLOP/s")
+    p.add_argument("--fma-units", type=positive_int, default=2, help="FMA units per core, for the CPU's peak FLOP/s")
     p.add_argument("--json", action="store_true", help="end with the whole result as one JSON line")
     p.set_defaults(func=run_bench)
     return p
@@ -170,13 +198,14 @@ def _git_commit() -> str | None:
     return head + (" + uncommitted changes" if dirty else "")
 
 
-def _check_variants(variants: Sequence[str], what: str) -> None:
+def _check_variants(variants: Sequence[str] | None, what: str) -> None:
+    """Refuses unknown names, and PyTorch variants without torch (None: the defaults, which have them)."""
     from jaxnet.bench.workload import TORCH_VARIANTS, VARIANTS
 
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants or () if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown {what} {unknown}; choose from {', '.join(VARIANTS)}")
-    if any(v in TORCH_VARIANTS for v in variants):
+    if variants is None or any(v in TORCH_VARIANTS for v in variants):
         try:
             import torch  # noqa: F401
         except ImportError:
@@ -184,6 +213,29 @@ def _check_variants(variants: Sequence[str], what: str) -> None:
                 "the PyTorch variants need torch: pip install 'jaxnet[torch]' (torch==2.13.0), "
                 "or pass --variants jax-jit,jax-scan"
             ) from None
+
+
+def _select_device(args: argparse.Namespace, workloads: Sequence[Any]) -> str:
+    """``--device`` resolved (:func:`jaxnet.bench.machine.select_device`), every workload's variants checked on it.
+
+    PyTorch is asked about CUDA only where a PyTorch variant runs. Before
+    JAX's backend starts, JAX is told to allocate GPU memory on demand, so
+    that both frameworks fit on one GPU.
+
+    Raises:
+        ConfigError: ``--device cuda`` where a side has no GPU, or variants
+            that a workload's model or the device cannot run.
+    """
+    from jaxnet.bench import machine
+    from jaxnet.bench.workload import TORCH_VARIANTS, check_variants, default_variants
+
+    if args.device != "cpu":
+        machine.share_gpu_memory()
+    torch_side = args.variants is None or any(v in TORCH_VARIANTS for v in args.variants)
+    device = machine.select_device(args.device, torch_side=torch_side)
+    for w in workloads:
+        check_variants(args.variants or default_variants(w.model, device), w.model, device)
+    return device
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -199,18 +251,24 @@ def run_bench(args: argparse.Namespace) -> None:
     _check_variants(args.variants, "variants")
     tta_only = args.time_to_accuracy and not args.full
     workloads = [] if tta_only else build_workloads(args)
+    device = _select_device(args, workloads) if workloads else "cpu"  # time to accuracy alone runs on the CPU
+    log.info("device: %s (--device %s)", device, args.device)
     threads = args.threads or machine.usable_cores()
-    with machine.on_the_cpu():
+    with machine.on_device(device):
         result = run_suite(
             workloads,
             args.variants,
+            device=device,
             repeats=args.repeats,
             threads=threads,
             probes=not args.no_probe,
             fma_units=args.fma_units,
             log=log.info,
         )
-        if args.time_to_accuracy or args.full:
+    if args.time_to_accuracy or args.full:
+        if device != "cpu":
+            log.info("time to accuracy runs on the CPU (jaxnet.bench.accuracy trains PyTorch on the CPU)")
+        with machine.on_the_cpu():
             result["time_to_accuracy"] = _run_tta(args, threads, log)
     result["config"]["suite_seconds"] = result["config"].pop("wall_seconds")
     result["config"]["wall_seconds"] = round(time.perf_counter() - start, 1)  # suite + time to accuracy

@@ -82,7 +82,7 @@ REFUSED_FLAGS = (
     ),
     (
         "the recipe fixes its learning rate, SpeedrunRecipe.lr = 11.5 per 1024 examples, decoupled "
-        "from the momentum (in PyTorch's units 0.0016 for most weights and 64x that for BatchNorm "
+        "from the momentum (in PyTorch's units 0.0015 for most weights and 64x that for BatchNorm "
         "biases); change it from Python with SpeedrunRecipe(lr=...)",
         ("lr",),
     ),
