@@ -1,6 +1,7 @@
 """The published benchmark: ``python -m benchmarks.run [--data-dir DIR] [jaxnet bench options]``.
 
-Runs ``jaxnet bench --full --out docs/``: every tutorial model and batch size
+Runs ``jaxnet bench --full --device cpu --out docs/`` (the published page is the CPU's; pass
+``--device cuda`` after it for a GPU run): every tutorial model and batch size
 of the published table in every variant (PyTorch eager with and without
 flushed denormals, torch.compile, jaxnet jit, jaxnet scan), the first-step and
 memory probes, and time to accuracy on MNIST; then rewrites
@@ -24,7 +25,7 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 def main(argv: list[str] | None = None) -> int:
     """Runs the full benchmark into ``docs/``; extra arguments go to ``jaxnet bench``."""
     extra = sys.argv[1:] if argv is None else list(argv)
-    return bench_main(["bench", "--full", "--out", str(DOCS), *extra])
+    return bench_main(["bench", "--full", "--device", "cpu", "--out", str(DOCS), *extra])
 
 
 if __name__ == "__main__":

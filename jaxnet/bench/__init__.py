@@ -5,8 +5,10 @@ The harness behind the ``bench`` subcommand (its parser, ``register_cli``, is
 ``workload`` (what is trained), ``torch_models`` (the tutorials' PyTorch
 modules), ``variants`` (one runner per way of training), ``suite`` (interleaved
 timing, loss agreement, compile counts), ``probe`` (first step and memory in
-fresh processes), ``accuracy`` (time to accuracy on MNIST), ``machine`` (CPU,
-peak FLOP/s, versions), ``report`` and ``page`` (JSON schema, Markdown, charts).
+fresh processes), ``accuracy`` (time to accuracy on MNIST), ``speedrun_accuracy``
+and ``speed_torch`` (the CIFAR-10 speedrun's time to 94% and its PyTorch twin),
+``machine`` (the device choice, CPU or GPU description, peak FLOP/s, versions),
+``report`` and ``page`` (JSON schema, Markdown, charts).
 torch is imported only where a PyTorch variant runs.
 """
 

@@ -17,6 +17,7 @@ Examples::
     jaxnet bench --model mlp --batch-size 64,512 --variants torch-eager,jax-jit --steps 50 --repeats 5
     jaxnet bench --quick --json                    # CI: one small model, few steps
     jaxnet bench --time-to-accuracy --data-dir DIR
+    jaxnet bench --model cifar_speed --tta --data-dir DIR   # time to 94% for the CIFAR-10 speedrun, both sides
     jaxnet bench --full --out docs/                # the published run (docs/static_vs_dynamic.md)
     jaxnet bench --model cifar_speed --batch-size 512 --device cuda   # airbench94's step, GPU
     jaxnet bench --model mlp --variants torch-eager,torch-bf16,jax-jit,jax-jit-bf16 --device cpu
@@ -116,24 +117,36 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     p.add_argument(
         "--time-to-accuracy",
+        "--tta",
+        dest="time_to_accuracy",
         action="store_true",
-        help="only measure wall time to 98%% (MLP) / 99%% (ConvNet) MNIST test accuracy",
+        help="only measure wall time to accuracy: 98%% (mlp) / 99%% (convnet) on MNIST, and for cifar_speed "
+        "94%% on CIFAR-10 with test-time augmentation (its whole recipe, once per variant, on --device)",
     )
-    p.add_argument("--tta-models", type=name_list, default=["mlp", "convnet"], help="models for time to accuracy")
+    p.add_argument(
+        "--tta-models",
+        type=name_list,
+        default=None,
+        help="models for time to accuracy (default: --model's if given, else mlp,convnet)",
+    )
     p.add_argument(
         "--tta-variants",
         type=name_list,
         default=None,
         help="variants for time to accuracy (default: torch-eager, torch-eager-ftz and jax-jit "
-        "for mlp; torch-eager and jax-jit for convnet)",
+        "for mlp; torch-eager and jax-jit for convnet and, on the CPU, cifar_speed; on a GPU cifar_speed "
+        "runs jax-jit, jax-jit-bf16, torch-eager, torch-compile and torch-bf16)",
     )
     p.add_argument(
         "--tta-max-seconds",
         type=positive_float,
         default=150.0,
-        help="give up on a time-to-accuracy run after this much training time",
+        help="give up on a time-to-accuracy run after this much training time (MNIST models; the "
+        "speedrun's schedule needs its whole length)",
     )
-    p.add_argument("--data-dir", default=None, help="folder holding mnist/ (default: $JAXNET_DATA_DIR, cache)")
+    p.add_argument(
+        "--data-dir", default=None, help="folder holding mnist/ and cifar10/ (default: $JAXNET_DATA_DIR, cache)"
+    )
     p.add_argument("--out", default=None, help="write bench.json, bench.md, PNG charts and static_vs_dynamic.md here")
     p.add_argument(
         "--render",
@@ -251,7 +264,9 @@ def run_bench(args: argparse.Namespace) -> None:
     _check_variants(args.variants, "variants")
     tta_only = args.time_to_accuracy and not args.full
     workloads = [] if tta_only else build_workloads(args)
-    device = _select_device(args, workloads) if workloads else "cpu"  # time to accuracy alone runs on the CPU
+    speedrun_tta = (args.time_to_accuracy or args.full) and SPEEDRUN_MODEL in _tta_models(args)
+    # time to accuracy alone runs on the CPU, but for the speedrun, which runs where --device says
+    device = _select_device(args, workloads) if workloads or speedrun_tta else "cpu"
     log.info("device: %s (--device %s)", device, args.device)
     threads = args.threads or machine.usable_cores()
     with machine.on_device(device):
@@ -266,10 +281,18 @@ def run_bench(args: argparse.Namespace) -> None:
             log=log.info,
         )
     if args.time_to_accuracy or args.full:
-        if device != "cpu":
-            log.info("time to accuracy runs on the CPU (jaxnet.bench.accuracy trains PyTorch on the CPU)")
+        models = _tta_models(args)
+        mnist_models = [m for m in models if m != SPEEDRUN_MODEL]
+        if device != "cpu" and mnist_models:
+            log.info(
+                "time to accuracy for %s runs on the CPU (jaxnet.bench.accuracy trains PyTorch on the CPU)",
+                mnist_models,
+            )
         with machine.on_the_cpu():
-            result["time_to_accuracy"] = _run_tta(args, threads, log)
+            result["time_to_accuracy"] = _run_tta(args, mnist_models, threads, log) if mnist_models else []
+        if SPEEDRUN_MODEL in models:
+            with machine.on_device(device):
+                result["time_to_accuracy"] += _run_speedrun_tta(args, device, threads, log)
     result["config"]["suite_seconds"] = result["config"].pop("wall_seconds")
     result["config"]["wall_seconds"] = round(time.perf_counter() - start, 1)  # suite + time to accuracy
     result["config"]["command"] = _command()
@@ -305,11 +328,61 @@ def _render(args: argparse.Namespace, log: logging.Logger) -> None:
     _publish(result, args, log)
 
 
-def _run_tta(args: argparse.Namespace, threads: int, log: logging.Logger) -> list[dict[str, Any]]:
+SPEEDRUN_MODEL = "cifar_speed"  # its time to accuracy is jaxnet.bench.speedrun_accuracy's
+
+
+def _tta_models(args: argparse.Namespace) -> list[str]:
+    """``--tta-models``, else ``--model``'s models with ``--tta`` alone, else mlp and convnet."""
+    if args.tta_models:
+        return list(args.tta_models)
+    if args.model and args.time_to_accuracy and not args.full:
+        return list(args.model)
+    return ["mlp", "convnet"]
+
+
+def _log_tta(log: logging.Logger, res: dict[str, Any]) -> None:
+    log.info(
+        "  %s",
+        f"reached {100 * res['target']:.0f}% after {res['seconds']:.1f} s"
+        if res["reached"]
+        else f"best {100 * res['final_accuracy']:.2f}% (not reached)",
+    )
+
+
+def _run_speedrun_tta(args: argparse.Namespace, device: str, threads: int, log: logging.Logger) -> list[dict[str, Any]]:
+    """Time to 94% for cifar_speed: its whole recipe once per variant, on ``device``."""
+    from jaxnet.bench.speedrun_accuracy import SPEEDRUN_VARIANTS, speedrun_time_to_accuracy
+    from jaxnet.data import load_dataset
+
+    default = (
+        ("jax-jit", "torch-eager")
+        if device == "cpu"
+        else ("jax-jit", "jax-jit-bf16", "torch-eager", "torch-compile", "torch-bf16")
+    )
+    variants = args.tta_variants or default
+    bad = [v for v in variants if v not in SPEEDRUN_VARIANTS]
+    if bad:
+        raise ConfigError(f"time to accuracy for cifar_speed runs {', '.join(SPEEDRUN_VARIANTS)}; not {bad}")
+    _check_variants(variants, "time-to-accuracy variants")
+    data = load_dataset("cifar10", data_dir=args.data_dir, download=False)
+    if data.num_train < 50000:
+        log.warning("time to accuracy on %s: not the full CIFAR-10; pass --data-dir", data.source)
+    out = []
+    for variant in variants:
+        log.info("time to accuracy: cifar_speed, %s, on %s (the whole recipe)", variant, device)
+        res = speedrun_time_to_accuracy(data, variant, device=device, threads=threads)
+        _log_tta(log, res)
+        out.append(res)
+    return out
+
+
+def _run_tta(
+    args: argparse.Namespace, models: Sequence[str], threads: int, log: logging.Logger
+) -> list[dict[str, Any]]:
     from jaxnet.bench.accuracy import TTA_DEFAULT_VARIANTS, TTA_VARIANTS, time_to_accuracy
     from jaxnet.data import load_dataset
 
-    plan = {name: args.tta_variants or TTA_DEFAULT_VARIANTS.get(name, TTA_VARIANTS) for name in args.tta_models}
+    plan = {name: args.tta_variants or TTA_DEFAULT_VARIANTS.get(name, TTA_VARIANTS) for name in models}
     bad = sorted({v for vs in plan.values() for v in vs if v not in TTA_VARIANTS})
     if bad:
         raise ConfigError(f"time to accuracy runs {', '.join(TTA_VARIANTS)}; not {bad}")
@@ -323,12 +396,7 @@ def _run_tta(args: argparse.Namespace, threads: int, log: logging.Logger) -> lis
             log.info("time to accuracy: %s, %s", name, variant)
             res = time_to_accuracy(name, data, variant, max_seconds=args.tta_max_seconds, threads=threads)
             res["dataset_source"] = data.source
-            log.info(
-                "  %s",
-                f"reached {100 * res['target']:.0f}% after {res['seconds']:.1f} s"
-                if res["reached"]
-                else f"best {100 * res['final_accuracy']:.2f}% (not reached)",
-            )
+            _log_tta(log, res)
             out.append(res)
     return out
 

@@ -61,3 +61,37 @@ def test_the_old_module_path_is_the_same_module():
         cli.run_bench,
         cli.build_workloads,
     )
+
+
+def test_tta_with_cifar_speed_runs_the_speedruns_time_to_accuracy_on_cifar10(capsys, tmp_path, monkeypatch):
+    from jaxnet.bench import report, speedrun_accuracy
+    from tests.cli.test_train_speedrun import write_tiny_cifar
+
+    write_tiny_cifar(tmp_path)
+    calls = []
+
+    def fake(data, variant, *, device, threads, **_):
+        calls.append((variant, device, data.num_train, data.image_shape))
+        return {
+            "model": "cifar_speed",
+            "variant": variant,
+            "target": 0.94,
+            "reached": variant == "jax-jit",
+            "seconds": 12.0 if variant == "jax-jit" else None,
+            "steps": 7 if variant == "jax-jit" else None,
+            "final_accuracy": 0.95 if variant == "jax-jit" else 0.93,
+            "curve": [[12.0, 7, 0.95]],
+            "stopped": "recipe done (9.9 epochs)",
+        }
+
+    monkeypatch.setattr(speedrun_accuracy, "speedrun_time_to_accuracy", fake)
+    code, result, err = run_main(
+        capsys, "bench", "--model", "cifar_speed", "--tta", "--data-dir", str(tmp_path), "--no-probe", "--json"
+    )
+    assert code == 0, err
+    assert calls == [("jax-jit", "cpu", 500, (32, 32, 3)), ("torch-eager", "cpu", 500, (32, 32, 3))]
+    assert [r["variant"] for r in result["time_to_accuracy"]] == ["jax-jit", "torch-eager"]
+    assert result["rows"] == [] and not report.validate(result)
+    assert "not the full CIFAR-10" in err  # the tiny set is named as such
+    code, _, err = run_main(capsys, "bench", "--model", "cifar_speed", "--tta", "--tta-variants", "jax-scan")
+    assert code == 2 and "cifar_speed runs jax-jit, jax-jit-bf16" in err

@@ -121,14 +121,16 @@ def test_mixed_precision_trains_on_the_gpu(sample, precision):
     assert result.history[-1]["test_accuracy"] > 0.8, result.history[-1]
 
 
-def test_the_benchmark_keeps_jax_on_the_cpu_beside_pytorch():
+def test_the_benchmark_on_the_cpu_keeps_jax_on_the_cpu_beside_pytorch():
     from jaxnet.bench.machine import on_the_cpu
     from tests.bench.helpers import run_cli
 
     with on_the_cpu():
         placed, computed = jax.device_put(np.ones(3)), jax.jit(lambda a: a * 2)(jnp.ones(3))
     assert {next(iter(a.devices())).platform for a in (placed, computed)} == {"cpu"}
-    code, stdout, stderr = run_cli(["bench", "--quick", "--variants", "torch-eager,jax-jit", "--json"])
+    code, stdout, stderr = run_cli(
+        ["bench", "--quick", "--device", "cpu", "--variants", "torch-eager,jax-jit", "--json"]
+    )
     assert code == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["machine"]["device"]["platform"] == "cpu"
