@@ -6,7 +6,8 @@
 * :mod:`jaxnet.parallel.steps`: the same step written per device, with
   ``shard_map`` or ``pmap`` and an explicit gradient ``pmean``.
 * :mod:`jaxnet.parallel.multiprocess`: joining several processes into one
-  run (``jax.distributed``), each reading its slice of every batch.
+  run (``jax.distributed``); :mod:`jaxnet.parallel.process_batches`: each
+  process's slice of every batch, and the global arrays built from them.
 * :mod:`jaxnet.parallel.launcher`: ``jaxnet launch``, the ``torchrun``
   counterpart that starts and watches those processes.
 
