@@ -327,7 +327,13 @@ def train_speedrun(
 
     def evaluate(level: int) -> float:
         return tta_accuracy(
-            predict, state, test_images, dataset.test_labels, level=level, batch_size=recipe.eval_batch_size
+            predict,
+            state,
+            test_images,
+            dataset.test_labels,
+            level=level,
+            batch_size=recipe.eval_batch_size,
+            compiler_options=speedrun_compiler_options(),
         )
 
     key = jax.random.PRNGKey(seed)

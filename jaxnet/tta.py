@@ -91,13 +91,14 @@ def tta_logits(apply_fn: Callable[[jax.Array], jax.Array], images: jax.Array, le
 
 
 def make_tta_predict(
-    predict: Callable[[Any, jax.Array], jax.Array], level: int = 2
+    predict: Callable[[Any, jax.Array], jax.Array], level: int = 2, *, compiler_options: dict[str, Any] | None = None
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """Compiles ``tta_predict(state, images) -> (B, K)`` TTA logits from ``predict(state, images)``.
 
     Args:
         predict: eval-mode outputs, e.g. :func:`jaxnet.step.make_predict_fn`'s.
         level: 0, 1 or 2.
+        compiler_options: XLA options of the compiled function (``jax.jit``'s).
 
     Returns:
         The jitted function.
@@ -107,7 +108,9 @@ def make_tta_predict(
     """
     if level not in TTA_LEVELS:
         raise ConfigError(f"tta level must be one of {TTA_LEVELS} (none, mirror, mirror + translate); got {level!r}")
-    return jax.jit(lambda state, images: tta_logits(lambda x: predict(state, x), images, level))
+    return jax.jit(
+        lambda state, images: tta_logits(lambda x: predict(state, x), images, level), compiler_options=compiler_options
+    )
 
 
 def tta_accuracy(
@@ -118,6 +121,7 @@ def tta_accuracy(
     *,
     level: int = 2,
     batch_size: int = 2000,
+    compiler_options: dict[str, Any] | None = None,
 ) -> float:
     """Top-1 accuracy of the TTA logits over a whole split, in fixed-shape batches (one compile).
 
@@ -132,6 +136,7 @@ def tta_accuracy(
         labels: ``(N,)`` int class ids.
         level: 0, 1 or 2.
         batch_size: images per compiled call.
+        compiler_options: XLA options of the compiled TTA function (see :func:`make_tta_predict`).
 
     Returns:
         The fraction of correct predictions, in ``[0, 1]``.
@@ -142,7 +147,7 @@ def tta_accuracy(
     n = len(labels)
     if n == 0 or len(images) != n:
         raise ConfigError(f"tta_accuracy needs as many images as labels (at least one); got {len(images)} and {n}")
-    tta_predict = make_tta_predict(predict, level)
+    tta_predict = make_tta_predict(predict, level, compiler_options=compiler_options)
     batch_size = min(batch_size, n)
     correct = jnp.zeros((), jnp.int32)
     for start in range(0, n, batch_size):

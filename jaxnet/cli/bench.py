@@ -51,8 +51,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     Returns:
         The ``bench`` parser.
     """
-    from jaxnet.bench.workload import CPU_VARIANTS, CUDA_VARIANTS, VARIANTS
-
     p = add_command(
         subparsers,
         "bench",
@@ -71,6 +69,17 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
             "airbench94's net with its own recipe step in both frameworks."
         ),
     )
+    _add_run_args(p)
+    _add_tta_args(p)
+    _add_output_args(p)
+    p.set_defaults(func=run_bench)
+    return p
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """What is measured: models, batch sizes, device, variants, steps, repeats, threads."""
+    from jaxnet.bench.workload import CPU_VARIANTS, CUDA_VARIANTS, VARIANTS
+
     p.add_argument(
         "--model", type=name_list, default=None, help="comma-separated model names (default: every tutorial model)"
     )
@@ -115,6 +124,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument(
         "--full", action="store_true", help="every model and batch size of the published run, plus time to accuracy"
     )
+
+
+def _add_tta_args(p: argparse.ArgumentParser) -> None:
+    """Time to accuracy: MNIST models against their targets, cifar_speed to 94% with TTA."""
     p.add_argument(
         "--time-to-accuracy",
         "--tta",
@@ -147,6 +160,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument(
         "--data-dir", default=None, help="folder holding mnist/ and cifar10/ (default: $JAXNET_DATA_DIR, cache)"
     )
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """Where the results go and how they are printed."""
     p.add_argument("--out", default=None, help="write bench.json, bench.md, PNG charts and static_vs_dynamic.md here")
     p.add_argument(
         "--render",
@@ -156,8 +173,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     p.add_argument("--fma-units", type=positive_int, default=2, help="FMA units per core, for the CPU's peak FLOP/s")
     p.add_argument("--json", action="store_true", help="end with the whole result as one JSON line")
-    p.set_defaults(func=run_bench)
-    return p
 
 
 def build_workloads(args: argparse.Namespace) -> list[Any]:
