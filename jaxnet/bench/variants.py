@@ -38,6 +38,7 @@ of those steps.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
@@ -269,7 +270,7 @@ def _flush_denormal(torch: Any, on: bool) -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
-class _TorchRunner:
+class _TorchRunner(abc.ABC):
     """What every PyTorch variant shares: the device, the threads, the compiled forward, the timed loop."""
 
     def __init__(self, variant: str, workload: Workload, *, threads: int | None, device: str):
@@ -291,9 +292,9 @@ class _TorchRunner:
             return self.torch.compile(model, mode="max-autotune")
         return model
 
+    @abc.abstractmethod
     def _step(self, i: int) -> Any:
         """One training step on batch ``i`` of the pool; returns the loss tensor (not waited for)."""
-        raise NotImplementedError
 
     def run(self, steps: int, *, record: bool = False) -> list[float]:
         losses = []
