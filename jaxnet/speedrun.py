@@ -99,13 +99,24 @@ class SpeedrunRecipe:
     batchnorm_momentum: float = 0.6  # airbench's convention: weight of the old statistics (torch's 0.4)
     whiten_images: int = 5000  # first training images whose patches initialize the whitening
     whiten_eps: float = 5e-4  # added to the patch covariance's eigenvalues
-    lookahead_every: int = 5  # steps between lookahead syncs
+    lookahead_examples: int = 5120  # examples between lookahead syncs (airbench: every 5 steps of 1024)
     average_batch_stats: bool = True  # lookahead averages BatchNorm statistics too (airbench's state_dict)
     tta_level: int = 2  # 0 none, 1 mirror, 2 mirror + translate
     eval_batch_size: int = 2000  # test images per compiled evaluation call
     mean: tuple[float, ...] = CIFAR10_MEAN  # per-channel normalization, pixel / 255 units
     std: tuple[float, ...] = CIFAR10_STD
     precision: str = "fp32"  # "fp32" or "bf16" compute (parameters stay float32)
+
+    @property
+    def sync_every(self) -> int:
+        """Optimizer steps between lookahead syncs at this batch size, one per ``lookahead_examples``.
+
+        A smaller batch then syncs after as many examples as airbench does, not 2-4x as often.
+
+        >>> SpeedrunRecipe().sync_every, SpeedrunRecipe(batch_size=256).sync_every
+        (5, 20)
+        """
+        return max(1, round(self.lookahead_examples / self.batch_size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +358,7 @@ def train_speedrun(
             for i in range(min(steps_per_epoch, total_steps - len(losses))):
                 state, metrics = step(state, _take_batch(xs, ys, i))
                 losses.append(metrics["loss"])
-                decay = sync_decay(len(losses), total_steps, every=recipe.lookahead_every)
+                decay = sync_decay(len(losses), total_steps, every=recipe.sync_every)
                 if decay is not None:
                     state, lookahead = lookahead_step(state, lookahead, decay, batch_stats=batch_stats)
                 bar.update()

@@ -386,7 +386,7 @@ def train_torch_speedrun(
                     autocast_dtype=autocast,
                 )
                 losses.append(loss)
-                decay = sync_decay(len(losses), total_steps, every=recipe.lookahead_every)
+                decay = sync_decay(len(losses), total_steps, every=recipe.sync_every)
                 if decay is not None:
                     lookahead.update(twin, decay)
                 bar.update()

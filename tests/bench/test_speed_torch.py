@@ -36,7 +36,7 @@ from jaxnet.bench.speed_torch import (  # noqa: E402  (needs torch)
 )
 
 # Whitening bias frozen after 2 steps, a lookahead sync at step 5 and the final one at step 6.
-RECIPE = SpeedrunRecipe(widths=(8, 16, 12), batch_size=16, whiten_bias_epochs=1)
+RECIPE = SpeedrunRecipe(widths=(8, 16, 12), batch_size=16, whiten_bias_epochs=1, lookahead_examples=80)
 STEPS_PER_EPOCH, TOTAL = 2, 6
 
 
@@ -115,7 +115,7 @@ def test_the_recipe_gives_the_same_losses_and_weights_step_by_step():
             whiten_bias_trainable=t < RECIPE.whiten_bias_epochs * STEPS_PER_EPOCH,
         )
         np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=2e-5, err_msg=f"step {t}")
-        decay = sync_decay(t + 1, TOTAL, every=RECIPE.lookahead_every)
+        decay = sync_decay(t + 1, TOTAL, every=RECIPE.sync_every)
         if decay is not None:
             state, lookahead = lookahead_step(state, lookahead, decay)
             torch_lookahead.update(twin, decay)

@@ -70,8 +70,8 @@ def test_tta_with_cifar_speed_runs_the_speedruns_time_to_accuracy_on_cifar10(cap
     write_tiny_cifar(tmp_path)
     calls = []
 
-    def fake(data, variant, *, device, threads, **_):
-        calls.append((variant, device, data.num_train, data.image_shape))
+    def fake(data, variant, *, recipe, device, threads, **_):
+        calls.append((variant, device, data.num_train, data.image_shape, recipe.batch_size))
         return {
             "model": "cifar_speed",
             "variant": variant,
@@ -89,9 +89,14 @@ def test_tta_with_cifar_speed_runs_the_speedruns_time_to_accuracy_on_cifar10(cap
         capsys, "bench", "--model", "cifar_speed", "--tta", "--data-dir", str(tmp_path), "--no-probe", "--json"
     )
     assert code == 0, err
-    assert calls == [("jax-jit", "cpu", 500, (32, 32, 3)), ("torch-eager", "cpu", 500, (32, 32, 3))]
+    assert calls == [("jax-jit", "cpu", 500, (32, 32, 3), 1024), ("torch-eager", "cpu", 500, (32, 32, 3), 1024)]
     assert [r["variant"] for r in result["time_to_accuracy"]] == ["jax-jit", "torch-eager"]
     assert result["rows"] == [] and not report.validate(result)
     assert "not the full CIFAR-10" in err  # the tiny set is named as such
+    calls.clear()  # --batch-size picks the recipe's batch (the same per-example schedule), once per size
+    argv = ["bench", "--model", "cifar_speed", "--tta", "--tta-variants", "jax-jit", "--batch-size", "256,512"]
+    code, result, err = run_main(capsys, *argv, "--data-dir", str(tmp_path), "--json")
+    assert code == 0, err
+    assert [c[-1] for c in calls] == [256, 512] and len(result["time_to_accuracy"]) == 2
     code, _, err = run_main(capsys, "bench", "--model", "cifar_speed", "--tta", "--tta-variants", "jax-scan")
     assert code == 2 and "cifar_speed runs jax-jit, jax-jit-bf16" in err
