@@ -98,7 +98,9 @@ def sync_decay(
     (decay :func:`lookahead_decay`) and after the last step; if the last
     step is not a multiple of ``every`` its sync has decay 1.0 (the
     parameters become the average). If it is, airbench's extra ``d = 1``
-    sync changes nothing and the scheduled one is returned.
+    sync changes nothing and the scheduled one is returned. A run shorter
+    than ``every`` steps has no sync at all: its average would still be the
+    initial weights, and a ``d = 1`` sync would put them back.
 
     Args:
         step: optimizer steps done so far, ``1 .. total_steps``.
@@ -109,12 +111,12 @@ def sync_decay(
     Returns:
         The decay to pass to :func:`lookahead_sync`, or ``None`` for no sync.
 
-    >>> [sync_decay(t, 12) is not None for t in (4, 5, 10, 11)], sync_decay(12, 12)
-    ([False, True, True, False], 1.0)
+    >>> [sync_decay(t, 12) is not None for t in (4, 5, 10, 11)], sync_decay(12, 12), sync_decay(4, 4)
+    ([False, True, True, False], 1.0, None)
     """
     if step % every == 0:
         return float(lookahead_decay(step, total_steps, rate=rate, power=power))
-    if step == total_steps:
+    if step == total_steps and step > every:  # a run shorter than one interval never synced: keep its weights
         return 1.0
     return None
 

@@ -6,8 +6,8 @@ whitening init), :mod:`jaxnet.data.augmentation` (alternating flip and
 translation of the whole training set once per epoch, on the device),
 :mod:`jaxnet.param_groups` (Nesterov SGD with per-group learning rates and
 decay), :func:`jaxnet.step.make_train_step` (the summed, label-smoothed loss
-is an ordinary ``loss_fn``), :mod:`jaxnet.averaging` (lookahead every 5
-steps, between compiled steps) and :mod:`jaxnet.tta` (evaluation).
+is an ordinary ``loss_fn``), :mod:`jaxnet.averaging` (lookahead every 5120
+examples, airbench's 5 steps of 1024, between compiled steps) and :mod:`jaxnet.tta` (evaluation).
 
 airbench's learning rate and weight decay are "decoupled": given per 1024
 examples and independent of the momentum. In PyTorch's units (what

@@ -34,6 +34,8 @@ def test_sync_decay_every_fifth_step_and_after_the_last():
     # A last step on a multiple of 5: the scheduled sync; airbench's extra decay-1 sync then changes nothing.
     assert sync_decay(10, 10) == pytest.approx(0.95**5, rel=1e-6)
     assert [t for t in range(1, 8) if sync_decay(t, 7, every=3) is not None] == [3, 6, 7]
+    # A run shorter than one interval never synced: no decay-1 sync back to the initial weights at its end.
+    assert [t for t in range(1, 21) if sync_decay(t, 20, every=102) is not None] == []
 
 
 def test_lookahead_sync_by_hand():
@@ -65,3 +67,15 @@ def test_a_run_of_fake_steps_matches_a_hand_rolled_airbench_loop():
             state, params = update(state, params, decay)
         assert float(params["w"]) == pytest.approx(fast, rel=1e-6), t
     assert float(state.average["w"]) == pytest.approx(slow, rel=1e-6)
+
+
+def test_the_speedruns_lookahead_syncs_after_as_many_examples_at_any_batch_size():
+    from jaxnet.speedrun import SpeedrunRecipe
+
+    # airbench: every 5 steps of 1024 examples; a smaller batch syncs after the same 5120 examples
+    assert [SpeedrunRecipe(batch_size=b).sync_every for b in (1024, 512, 256, 100)] == [5, 10, 20, 51]
+    assert SpeedrunRecipe(batch_size=8192).sync_every == 1  # never less than once per step
+    syncs = [
+        t for t in range(1, 1932) if sync_decay(t, 1931, every=SpeedrunRecipe(batch_size=256).sync_every) is not None
+    ]
+    assert len(syncs) == 1931 // 20 + 1 and syncs[-1] == 1931  # ~ airbench's 95 syncs + the final one

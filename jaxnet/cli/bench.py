@@ -388,7 +388,9 @@ def _run_speedrun_tta(args: argparse.Namespace, device: str, threads: int, log: 
     for batch_size in args.batch_size or [SpeedrunRecipe.batch_size]:  # the recipe's rates are per example
         recipe = SpeedrunRecipe(batch_size=batch_size)
         for variant in variants:
-            log.info("time to accuracy: cifar_speed, %s, batch %d, on %s (the whole recipe)", variant, batch_size, device)
+            log.info(
+                "time to accuracy: cifar_speed, %s, batch %d, on %s (the whole recipe)", variant, batch_size, device
+            )
             res = speedrun_time_to_accuracy(data, variant, recipe=recipe, device=device, threads=threads)
             _log_tta(log, res)
             out.append(res)

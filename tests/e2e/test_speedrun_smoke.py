@@ -23,7 +23,11 @@ def test_small_speedrun_learns_and_evaluates_with_tta(shared_data):
         test_images=full.test_images[:500],
         test_labels=full.test_labels[:500],
     )
-    recipe = SpeedrunRecipe(widths=(8, 16, 16), batch_size=32, epochs=3.0, whiten_images=1000, eval_batch_size=250)
+    # a lookahead sync every 5 steps, as airbench's at batch 1024 (the default, per 5120 examples, would sync once)
+    recipe = SpeedrunRecipe(
+        widths=(8, 16, 16), batch_size=32, epochs=3.0, whiten_images=1000, eval_batch_size=250, lookahead_examples=160
+    )
+    assert recipe.sync_every == 5
     result = train_speedrun(data, recipe=recipe, seed=0, progress=False)
     assert result.steps == 3 * (2048 // 32) == len(result.losses)
     first, last = np.mean(result.losses[:20]), np.mean(result.losses[-20:])
