@@ -289,6 +289,11 @@ def _check(dataset: ArrayDataset, recipe: SpeedrunRecipe) -> None:
         raise ConfigError(f"batch_size {recipe.batch_size} must be in 1..{dataset.num_train} (the training set)")
     if recipe.epochs <= 0:
         raise ConfigError(f"epochs must be > 0, got {recipe.epochs}")
+    if recipe.lookahead_examples < 1:
+        raise ConfigError(
+            f"lookahead_examples must be >= 1 (examples between lookahead syncs; airbench: 5120), "
+            f"got {recipe.lookahead_examples}"
+        )
 
 
 def train_speedrun(

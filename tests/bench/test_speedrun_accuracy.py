@@ -80,3 +80,15 @@ def test_a_real_tiny_run_on_each_framework(variant):
     assert out["reached"] and out["steps"] == 4 and 0 < out["seconds"]
     assert out["curve"][0][1] == 4 and out["curve"][-1] == [out["seconds"], 4, out["final_accuracy"]]
     assert out["seconds"] == pytest.approx(out["train_seconds"] + out["tta_seconds"], abs=2e-3)
+
+
+def test_a_bad_recipe_is_refused_before_training_with_what_to_change():
+    from jaxnet.speedrun import train_speedrun
+
+    for bad, match in (
+        ({"lookahead_examples": 0}, "lookahead_examples must be >= 1"),
+        ({"epochs": 0.0}, "epochs must be > 0"),
+        ({"batch_size": 129}, r"batch_size 129 must be in 1\.\.128"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            train_speedrun(tiny_data(), recipe=dataclasses.replace(TINY, **bad), progress=False)
