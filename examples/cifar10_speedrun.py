@@ -18,7 +18,7 @@ On the original CIFAR-10 the recipe is airbench94's: 94.01% mean, ~3.5 s on
 an A100. Measured figures and their commands: benchmarks/CIFAR_SPEED.md.
 On a 2-core CPU the full run takes about 30 minutes at ``--batch-size 256``
 (the faster batch on XLA:CPU; the recipe's rates are per example, so it is the
-same schedule in more steps); ``--epochs 1`` shows it working in about 4 minutes.
+same schedule in more steps); ``--epochs 1`` shows it working.
 """
 
 from __future__ import annotations
